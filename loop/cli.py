@@ -1,0 +1,179 @@
+"""The `alignloop` command: one CLI, one subcommand per job.
+
+    alignloop init [--demo]                   write ./alignloop.toml (and build the demo model)
+    alignloop import FILE --format hh|jsonl   add preference pairs to the store
+    alignloop export pairs|prompts|feedback|snapshot --output PATH
+    alignloop user add NAME --role labeller|admin
+    alignloop status [--json]
+    alignloop up                              start the system on the configured model
+
+Every command reads ./alignloop.toml (or --config FILE); `--set section.key=value` overrides a
+field. Heavy imports live inside the subcommands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from loop import config as configuration
+from loop.config import Config, ConfigError
+
+
+def _store(cfg: Config):
+    from store import Store
+
+    return Store(cfg.db_path)
+
+
+def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
+    path = Path(args.config or configuration.CONFIG_FILE)
+    if path.exists() and not args.force:
+        print(f"{path} exists already; keeping it (use --force to overwrite)")
+    else:
+        path.write_text(configuration.render(cfg))
+        print(f"wrote {path}")
+    cfg = configuration.load(path, args.set)  # what was written must load
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    with _store(cfg) as store:
+        print(f"store ready at {store.path}")
+    if args.demo:
+        ensure_demo_model(cfg, rebuild=args.force)
+    return 0
+
+
+def ensure_demo_model(cfg: Config, rebuild: bool = False) -> Path:
+    """Build the demo model unless it is there already (or `rebuild`)."""
+    from loop.demo_model import build_demo_model
+
+    out = cfg.demo_model_dir
+    if (out / "config.json").exists() and not rebuild:
+        print(f"demo model: {out} (already built)")
+        return out
+    print(f"building the demo model into {out} (a few minutes on a CPU)")
+    build_demo_model(out, cfg.demo, progress=True)
+    return out
+
+
+def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
+    from store.importer import import_file
+
+    with _store(cfg) as store:
+        report = import_file(store, args.file, args.format)
+    print(report.summary())
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"full report: {args.report}")
+    return 0
+
+
+def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
+    from store import export
+
+    cutoff = datetime.fromisoformat(args.until) if args.until else None
+    with _store(cfg) as store:
+        if args.kind == "snapshot":
+            manifest = export.snapshot(store, args.output, cfg.store.heldout_share, cutoff)
+        else:
+            manifest = export.export(store, args.kind, args.output, args.format, cfg.store.heldout_share, cutoff)
+    counts = ", ".join(f"{v} {k}" for k, v in manifest.counts.items())
+    print(f"wrote {args.output}: {counts} (cut-off {manifest.cutoff})")
+    if manifest.skipped.get("no_majority"):
+        print(f"left out {manifest.skipped['no_majority']} labelled pairs with no majority (tie, both bad or split votes)")
+    return 0
+
+
+def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
+    with _store(cfg) as store:
+        token = store.add_user(args.name, args.role)
+    print(f"added {args.role} {args.name!r}; sign-in token (shown once): {token}")
+    return 0
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    with _store(cfg) as store:
+        counts = store.counts()
+    status = {"config": str(cfg.path) if cfg.path else None, "data_dir": str(cfg.data_dir),
+              "base_model": str(cfg.base_model_dir), "base_model_built": (cfg.base_model_dir / "config.json").exists(),
+              "counts": counts}
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        for key, value in status.items():
+            print(f"{key:>17}: {value}")
+    return 0
+
+
+def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.model.base:
+        ensure_demo_model(cfg)
+    with _store(cfg) as store:
+        counts = store.counts()
+    print(f"store: {cfg.db_path} ({counts['pairs']} pairs, {counts['labels']} labels)")
+    print(f"base model: {cfg.base_model_dir}")
+    print("Serving (vLLM engine + gateway), the labelling app and the scheduler are not built yet: "
+          "nothing is left running.")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignloop", description="An online, continual alignment loop.")
+    p.add_argument("--config", help="config file (default: ./alignloop.toml if it exists, else defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set gateway.port=8001 (repeatable)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write ./alignloop.toml with every field and its help")
+    s.add_argument("--demo", action="store_true", help="also build the demo base model")
+    s.add_argument("--force", action="store_true", help="overwrite the config file and rebuild the demo model")
+    s.set_defaults(run=cmd_init)
+
+    s = sub.add_parser("import", help="import preference pairs (HH-RLHF or JSONL, may be gzipped)")
+    s.add_argument("file")
+    s.add_argument("--format", required=True, choices=["hh", "jsonl"])
+    s.add_argument("--report", help="write the full report (every skipped line) as JSON here")
+    s.set_defaults(run=cmd_import)
+
+    s = sub.add_parser("export", help="export pairs, prompts or feedback (or a whole snapshot) for training")
+    s.add_argument("kind", choices=["pairs", "prompts", "feedback", "snapshot"])
+    s.add_argument("--output", required=True, help="file to write (a folder for snapshot)")
+    s.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="ignored for snapshot (Parquet)")
+    s.add_argument("--until", help="cut-off time (ISO 8601); default now")
+    s.set_defaults(run=cmd_export)
+
+    s = sub.add_parser("user", help="manage labellers and admins")
+    user_sub = s.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    a = user_sub.add_parser("add", help="add a user and print their sign-in token")
+    a.add_argument("name")
+    a.add_argument("--role", required=True, choices=["labeller", "admin"])
+    a.set_defaults(run=cmd_user)
+
+    s = sub.add_parser("status", help="what the store holds and what serves")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_status)
+
+    s = sub.add_parser("up", help="set up and start the system on the configured (default: demo) model")
+    s.set_defaults(run=cmd_up)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        init = args.command == "init"
+        cfg = configuration.load(args.config or (configuration.CONFIG_FILE if init else None), args.set, missing_ok=init)
+        return args.run(cfg, args)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"alignloop: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # StoreError and the like: a clear sentence, no traceback
+        print(f"alignloop: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The Store: one DuckDB file, one connection, every query of the project.
+
+Exactly one process opens the file for writing (the gateway when it runs; a CLI command when it
+does not). Inside that process many threads share one `Store`: every statement runs under one
+lock, so writes are serialised and a write returns only after its transaction has committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from store.migrations import migrate
+
+CHOICES = ("a", "b", "tie", "both_bad", "skip")
+ROLES = ("labeller", "admin", "system")
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class NewPair:
+    """A preference pair about to be stored: a conversation and two final replies, a preferred."""
+
+    messages: list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+    @property
+    def uid(self) -> str:
+        return pair_uid(self.messages, self.chosen, self.rejected)
+
+
+def pair_uid(messages: list[dict[str, str]], a: str, b: str) -> str:
+    """Content hash of a pair; the order of the two replies does not matter."""
+    payload = json.dumps([messages, sorted([a, b])], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    """A DuckDB database file (or ':memory:'), migrated to the newest schema on open."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = duckdb.connect(self.path, read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise StoreError(
+                    f"{self.path} is open in another process (the gateway?): only one process may "
+                    f"write it. Stop that process, or go through the gateway's API. ({e})") from None
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        except duckdb.Error as e:
+            raise StoreError(f"{self.path} is not a usable DuckDB file: {e}") from None
+        self._lock = threading.RLock()
+        if not read_only:
+            with self._lock:
+                migrate(self._db)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """All or nothing: commits on success, rolls back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN TRANSACTION")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params or []).fetchall()
+
+    def _dicts(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._db.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    # --- schema and counts -------------------------------------------------------------------
+
+    def schema(self) -> dict[str, list[tuple[str, str]]]:
+        """Table name -> [(column, type)], for every table in the main schema."""
+        rows = self._all("""SELECT table_name, column_name, data_type FROM information_schema.columns
+                            WHERE table_schema = 'main' ORDER BY table_name, ordinal_position""")
+        out: dict[str, list[tuple[str, str]]] = {}
+        for table, column, typ in rows:
+            out.setdefault(table, []).append((column, typ))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        tables = ["prompts", "responses", "exchanges", "pairs", "labels", "feedback", "users",
+                  "model_versions", "runs"]
+        sql = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM {t}" for t in tables)
+        return dict(self._all(sql))
+
+    # --- users -------------------------------------------------------------------------------
+
+    def add_user(self, name: str, role: str) -> str:
+        """Create a user; returns the sign-in token (only its hash is stored)."""
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        token = secrets.token_urlsafe(24)
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+                raise StoreError(f"a user named {name!r} exists already")
+            db.execute("INSERT INTO users (name, role, token_hash) VALUES (?, ?, ?)", [name, role, hash_token(token)])
+        return token
+
+    def user_by_token(self, token: str) -> dict[str, Any] | None:
+        rows = self._dicts("SELECT id, name, role FROM users WHERE token_hash = ?", [hash_token(token)])
+        return rows[0] if rows else None
+
+    def _system_user(self, db: duckdb.DuckDBPyConnection, name: str) -> int:
+        row = db.execute("SELECT id FROM users WHERE name = ?", [name]).fetchone()
+        if row:
+            return row[0]
+        return db.execute("INSERT INTO users (name, role) VALUES (?, 'system') RETURNING id", [name]).fetchone()[0]
+
+    # --- imported pairs ----------------------------------------------------------------------
+
+    def add_labelled_pairs(self, pairs: list[NewPair], source: str, labeller: str) -> tuple[int, int]:
+        """Store pairs whose preference is known (chosen = reply a), labelled by system user
+        `labeller`, in one transaction. Pairs already in the store are left alone.
+        Returns (added, already_present)."""
+        unique: dict[str, NewPair] = {}
+        for p in pairs:
+            unique.setdefault(p.uid, p)
+        with self.transaction() as db:
+            uids = list(unique)
+            present = {r[0] for r in db.execute("SELECT uid FROM pairs WHERE uid IN (SELECT unnest(?))", [uids]).fetchall()}
+            new = [p for uid, p in unique.items() if uid not in present]
+            if new:
+                self._insert_pairs(db, new, source, self._system_user(db, labeller))
+        return len(new), len(pairs) - len(new)
+
+    def _insert_pairs(self, db: duckdb.DuckDBPyConnection, pairs: list[NewPair], source: str, user_id: int) -> None:
+        n = len(pairs)
+        prompt_ids = _next_ids(db, "prompts", n)
+        response_ids = _next_ids(db, "responses", 2 * n)
+        pair_ids = _next_ids(db, "pairs", n)
+        a_ids, b_ids = response_ids[:n], response_ids[n:]
+        _insert(db, "prompts", {"id": prompt_ids, "messages": [json.dumps(p.messages, ensure_ascii=False) for p in pairs],
+                                "source": [source] * n})
+        _insert(db, "responses", {"id": a_ids + b_ids, "prompt_id": prompt_ids * 2,
+                                  "text": [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                                  "source": [source] * (2 * n)})
+        _insert(db, "pairs", {"id": pair_ids, "uid": [p.uid for p in pairs], "prompt_id": prompt_ids,
+                              "response_a_id": a_ids, "response_b_id": b_ids, "source": [source] * n})
+        _insert(db, "labels", {"pair_id": pair_ids, "user_id": [user_id] * n, "choice": ["a"] * n})
+
+    # --- labels and feedback -----------------------------------------------------------------
+
+    def add_label(self, pair_id: int, user_id: int, choice: str, rationale: str | None = None,
+                  seconds_spent: float | None = None) -> int:
+        """Record one labeller's choice on a pair; returns once committed."""
+        if choice not in CHOICES:
+            raise StoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM pairs WHERE id = ?", [pair_id]).fetchone():
+                raise StoreError(f"no pair {pair_id}")
+            return db.execute("""INSERT INTO labels (pair_id, user_id, choice, rationale, seconds_spent)
+                                 VALUES (?, ?, ?, ?, ?) RETURNING id""",
+                              [pair_id, user_id, choice, rationale, seconds_spent]).fetchone()[0]
+
+    def add_feedback(self, response_id: int, kind: str, value: float, comment: str | None = None,
+                     user_id: int | None = None) -> int:
+        """Thumbs (1 up, 0 down) or a score on one response; returns once committed."""
+        if kind not in ("thumbs", "score"):
+            raise StoreError(f"feedback kind must be 'thumbs' or 'score', got {kind!r}")
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM responses WHERE id = ?", [response_id]).fetchone():
+                raise StoreError(f"no response {response_id}")
+            return db.execute("""INSERT INTO feedback (response_id, user_id, kind, value, comment)
+                                 VALUES (?, ?, ?, ?, ?) RETURNING id""",
+                              [response_id, user_id, kind, value, comment]).fetchone()[0]
+
+    def pair_ids(self) -> list[int]:
+        return [r[0] for r in self._all("SELECT id FROM pairs ORDER BY id")]
+
+    def pair_response_ids(self, pair_id: int) -> tuple[int, int]:
+        rows = self._all("SELECT response_a_id, response_b_id FROM pairs WHERE id = ?", [pair_id])
+        if not rows:
+            raise StoreError(f"no pair {pair_id}")
+        return rows[0]
+
+    # --- export ------------------------------------------------------------------------------
+
+    def pair_votes(self, cutoff: datetime) -> list[dict[str, Any]]:
+        """Every pair with at least one non-skip label by `cutoff`, with its vote counts."""
+        return self._dicts("""
+            SELECT p.id, p.uid, p.source, pr.messages, ra.text AS a, rb.text AS b,
+                   ra.version_id AS a_version, rb.version_id AS b_version,
+                   count(*) FILTER (WHERE l.choice = 'a') AS votes_a,
+                   count(*) FILTER (WHERE l.choice = 'b') AS votes_b,
+                   count(*) FILTER (WHERE l.choice = 'tie') AS votes_tie,
+                   count(*) FILTER (WHERE l.choice = 'both_bad') AS votes_both_bad
+            FROM pairs p
+            JOIN prompts pr ON pr.id = p.prompt_id
+            JOIN responses ra ON ra.id = p.response_a_id
+            JOIN responses rb ON rb.id = p.response_b_id
+            JOIN labels l ON l.pair_id = p.id AND l.choice <> 'skip' AND l.created_at <= ?
+            WHERE p.created_at <= ?
+            GROUP BY ALL
+            ORDER BY p.id""", [cutoff, cutoff])
+
+    def prompt_rows(self, cutoff: datetime) -> list[dict[str, Any]]:
+        return self._dicts("SELECT id, messages, source FROM prompts WHERE created_at <= ? ORDER BY id", [cutoff])
+
+    def feedback_rows(self, cutoff: datetime) -> list[dict[str, Any]]:
+        return self._dicts("""
+            SELECT f.id, f.kind, f.value, f.comment, pr.messages, r.text, r.version_id
+            FROM feedback f
+            JOIN responses r ON r.id = f.response_id
+            JOIN prompts pr ON pr.id = r.prompt_id
+            WHERE f.created_at <= ?
+            ORDER BY f.id""", [cutoff])
+
+
+def _next_ids(db: duckdb.DuckDBPyConnection, table: str, n: int) -> list[int]:
+    rows = db.execute(f"SELECT nextval('{table}_id_seq') FROM range(?)", [n]).fetchall()
+    return [r[0] for r in rows]
+
+
+def _insert(db: duckdb.DuckDBPyConnection, table: str, columns: dict[str, list[Any]]) -> None:
+    """Bulk insert through Arrow: thousands of rows in one statement."""
+    batch = pa.table(columns)
+    db.register("_batch", batch)
+    try:
+        db.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM _batch")
+    finally:
+        db.unregister("_batch")

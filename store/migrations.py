@@ -1,0 +1,177 @@
+"""Schema migrations: an append-only list of numbered functions, recorded in `schema_migrations`.
+
+Never edit a migration once it has shipped: add the next number. `migrate` applies, in one
+transaction each, every migration the database has not seen, so a file made by an older version
+moves forward with no data lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import duckdb
+
+
+def m001_initial(db: duckdb.DuckDBPyConnection) -> None:
+    """Every table of the loop: traffic, pairs, labels, feedback, users, versions, runs."""
+    for name in ("users", "prompts", "responses", "exchanges", "pairs", "labels", "feedback",
+                 "model_versions", "promotions", "runs"):
+        db.execute(f"CREATE SEQUENCE {name}_id_seq START 1")
+    db.execute("""
+        CREATE TABLE users (
+            id BIGINT PRIMARY KEY DEFAULT nextval('users_id_seq'),
+            name VARCHAR NOT NULL UNIQUE,
+            role VARCHAR NOT NULL CHECK (role IN ('labeller', 'admin', 'system')),
+            token_hash VARCHAR UNIQUE,            -- sha256 of the sign-in token; NULL: cannot sign in
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE prompts (
+            id BIGINT PRIMARY KEY DEFAULT nextval('prompts_id_seq'),
+            messages VARCHAR NOT NULL,            -- JSON list of {role, content}, ending with a user turn
+            source VARCHAR NOT NULL,              -- 'live', 'import:<file>', 'arena', ...
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE model_versions (
+            id BIGINT PRIMARY KEY,                -- 0 is the base model
+            name VARCHAR NOT NULL UNIQUE,
+            parent_id BIGINT,
+            method VARCHAR NOT NULL,              -- 'base', 'dpo', 'ppo', 'kto', ...
+            adapter_path VARCHAR,                 -- PEFT adapter directory; NULL for the base
+            snapshot_hash VARCHAR,
+            config VARCHAR,                       -- JSON: the resolved config it was trained with
+            metrics VARCHAR,                      -- JSON: evaluation results
+            status VARCHAR NOT NULL CHECK (status IN ('base', 'candidate', 'serving', 'retired', 'rejected', 'failed')),
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("INSERT INTO model_versions (id, name, method, status) VALUES (0, 'base', 'base', 'base')")
+    db.execute("""
+        CREATE TABLE promotions (
+            id BIGINT PRIMARY KEY DEFAULT nextval('promotions_id_seq'),
+            alias VARCHAR NOT NULL,
+            version_id BIGINT NOT NULL,
+            previous_version_id BIGINT,
+            actor VARCHAR,
+            reason VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE exchanges (
+            id BIGINT PRIMARY KEY DEFAULT nextval('exchanges_id_seq'),
+            request_id VARCHAR NOT NULL UNIQUE,   -- the id the gateway returned to the client
+            endpoint VARCHAR NOT NULL,            -- 'chat.completions', 'completions'
+            model_requested VARCHAR,
+            version_id BIGINT,
+            user_id BIGINT,                       -- the API key's owner, if any
+            prompt_id BIGINT,
+            status INTEGER NOT NULL,              -- HTTP status returned
+            latency_ms DOUBLE,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE responses (
+            id BIGINT PRIMARY KEY DEFAULT nextval('responses_id_seq'),
+            prompt_id BIGINT NOT NULL,
+            exchange_id BIGINT,                   -- NULL for imported or generated responses
+            choice_index INTEGER NOT NULL DEFAULT 0,
+            text VARCHAR NOT NULL,
+            version_id BIGINT,                    -- model version that wrote it; NULL if unknown (imported)
+            sampling VARCHAR,                     -- JSON sampling parameters
+            latency_ms DOUBLE,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            finish_reason VARCHAR,
+            source VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE pairs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('pairs_id_seq'),
+            uid VARCHAR NOT NULL UNIQUE,          -- content hash: same prompt and replies, same pair
+            prompt_id BIGINT NOT NULL,
+            response_a_id BIGINT NOT NULL,
+            response_b_id BIGINT NOT NULL,
+            source VARCHAR NOT NULL,              -- 'live', 'import:<file>', 'arena', ...
+            priority INTEGER NOT NULL DEFAULT 0,  -- higher first in the labelling queue
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE labels (
+            id BIGINT PRIMARY KEY DEFAULT nextval('labels_id_seq'),
+            pair_id BIGINT NOT NULL,
+            user_id BIGINT NOT NULL,
+            choice VARCHAR NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad', 'skip')),
+            rationale VARCHAR,
+            seconds_spent DOUBLE,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE feedback (
+            id BIGINT PRIMARY KEY DEFAULT nextval('feedback_id_seq'),
+            response_id BIGINT NOT NULL,
+            user_id BIGINT,
+            kind VARCHAR NOT NULL CHECK (kind IN ('thumbs', 'score')),
+            value DOUBLE NOT NULL,                -- thumbs: 1 up, 0 down; score: as given
+            comment VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""
+        CREATE TABLE runs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('runs_id_seq'),
+            method VARCHAR NOT NULL,
+            trigger VARCHAR NOT NULL,             -- 'manual', 'cron', 'labels', ...
+            status VARCHAR NOT NULL CHECK (status IN ('running', 'promoted', 'rejected', 'failed')),
+            snapshot_hash VARCHAR,
+            candidate_version_id BIGINT,
+            config VARCHAR,
+            metrics VARCHAR,                      -- JSON: final metrics
+            reason VARCHAR,                       -- why rejected or failed
+            started_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp(),
+            finished_at TIMESTAMP
+        )""")
+    db.execute("""
+        CREATE TABLE run_metrics (
+            run_id BIGINT NOT NULL,
+            step INTEGER NOT NULL,
+            name VARCHAR NOT NULL,
+            value DOUBLE NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("CREATE INDEX labels_pair ON labels (pair_id)")
+    db.execute("CREATE INDEX responses_exchange ON responses (exchange_id)")
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
+    m001_initial,
+]
+
+
+def applied(db: duckdb.DuckDBPyConnection) -> list[int]:
+    db.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+        version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,
+        applied_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp())""")
+    return [row[0] for row in db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()]
+
+
+def migrate(db: duckdb.DuckDBPyConnection) -> list[str]:
+    """Apply every migration not yet recorded; returns the names applied."""
+    done = set(applied(db))
+    newer = max(done, default=0)
+    if newer > len(MIGRATIONS):
+        raise RuntimeError(f"the database is at schema version {newer}, newer than this alignloop "
+                           f"({len(MIGRATIONS)}): upgrade alignloop to open it")
+    names = []
+    for number, fn in enumerate(MIGRATIONS, start=1):
+        if number in done:
+            continue
+        db.execute("BEGIN TRANSACTION")
+        try:
+            fn(db)
+            db.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [number, fn.__name__])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        names.append(fn.__name__)
+    return names

@@ -1,0 +1,27 @@
+"""Shared fixtures: a fresh store per test, the shipped sample data, one tiny model per session."""
+
+from pathlib import Path
+
+import pytest
+
+from store import Store
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def store():
+    with Store(":memory:") as s:
+        yield s
+
+
+@pytest.fixture
+def hh_sample() -> Path:
+    """24 real HH-RLHF harmless-base test pairs (MIT licence), 8 of them multi-turn."""
+    return DATA / "hh_sample.jsonl"
+
+
+@pytest.fixture
+def bad_rows() -> Path:
+    """Nine JSONL lines, two of them good; each other line is broken in its own way."""
+    return DATA / "bad_rows.jsonl"

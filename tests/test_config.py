@@ -1,0 +1,78 @@
+"""Config: defaults, the file `init` writes, every shipped config file, and clear errors."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from loop import config as configuration
+from loop.config import Config, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_field_has_a_help_text():
+    for section in (getattr(Config(), name) for name in configuration._sections()):
+        for f in dataclasses.fields(section):
+            assert f.metadata.get("help"), f"{type(section).__name__}.{f.name} has no help text"
+
+
+def test_rendered_file_loads_back_to_the_defaults(tmp_path):
+    path = tmp_path / "alignloop.toml"
+    path.write_text(configuration.render())
+    cfg = configuration.load(path)
+    assert configuration.to_dict(cfg) == configuration.to_dict(Config())
+    assert cfg.data_dir == (tmp_path / "alignloop-data").resolve()
+    assert cfg.db_path.parent == cfg.data_dir
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("ops/configs/*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_file_loads(path):
+    configuration.load(path)
+
+
+def test_shipped_config_files_exist():
+    assert list(REPO.glob("ops/configs/*.toml")), "ops/configs/ should ship at least one config"
+
+
+def test_overrides_take_toml_values_and_bare_strings(tmp_path):
+    cfg = configuration.load(None, ["gateway.port=8123", "model.served_name=mine", "store.heldout_share=0.2"])
+    assert (cfg.gateway.port, cfg.model.served_name, cfg.store.heldout_share) == (8123, "mine", 0.2)
+
+
+def test_no_file_means_defaults_relative_to_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = configuration.load()
+    assert cfg.path is None and cfg.data_dir == (tmp_path / "alignloop-data").resolve()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[gateway]\nport = 'abc'\n", "[gateway] port: expected an integer, got 'abc'"),
+    ("[gateway]\nport = 70000\n", "[gateway]: port must be from 1 to 65535"),
+    ("[gatway]\nport = 1\n", "unknown section [gatway]"),
+    ("[engine]\nkv_cache = 2\n", "[engine]: unknown key 'kv_cache'"),
+    ("[store]\nheldout_share = 1.5\n", "heldout_share must be in [0, 1)"),
+    ("[model]\nserved_name = true\n", "[model] served_name: expected a string, got True"),
+    ("[gateway\nport = 1\n", "not valid TOML"),
+    ("gateway = 3\n", "[gateway]: expected a table"),
+])
+def test_bad_files_name_the_file_and_field(tmp_path, text, message):
+    path = tmp_path / "alignloop.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        configuration.load(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_and_bad_override_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        configuration.load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        configuration.load(None, ["port=1"])
+
+
+def test_ints_are_accepted_for_floats(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[engine]\nstartup_timeout_s = 60\n")
+    assert configuration.load(path).engine.startup_timeout_s == 60.0

@@ -1,0 +1,154 @@
+"""The store: schema from blank, forward migration with no data lost, users, thread safety."""
+
+import threading
+
+import duckdb
+import pytest
+
+from store import Store, StoreError, migrations
+from store.database import NewPair
+
+EXPECTED_SCHEMA = {
+    "exchanges": ["id BIGINT", "request_id VARCHAR", "endpoint VARCHAR", "model_requested VARCHAR",
+                  "version_id BIGINT", "user_id BIGINT", "prompt_id BIGINT", "status INTEGER",
+                  "latency_ms DOUBLE", "created_at TIMESTAMP"],
+    "feedback": ["id BIGINT", "response_id BIGINT", "user_id BIGINT", "kind VARCHAR", "value DOUBLE",
+                 "comment VARCHAR", "created_at TIMESTAMP"],
+    "labels": ["id BIGINT", "pair_id BIGINT", "user_id BIGINT", "choice VARCHAR", "rationale VARCHAR",
+               "seconds_spent DOUBLE", "created_at TIMESTAMP"],
+    "model_versions": ["id BIGINT", "name VARCHAR", "parent_id BIGINT", "method VARCHAR", "adapter_path VARCHAR",
+                       "snapshot_hash VARCHAR", "config VARCHAR", "metrics VARCHAR", "status VARCHAR",
+                       "created_at TIMESTAMP"],
+    "pairs": ["id BIGINT", "uid VARCHAR", "prompt_id BIGINT", "response_a_id BIGINT", "response_b_id BIGINT",
+              "source VARCHAR", "priority INTEGER", "created_at TIMESTAMP"],
+    "promotions": ["id BIGINT", "alias VARCHAR", "version_id BIGINT", "previous_version_id BIGINT",
+                   "actor VARCHAR", "reason VARCHAR", "created_at TIMESTAMP"],
+    "prompts": ["id BIGINT", "messages VARCHAR", "source VARCHAR", "created_at TIMESTAMP"],
+    "responses": ["id BIGINT", "prompt_id BIGINT", "exchange_id BIGINT", "choice_index INTEGER", "text VARCHAR",
+                  "version_id BIGINT", "sampling VARCHAR", "latency_ms DOUBLE", "prompt_tokens INTEGER",
+                  "completion_tokens INTEGER", "finish_reason VARCHAR", "source VARCHAR", "created_at TIMESTAMP"],
+    "run_metrics": ["run_id BIGINT", "step INTEGER", "name VARCHAR", "value DOUBLE", "created_at TIMESTAMP"],
+    "runs": ["id BIGINT", "method VARCHAR", "trigger VARCHAR", "status VARCHAR", "snapshot_hash VARCHAR",
+             "candidate_version_id BIGINT", "config VARCHAR", "metrics VARCHAR", "reason VARCHAR",
+             "started_at TIMESTAMP", "finished_at TIMESTAMP"],
+    "schema_migrations": ["version INTEGER", "name VARCHAR", "applied_at TIMESTAMP"],
+    "users": ["id BIGINT", "name VARCHAR", "role VARCHAR", "token_hash VARCHAR", "created_at TIMESTAMP"],
+}
+
+
+def _pair(i: int) -> NewPair:
+    return NewPair([{"role": "user", "content": f"question {i}"}], f"good answer {i}", f"bad answer {i}")
+
+
+def test_migrate_from_blank_gives_exactly_the_schema(store):
+    schema = {t: [f"{c} {ty}" for c, ty in cols] for t, cols in store.schema().items()}
+    assert schema == EXPECTED_SCHEMA
+    assert store.counts()["model_versions"] == 1  # version 0, the base model
+
+
+def test_reopening_applies_nothing_and_keeps_data(tmp_path):
+    path = tmp_path / "a.duckdb"
+    with Store(path) as s:
+        s.add_labelled_pairs([_pair(1)], "test", "dataset:test")
+    with Store(path) as s:
+        assert s.counts()["pairs"] == 1
+        assert s._all("SELECT count(*) FROM schema_migrations")[0][0] == len(migrations.MIGRATIONS)
+
+
+def test_an_older_database_migrates_forward_with_no_data_lost(tmp_path, monkeypatch):
+    path = tmp_path / "old.duckdb"
+    with Store(path) as s:  # made by "the older version": every migration up to today's
+        s.add_labelled_pairs([_pair(i) for i in range(5)], "test", "dataset:test")
+
+    def m_next_add_column(db):
+        db.execute("ALTER TABLE pairs ADD COLUMN note VARCHAR DEFAULT 'none'")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS + [m_next_add_column])
+    with Store(path) as s:
+        assert s._all("SELECT count(*), min(note) FROM pairs")[0] == (5, "none")
+        assert s._all("SELECT max(version), last(name ORDER BY version) FROM schema_migrations")[0] == (
+            len(migrations.MIGRATIONS), "m_next_add_column")
+
+
+def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "a.duckdb"
+    with Store(path) as s:
+        s.add_labelled_pairs([_pair(1)], "test", "dataset:test")
+
+    def m_broken(db):
+        db.execute("ALTER TABLE pairs ADD COLUMN half VARCHAR")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS + [m_broken])
+    with pytest.raises(RuntimeError, match="boom"):
+        Store(path)
+    monkeypatch.undo()
+    with Store(path) as s:
+        assert "half" not in [c for c, _ in s.schema()["pairs"]]
+        assert s.counts()["pairs"] == 1
+
+
+def test_a_database_newer_than_the_code_is_refused(tmp_path):
+    path = tmp_path / "new.duckdb"
+    Store(path).close()
+    db = duckdb.connect(str(path))
+    db.execute("INSERT INTO schema_migrations (version, name) VALUES (999, 'm999_future')")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer than this alignloop"):
+        Store(path)
+
+
+def test_a_second_writer_process_gets_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "locked.duckdb"
+    with Store(path):
+        code = f"from store import Store\nStore({str(path)!r})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "open in another process" in out.stderr
+
+
+def test_a_file_that_is_not_duckdb_is_refused_clearly(tmp_path):
+    path = tmp_path / "junk.duckdb"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="junk.duckdb"):
+        Store(path)
+
+
+def test_users_get_a_token_and_only_its_hash_is_stored(store):
+    token = store.add_user("ana", "labeller")
+    assert store.user_by_token(token)["name"] == "ana"
+    assert store.user_by_token("wrong") is None
+    assert token not in str(store._all("SELECT * FROM users"))
+    with pytest.raises(StoreError, match="exists already"):
+        store.add_user("ana", "admin")
+    with pytest.raises(StoreError, match="role must be one of"):
+        store.add_user("bob", "owner")
+
+
+def test_writes_from_many_threads_all_land(tmp_path):
+    with Store(tmp_path / "t.duckdb") as s:
+        errors = []
+
+        def work(t):
+            try:
+                for i in range(20):
+                    s.add_labelled_pairs([_pair(t * 1000 + i)], "test", "dataset:test")
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert s.counts()["pairs"] == 160 and s.counts()["labels"] == 160
+
+
+def test_same_pair_twice_is_stored_once(store):
+    assert store.add_labelled_pairs([_pair(1), _pair(1), _pair(2)], "test", "dataset:test") == (2, 1)
+    assert store.add_labelled_pairs([_pair(2)], "test", "dataset:test") == (0, 1)
+    assert store.counts()["pairs"] == 2
