@@ -4,6 +4,9 @@
     alignloop import FILE --format hh|jsonl   add preference pairs to the store
     alignloop export pairs|prompts|feedback|snapshot --output PATH
     alignloop user add NAME --role labeller|admin
+    alignloop serve                           the vLLM engine and the gateway
+    alignloop promote VERSION | rollback      hot-swap what the served alias points to
+    alignloop versions [--add ADAPTER_DIR]
     alignloop status [--json]
     alignloop up                              start the system on the configured model
 
@@ -14,6 +17,7 @@ field. Heavy imports live inside the subcommands, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from datetime import datetime
@@ -27,6 +31,12 @@ def _store(cfg: Config):
     from store import Store
 
     return Store(cfg.db_path)
+
+
+def _gateway(cfg: Config):
+    from loop.client import GatewayClient
+
+    return GatewayClient(cfg)
 
 
 def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
@@ -87,23 +97,70 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
-    with _store(cfg) as store:
-        token = store.add_user(args.name, args.role)
+    client = _gateway(cfg)
+    if client.running():  # the gateway owns the store while it runs
+        token = client.call("POST", "/api/users", json={"name": args.name, "role": args.role})["token"]
+    else:
+        with _store(cfg) as store:
+            token = store.add_user(args.name, args.role)
     print(f"added {args.role} {args.name!r}; sign-in token (shown once): {token}")
     return 0
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    with _store(cfg) as store:
-        counts = store.counts()
-    status = {"config": str(cfg.path) if cfg.path else None, "data_dir": str(cfg.data_dir),
-              "base_model": str(cfg.base_model_dir), "base_model_built": (cfg.base_model_dir / "config.json").exists(),
-              "counts": counts}
+    """From the gateway when it runs; else straight from the store."""
+    client = _gateway(cfg)
+    if client.running():
+        status = client.call("GET", "/api/status")
+        status["gateway"] = client.url
+    else:
+        with _store(cfg) as store:
+            serving, previous = store.serving(cfg.model.served_name)
+            status = {"alias": cfg.model.served_name, "serving": serving, "previous": previous,
+                      "gateway": None, "counts": store.counts()}
+    status.update(config=str(cfg.path) if cfg.path else None, data_dir=str(cfg.data_dir),
+                  base_model=str(cfg.base_model_dir))
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(status, indent=2, default=str))
     else:
         for key, value in status.items():
-            print(f"{key:>17}: {value}")
+            print(f"{key:>12}: {value}")
+    return 0
+
+
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.server import serve
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.model.base:
+        ensure_demo_model(cfg)
+    return serve(cfg)
+
+
+def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
+    result = _gateway(cfg).call("POST", "/api/promote", json={"version": args.version, "reason": args.reason})
+    if result["changed"]:
+        print(f"serving version {result['serving']} (was {result['previous']}); took {result['seconds']} s")
+    else:
+        print(f"version {result['serving']} is serving already")
+    return 0
+
+
+def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
+    result = _gateway(cfg).call("POST", "/api/rollback")
+    print(f"rolled back: serving version {result['serving']} (was {result['previous']})")
+    return 0
+
+
+def cmd_versions(cfg: Config, args: argparse.Namespace) -> int:
+    client = _gateway(cfg)
+    if args.adapter:
+        v = client.call("POST", "/api/versions", json={"adapter_path": str(Path(args.adapter).resolve()),
+                                                       "method": args.method})
+        print(f"registered {v['name']} (candidate) from {v['adapter_path']}")
+        return 0
+    for v in client.call("GET", "/api/versions"):
+        print(f"{v['name']:>6}  {v['status']:<9} {v['method']:<5} parent={v['parent_id']}  {v['adapter_path'] or ''}")
     return 0
 
 
@@ -121,11 +178,17 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="config file (default: ./alignloop.toml if it exists, else defaults)")
+    common.add_argument("--set", dest="set_after", action="append", default=argparse.SUPPRESS, metavar="SECTION.KEY=VALUE",
+                        help="override a config field, e.g. --set gateway.port=8001 (repeatable)")
     p = argparse.ArgumentParser(prog="alignloop", description="An online, continual alignment loop.")
     p.add_argument("--config", help="config file (default: ./alignloop.toml if it exists, else defaults)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set gateway.port=8001 (repeatable)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
 
     s = sub.add_parser("init", help="write ./alignloop.toml with every field and its help")
     s.add_argument("--demo", action="store_true", help="also build the demo base model")
@@ -156,6 +219,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_status)
 
+    s = sub.add_parser("serve", help="start the vLLM engine and the gateway (Ctrl-C stops both)")
+    s.set_defaults(run=cmd_serve)
+
+    s = sub.add_parser("promote", help="make a version serve under the alias (hot-swap)")
+    s.add_argument("version", help="version name (v3) or id; 'base' for the base model")
+    s.add_argument("--reason")
+    s.set_defaults(run=cmd_promote)
+
+    s = sub.add_parser("rollback", help="serve the previous version again")
+    s.set_defaults(run=cmd_rollback)
+
+    s = sub.add_parser("versions", help="list model versions, or register an adapter as a candidate")
+    s.add_argument("--add", dest="adapter", metavar="ADAPTER_DIR", help="register this PEFT adapter directory")
+    s.add_argument("--method", default="manual", help="how the adapter was made (with --add)")
+    s.set_defaults(run=cmd_versions)
+
     s = sub.add_parser("up", help="set up and start the system on the configured (default: demo) model")
     s.set_defaults(run=cmd_up)
     return p
@@ -163,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.set += getattr(args, "set_after", [])
     try:
         init = args.command == "init"
         cfg = configuration.load(args.config or (configuration.CONFIG_FILE if init else None), args.set, missing_ok=init)

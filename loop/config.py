@@ -52,9 +52,22 @@ class GatewayConfig:
 
     host: str = _f("127.0.0.1", "address the gateway listens on")
     port: int = _f(8000, "port the gateway listens on")
+    require_api_key: bool = _f(False, "answer /v1 requests only with a user's token as API key; else unknown keys are anonymous")
+    pair_share: float = _f(0.25, "share of chat exchanges that get a second answer in the background, making a pair to label")
+    log_flush_ms: int = _f(200, "live traffic is written to the store in batches this often; a crash loses at most this window")
+    log_max_queue: int = _f(10000, "records waiting to be written at most; beyond it new records are dropped and counted")
+    request_timeout_s: float = _f(120.0, "longest wait for the engine on one request before answering 504")
+    retry_after_s: int = _f(5, "Retry-After seconds sent with a 503 while the engine is down or restarting")
 
     def __post_init__(self) -> None:
         _check_port(self.port)
+        if not 0.0 <= self.pair_share <= 1.0:
+            raise ValueError("pair_share must be in [0, 1]")
+        for name in ("log_flush_ms", "log_max_queue", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be positive")
 
 
 @dataclass
@@ -115,6 +128,11 @@ class Config:
     @property
     def demo_model_dir(self) -> Path:
         return self.data_dir / "models" / "demo"
+
+    @property
+    def admin_token_path(self) -> Path:
+        """The local admin's token, written by `serve` for the CLI on this machine (mode 600)."""
+        return self.data_dir / "admin.token"
 
     @property
     def base_model_dir(self) -> Path:

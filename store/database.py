@@ -44,6 +44,37 @@ class NewPair:
         return pair_uid(self.messages, self.chosen, self.rejected)
 
 
+@dataclass
+class Exchange:
+    """One answered request from live traffic, as the gateway logs it."""
+
+    request_id: str
+    endpoint: str
+    model_requested: str
+    version_id: int
+    messages: list[dict[str, str]]
+    choices: list[tuple[str, str | None]]          # (text, finish_reason) per choice index
+    sampling: dict[str, Any]
+    status: int = 200
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    user_id: int | None = None
+
+
+@dataclass
+class SecondResponse:
+    """Another answer to a logged exchange's prompt: with the exchange's first answer, a pair."""
+
+    request_id: str
+    text: str
+    version_id: int
+    sampling: dict[str, Any]
+    finish_reason: str | None = None
+    latency_ms: float | None = None
+    completion_tokens: int | None = None
+
+
 def pair_uid(messages: list[dict[str, str]], a: str, b: str) -> str:
     """Content hash of a pair; the order of the two replies does not matter."""
     payload = json.dumps([messages, sorted([a, b])], ensure_ascii=False, sort_keys=True)
@@ -138,9 +169,21 @@ class Store:
             db.execute("INSERT INTO users (name, role, token_hash) VALUES (?, ?, ?)", [name, role, hash_token(token)])
         return token
 
+    def new_token(self, name: str) -> str:
+        """Give a user a new sign-in token (the old one stops working); returns it."""
+        token = secrets.token_urlsafe(24)
+        with self.transaction() as db:
+            if not db.execute("UPDATE users SET token_hash = ? WHERE name = ? RETURNING id",
+                              [hash_token(token), name]).fetchone():
+                raise StoreError(f"no user named {name!r}")
+        return token
+
     def user_by_token(self, token: str) -> dict[str, Any] | None:
         rows = self._dicts("SELECT id, name, role FROM users WHERE token_hash = ?", [hash_token(token)])
         return rows[0] if rows else None
+
+    def users(self) -> list[dict[str, Any]]:
+        return self._dicts("SELECT id, name, role, created_at FROM users ORDER BY id")
 
     def _system_user(self, db: duckdb.DuckDBPyConnection, name: str) -> int:
         row = db.execute("SELECT id FROM users WHERE name = ?", [name]).fetchone()
@@ -179,6 +222,118 @@ class Store:
         _insert(db, "pairs", {"id": pair_ids, "uid": [p.uid for p in pairs], "prompt_id": prompt_ids,
                               "response_a_id": a_ids, "response_b_id": b_ids, "source": [source] * n})
         _insert(db, "labels", {"pair_id": pair_ids, "user_id": [user_id] * n, "choice": ["a"] * n})
+
+    # --- live traffic ------------------------------------------------------------------------
+
+    def log_batch(self, exchanges: list[Exchange], seconds: list[SecondResponse]) -> int:
+        """Write a batch of exchanges, then second responses (as pairs), in one transaction.
+        Returns the number of pairs made."""
+        made = 0
+        with self.transaction() as db:
+            for ex in exchanges:
+                prompt_id = db.execute("INSERT INTO prompts (messages, source) VALUES (?, 'live') RETURNING id",
+                                       [json.dumps(ex.messages, ensure_ascii=False)]).fetchone()[0]
+                exchange_id = db.execute("""
+                    INSERT INTO exchanges (request_id, endpoint, model_requested, version_id, user_id, prompt_id,
+                                           status, latency_ms, prompt_tokens, completion_tokens)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+                    [ex.request_id, ex.endpoint, ex.model_requested, ex.version_id, ex.user_id, prompt_id,
+                     ex.status, ex.latency_ms, ex.prompt_tokens, ex.completion_tokens]).fetchone()[0]
+                single = len(ex.choices) == 1
+                for index, (text, finish) in enumerate(ex.choices):
+                    db.execute("""
+                        INSERT INTO responses (prompt_id, exchange_id, choice_index, text, version_id, sampling,
+                                               latency_ms, prompt_tokens, completion_tokens, finish_reason, source)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'live')""",
+                        [prompt_id, exchange_id, index, text, ex.version_id, json.dumps(ex.sampling), ex.latency_ms,
+                         ex.prompt_tokens, ex.completion_tokens if single else None, finish])
+            for second in seconds:
+                made += self._add_second(db, second)
+        return made
+
+    def _add_second(self, db: duckdb.DuckDBPyConnection, second: SecondResponse) -> int:
+        row = db.execute("""
+            SELECT r.id, r.prompt_id, r.text, pr.messages FROM exchanges e
+            JOIN responses r ON r.exchange_id = e.id AND r.choice_index = 0
+            JOIN prompts pr ON pr.id = r.prompt_id
+            WHERE e.request_id = ?""", [second.request_id]).fetchone()
+        if row is None or row[2] == second.text:
+            return 0
+        first_id, prompt_id, first_text, messages = row
+        uid = pair_uid(json.loads(messages), first_text, second.text)
+        if db.execute("SELECT 1 FROM pairs WHERE uid = ?", [uid]).fetchone():
+            return 0
+        second_id = db.execute("""
+            INSERT INTO responses (prompt_id, choice_index, text, version_id, sampling, latency_ms,
+                                   completion_tokens, finish_reason, source)
+            VALUES (?, 0, ?, ?, ?, ?, ?, ?, 'pair') RETURNING id""",
+            [prompt_id, second.text, second.version_id, json.dumps(second.sampling), second.latency_ms,
+             second.completion_tokens, second.finish_reason]).fetchone()[0]
+        db.execute("""INSERT INTO pairs (uid, prompt_id, response_a_id, response_b_id, source, priority)
+                      VALUES (?, ?, ?, ?, 'live', 1)""", [uid, prompt_id, first_id, second_id])
+        return 1
+
+    def response_id(self, request_id: str, choice: int) -> int | None:
+        rows = self._all("""SELECT r.id FROM exchanges e JOIN responses r ON r.exchange_id = e.id
+                            WHERE e.request_id = ? AND r.choice_index = ?""", [request_id, choice])
+        return rows[0][0] if rows else None
+
+    def exchanges(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._dicts("""
+            SELECT e.id, e.request_id, e.endpoint, e.model_requested, e.version_id, e.user_id, e.status, e.latency_ms,
+                   e.prompt_tokens, e.completion_tokens, pr.messages,
+                   list(r.text ORDER BY r.choice_index) AS texts
+            FROM exchanges e JOIN prompts pr ON pr.id = e.prompt_id
+            LEFT JOIN responses r ON r.exchange_id = e.id
+            GROUP BY ALL ORDER BY e.id DESC LIMIT ?""", [limit])
+
+    # --- model versions ----------------------------------------------------------------------
+
+    def add_version(self, adapter_path: str, method: str, parent_id: int | None = None,
+                    snapshot_hash: str | None = None, config: dict | None = None,
+                    metrics: dict | None = None) -> dict[str, Any]:
+        """Register a trained adapter as a candidate version named v<id>."""
+        with self.transaction() as db:
+            vid = db.execute("SELECT coalesce(max(id), 0) + 1 FROM model_versions").fetchone()[0]
+            db.execute("""INSERT INTO model_versions (id, name, parent_id, method, adapter_path, snapshot_hash,
+                                                      config, metrics, status)
+                          VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'candidate')""",
+                       [vid, f"v{vid}", parent_id, method, adapter_path, snapshot_hash,
+                        json.dumps(config) if config is not None else None,
+                        json.dumps(metrics) if metrics is not None else None])
+        return self.version(vid)
+
+    def version(self, ref: int | str) -> dict[str, Any]:
+        """A version by id, or by name ('v3', 'base', '3')."""
+        if isinstance(ref, str) and ref.isdigit():
+            ref = int(ref)
+        column = "id" if isinstance(ref, int) else "name"
+        rows = self._dicts(f"SELECT * FROM model_versions WHERE {column} = ?", [ref])
+        if not rows:
+            raise StoreError(f"no model version {ref!r}")
+        return rows[0]
+
+    def versions(self) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM model_versions ORDER BY id")
+
+    def set_version_status(self, version_id: int, status: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE model_versions SET status = ? WHERE id = ? AND id <> 0", [status, version_id])
+
+    def record_promotion(self, alias: str, version_id: int, previous_id: int | None, actor: str | None,
+                         reason: str | None) -> None:
+        """The alias now points at `version_id`: log it, and mark serving/retired."""
+        with self.transaction() as db:
+            db.execute("""INSERT INTO promotions (alias, version_id, previous_version_id, actor, reason)
+                          VALUES (?, ?, ?, ?, ?)""", [alias, version_id, previous_id, actor, reason])
+            db.execute("UPDATE model_versions SET status = 'retired' WHERE status = 'serving' AND id <> ?", [version_id])
+            db.execute("UPDATE model_versions SET status = 'serving' WHERE id = ? AND id <> 0", [version_id])
+
+    def serving(self, alias: str) -> tuple[int, int | None]:
+        """(serving version id, previous version id) of an alias; the base if never promoted."""
+        rows = self._all("""SELECT version_id, previous_version_id FROM promotions WHERE alias = ?
+                            ORDER BY id DESC LIMIT 1""", [alias])
+        return rows[0] if rows else (0, None)
 
     # --- labels and feedback -----------------------------------------------------------------
 

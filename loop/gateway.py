@@ -1,0 +1,424 @@
+"""The gateway: the OpenAI-compatible API in front of vLLM, and the only writer of the store.
+
+Routes are thin: they check the request (loop.protocol), resolve the model (loop.router), and
+hand the rest to `Gateway`, which forwards to the engine, logs the exchange through the batched
+writer (loop.log_writer), offers it to the pair maker (loop.pair_maker), and counts it
+(loop.metrics). Versions are promoted and rolled back through loop.versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import traceback
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from loop.config import Config
+from loop.engine import Engine
+from loop.log_writer import LogWriter
+from loop.metrics import Metrics
+from loop.pair_maker import PairJob, PairMaker
+from loop.protocol import ChatRequest, CompletionRequest, FeedbackRequest, error, validation_message
+from loop.router import Router, UnknownModel
+from loop.versions import VersionError, Versions
+from store.database import Exchange, Store, StoreError
+
+
+class HTTPProblem(Exception):
+    """An error answer in OpenAI's shape, raised from anywhere below a route."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status, message, type_, param, code, headers)
+
+    def response(self) -> JSONResponse:
+        return error(self.status, self.message, self.type, self.param, self.code, self.headers)
+
+
+@dataclass
+class Gateway:
+    cfg: Config
+    store: Store
+    router: Router
+    versions: Versions
+    engine: Engine | None                       # None: someone else runs the engine (tests, benchmarks)
+    engine_url: str
+    metrics: Metrics = field(default_factory=Metrics)
+    in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        g = self.cfg.gateway
+        self.writer = LogWriter(self.store, flush_ms=g.log_flush_ms, max_queue=g.log_max_queue)
+        self.http = httpx.AsyncClient(base_url=self.engine_url, timeout=httpx.Timeout(g.request_timeout_s, connect=5.0),
+                                      limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self.pairs = PairMaker(self.router, self.http, self.writer.put, lambda: self.in_flight, g.pair_share)
+
+    # --- requests to the engine --------------------------------------------------------------
+
+    def engine_ready(self) -> bool:
+        return self.engine.ready.is_set() if self.engine else True
+
+    def unavailable(self, why: str) -> HTTPProblem:
+        return HTTPProblem(503, f"the model engine is unavailable ({why}); retry shortly", "service_unavailable",
+                           code="engine_unavailable", headers={"Retry-After": str(self.cfg.gateway.retry_after_s)})
+
+    def route(self, model: str, max_tokens: int | None) -> tuple[int, str]:
+        limit = self.cfg.engine.max_model_len
+        if max_tokens is not None and max_tokens >= limit:
+            raise HTTPProblem(400, f"max_tokens is {max_tokens}, but this model's context is {limit} tokens "
+                                   "(prompt and completion together)", param="max_tokens")
+        try:
+            version, engine_model = self.router.resolve(model)
+        except UnknownModel:
+            raise HTTPProblem(404, f"the model {model!r} does not exist; available: {', '.join(self.router.names())}",
+                              param="model", code="model_not_found") from None
+        if not self.engine_ready():
+            raise self.unavailable("starting or restarting")
+        return version, engine_model
+
+    async def complete(self, endpoint: str, path: str, req: ChatRequest | CompletionRequest, body: dict[str, Any],
+                       user_id: int | None) -> Response:
+        version, engine_model = self.route(req.model, req.max_tokens or req.max_completion_tokens)
+        upstream = {**body, "model": engine_model}
+        upstream.pop("priority", None)  # live traffic keeps the default, highest priority
+        messages = ([m.model_dump(include={"role", "content"}) for m in req.messages] if isinstance(req, ChatRequest)
+                    else [{"role": "user", "content": req.prompt}])
+        if req.stream:
+            upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        started = time.perf_counter()
+        self.in_flight += 1
+        try:
+            r = await self.http.send(self.http.build_request("POST", path, json=upstream), stream=True)
+        except httpx.TimeoutException:
+            self.in_flight -= 1
+            raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
+        except httpx.HTTPError as e:
+            self.in_flight -= 1
+            raise self.unavailable(type(e).__name__) from None
+        if r.status_code >= 400:
+            self.in_flight -= 1
+            text = await r.aread()
+            await r.aclose()
+            self.metrics.requests.labels(endpoint, str(r.status_code)).inc()
+            if r.status_code >= 500:
+                raise self.unavailable(f"engine answered {r.status_code}")
+            return Response(text, status_code=r.status_code, media_type="application/json")
+        record = Exchange(request_id="", endpoint=endpoint, model_requested=req.model, version_id=version,
+                          messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)
+        if req.stream:
+            return StreamingResponse(self._relay(r, record, started, body), media_type="text/event-stream")
+        try:
+            data = json.loads(await r.aread())
+        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            raise self.unavailable(f"broken answer: {type(e).__name__}") from None
+        finally:
+            await r.aclose()
+            self.in_flight -= 1
+        data["model"] = req.model
+        record.request_id = data["id"]
+        record.choices = [(_choice_text(c), c.get("finish_reason")) for c in sorted(data["choices"], key=lambda c: c["index"])]
+        self._finish(record, data.get("usage"), started)
+        return JSONResponse(data)
+
+    async def _relay(self, r: httpx.Response, record: Exchange, started: float, body: dict) -> AsyncIterator[bytes]:
+        """Pass the engine's server-sent events through, renaming the model; log the whole answer."""
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        usage = None
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        try:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    if line:
+                        yield f"{line}\n\n".encode()
+                    continue
+                chunk = json.loads(line[6:])
+                record.request_id = record.request_id or chunk.get("id", "")
+                chunk["model"] = record.model_requested
+                for c in chunk.get("choices", []):
+                    delta = c.get("delta") or {}
+                    texts.setdefault(c["index"], []).append(delta.get("content") or c.get("text") or "")
+                    if c.get("finish_reason"):
+                        finish[c["index"]] = c["finish_reason"]
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    if not chunk.get("choices") and not wants_usage:
+                        continue  # the usage chunk the gateway asked for, not the client
+                    if not wants_usage:
+                        chunk.pop("usage")
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+        except httpx.HTTPError:
+            err = {"error": {"message": "the model engine stopped mid-answer", "type": "service_unavailable"}}
+            yield f"data: {json.dumps(err)}\n\n".encode()
+            record.status = 503
+        finally:
+            await r.aclose()
+            self.in_flight -= 1
+        record.choices = [("".join(texts[i]), finish.get(i)) for i in sorted(texts)]
+        self._finish(record, usage, started)
+
+    def _finish(self, record: Exchange, usage: dict | None, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        record.latency_ms = elapsed * 1000
+        if usage:
+            record.prompt_tokens, record.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.metrics.tokens.labels("prompt").inc(record.prompt_tokens or 0)
+            self.metrics.tokens.labels("completion").inc(record.completion_tokens or 0)
+        self.metrics.requests.labels(record.endpoint, str(record.status)).inc()
+        self.metrics.latency.labels(record.endpoint).observe(elapsed)
+        if not record.request_id:
+            return
+        self.writer.put(record)
+        if record.endpoint == "chat.completions" and record.status == 200 and record.choices:
+            max_tokens = record.sampling.get("max_tokens") or record.sampling.get("max_completion_tokens")
+            self.pairs.offer(PairJob(record.request_id, record.messages, record.version_id, max_tokens))
+
+    # --- feedback ----------------------------------------------------------------------------
+
+    def feedback(self, req: FeedbackRequest, user_id: int | None) -> int:
+        if (req.thumbs is None) == (req.score is None):
+            raise HTTPProblem(400, "give exactly one of 'thumbs' ('up' or 'down') and 'score' (0 to 1)")
+        response_id = self.store.response_id(req.id, req.choice)
+        if response_id is None:  # maybe still in the writer's queue
+            self.writer.flush()
+            response_id = self.store.response_id(req.id, req.choice)
+        if response_id is None:
+            raise HTTPProblem(404, f"no response {req.id!r} with choice {req.choice}", param="id", code="not_found")
+        kind, value = ("thumbs", 1.0 if req.thumbs == "up" else 0.0) if req.thumbs else ("score", float(req.score))
+        self.metrics.feedback.labels(kind).inc()
+        return self.store.add_feedback(response_id, kind, value, req.comment, user_id)
+
+    def status(self) -> dict[str, Any]:
+        r = self.router.routes
+        return {"alias": r.alias, "serving": r.serving, "previous": r.previous, "canary": r.canary,
+                "canary_share": r.canary_share, "models": self.router.names(),
+                "engine": {"ready": self.engine_ready(), "url": self.engine_url,
+                           "pid": self.engine.pid if self.engine else None,
+                           "restarts": self.engine.restarts if self.engine else 0},
+                "log_queue": self.writer.depth, "log_dropped": self.writer.dropped,
+                "pair_queue": self.pairs.queue.qsize(), "pairs_made": self.writer.pairs_made,
+                "counts": self.store.counts()}
+
+    def render_metrics(self) -> bytes:
+        m = self.metrics
+        m.in_flight.set(self.in_flight)
+        m.log_queue.set(self.writer.depth)
+        m.log_dropped.set(self.writer.dropped)
+        m.pair_queue.set(self.pairs.queue.qsize())
+        m.serving.set(self.router.routes.serving)
+        m.engine_up.set(1 if self.engine_ready() else 0)
+        m.engine_restarts.set(self.engine.restarts if self.engine else 0)
+        return m.render()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        self.writer.stop()
+        self.versions.close()
+
+
+def _choice_text(choice: dict) -> str:
+    if "message" in choice:
+        return choice["message"].get("content") or ""
+    return choice.get("text") or ""
+
+
+# --- HTTP routes ---------------------------------------------------------------------------------
+
+class PromoteRequest(BaseModel):
+    version: str | int
+    reason: str | None = None
+
+
+class CanaryRequest(BaseModel):
+    version: str | int | None
+    share: float = 0.1
+
+
+class UserRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    role: Literal["labeller", "admin"]
+
+
+class VersionRequest(BaseModel):
+    adapter_path: str
+    method: str
+    parent_id: int | None = None
+    snapshot_hash: str | None = None
+    config: dict | None = None
+    metrics: dict | None = None
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPProblem(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, "the request body must be a JSON object")
+    return body
+
+
+def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise HTTPProblem(400, message, param=param) from None
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        pair_task = asyncio.create_task(gw.pairs.run())
+        yield
+        pair_task.cancel()
+        await gw.close()
+
+    app = FastAPI(title="alignloop gateway", lifespan=lifespan)
+    app.state.gateway = gw
+
+    @app.exception_handler(HTTPProblem)
+    async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        traceback.print_exception(exc)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3]))
+
+    def user(request: Request) -> dict[str, Any] | None:
+        """Who sent the request, if the token is a user's; None without a token."""
+        header = request.headers.get("authorization", "")
+        if not header:
+            return None
+        token = header.removeprefix("Bearer ").strip()
+        found = gw.store.user_by_token(token) if token else None
+        if found is None:
+            raise HTTPProblem(401, "unknown or malformed token", "authentication_error")
+        return found
+
+    def api_user(request: Request) -> dict[str, Any] | None:
+        """For /v1: OpenAI clients always send some API key; an unknown one is anonymous unless
+        `gateway.require_api_key` is on."""
+        try:
+            who = user(request)
+        except HTTPProblem:
+            who = None
+        if who is None and gw.cfg.gateway.require_api_key:
+            raise HTTPProblem(401, "send a user's token as the API key ('Authorization: Bearer <token>')",
+                              "authentication_error")
+        return who
+
+    def signed_in(request: Request) -> dict[str, Any]:
+        who = user(request)
+        if who is None:
+            raise HTTPProblem(401, "sign in: send 'Authorization: Bearer <token>'", "authentication_error")
+        return who
+
+    def admin(request: Request) -> dict[str, Any]:
+        who = signed_in(request)
+        if who["role"] != "admin":
+            raise HTTPProblem(403, f"{who['name']} is a {who['role']}; this needs an admin", "permission_error")
+        return who
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, who=Depends(api_user)) -> Response:
+        body = await _json_body(request)
+        req = _parse(ChatRequest, body)
+        return await gw.complete("chat.completions", "/v1/chat/completions", req, body, who and who["id"])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, who=Depends(api_user)) -> Response:
+        body = await _json_body(request)
+        req = _parse(CompletionRequest, body)
+        return await gw.complete("completions", "/v1/completions", req, body, who and who["id"])
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "alignloop"}
+                                           for name in gw.router.names()]}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request, who=Depends(api_user)) -> dict[str, Any]:
+        req = _parse(FeedbackRequest, await _json_body(request))
+        feedback_id = await asyncio.to_thread(gw.feedback, req, who and who["id"])
+        return {"id": feedback_id, "object": "feedback", "status": "recorded"}
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        ready = gw.engine_ready()
+        body = {"status": "ok" if ready else "engine_unavailable", "engine_ready": ready,
+                "serving": gw.router.routes.serving}
+        return JSONResponse(body, status_code=200 if ready else 503,
+                            headers=None if ready else {"Retry-After": str(gw.cfg.gateway.retry_after_s)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gw.render_metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/api/me")
+    async def me(who=Depends(signed_in)) -> dict[str, Any]:
+        return who
+
+    @app.post("/api/users")
+    async def add_user(body: UserRequest, who=Depends(admin)) -> dict[str, Any]:
+        try:
+            token = await asyncio.to_thread(gw.store.add_user, body.name, body.role)
+        except StoreError as e:
+            raise HTTPProblem(400, str(e)) from None
+        return {"name": body.name, "role": body.role, "token": token}
+
+    @app.get("/api/status")
+    async def status(who=Depends(admin)) -> dict[str, Any]:
+        return await asyncio.to_thread(gw.status)
+
+    @app.get("/api/exchanges")
+    async def exchanges(limit: int = 100, who=Depends(admin)) -> list[dict[str, Any]]:
+        await asyncio.to_thread(gw.writer.flush)
+        return await asyncio.to_thread(gw.store.exchanges, min(max(limit, 1), 10_000))
+
+    @app.get("/api/versions")
+    async def versions(who=Depends(admin)) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(gw.store.versions)
+
+    @app.post("/api/versions")
+    async def add_version(body: VersionRequest, who=Depends(admin)) -> dict[str, Any]:
+        return await asyncio.to_thread(gw.store.add_version, **body.model_dump())
+
+    @app.post("/api/promote")
+    async def promote(body: PromoteRequest, who=Depends(admin)) -> dict[str, Any]:
+        return await _version_call(gw.versions.promote, body.version, actor=who["name"], reason=body.reason)
+
+    @app.post("/api/rollback")
+    async def rollback(who=Depends(admin)) -> dict[str, Any]:
+        return await _version_call(gw.versions.rollback, actor=who["name"])
+
+    @app.post("/api/canary")
+    async def canary(body: CanaryRequest, who=Depends(admin)) -> dict[str, Any]:
+        return await _version_call(gw.versions.set_canary, body.version, body.share)
+
+    return app
+
+
+async def _version_call(fn, *args, **kwargs) -> dict[str, Any]:
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except (VersionError, StoreError) as e:
+        raise HTTPProblem(400, str(e)) from None

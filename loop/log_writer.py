@@ -1,0 +1,82 @@
+"""The batched background writer that logs live traffic without slowing it.
+
+Handlers put records on a queue and return at once; one thread writes whatever has gathered,
+every `flush_ms` milliseconds, in one transaction. What a crash (SIGKILL, power loss) can lose
+is bounded: the records answered in the last `flush_ms` milliseconds before it, and never more
+than `max_queue` records. A clean stop writes everything first. A full queue drops the newest
+record (counted in `dropped`): serving never waits on logging.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+
+from store.database import Exchange, SecondResponse, Store
+
+
+class LogWriter:
+    def __init__(self, store: Store, flush_ms: int = 200, max_queue: int = 10_000) -> None:
+        self.store, self.flush_s = store, flush_ms / 1000
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self.written = self.dropped = self.pairs_made = self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, record: Exchange | SecondResponse) -> bool:
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout)
+
+    def _drain(self) -> list:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _write(self, items: list) -> None:
+        exchanges = [i for i in items if isinstance(i, Exchange)]
+        seconds = [i for i in items if isinstance(i, SecondResponse)]
+        try:
+            self.pairs_made += self.store.log_batch(exchanges, seconds)
+            self.written += len(exchanges)
+        except Exception as e:  # one bad batch must not stop logging
+            self.failures += 1
+            print(f"alignloop: could not log {len(items)} records: {e}", file=sys.stderr)
+        finally:
+            for _ in items:
+                self._queue.task_done()
+            with self._idle:
+                self._idle.notify_all()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._stop.wait(self.flush_s)
+            items = self._drain()
+            if items:
+                self._write(items)
+
+    def stop(self) -> None:
+        """Write what is queued, then stop."""
+        self._stop.set()
+        self._thread.join()
+        items = self._drain()
+        if items:
+            self._write(items)

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the gateway (`GET /metrics`), in their own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("alignloop_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("alignloop_request_latency_seconds", "Time to the whole answer, by endpoint",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("alignloop_tokens", "Tokens processed, by kind (prompt, completion)",
+                              ["kind"], registry=r)
+        self.in_flight = Gauge("alignloop_requests_in_flight", "Live requests being answered now", registry=r)
+        self.log_queue = Gauge("alignloop_log_queue_depth", "Records waiting to be written to the store", registry=r)
+        self.pair_queue = Gauge("alignloop_pair_queue_depth", "Exchanges waiting for a second response",
+                                registry=r)
+        self.pairs = Counter("alignloop_pairs_made", "Pairs made from live traffic", registry=r)
+        self.labels = Counter("alignloop_labels", "Labels submitted", registry=r)
+        self.feedback = Counter("alignloop_feedback", "Feedback received", ["kind"], registry=r)
+        self.serving = Gauge("alignloop_serving_version", "Version id the served alias points to", registry=r)
+        self.engine_up = Gauge("alignloop_engine_up", "1 while the vLLM engine answers health checks", registry=r)
+        self.engine_restarts = Gauge("alignloop_engine_restarts", "Times the engine was restarted", registry=r)
+        self.log_dropped = Gauge("alignloop_log_dropped", "Records dropped because the log queue was full",
+                                 registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

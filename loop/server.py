@@ -1,0 +1,67 @@
+"""`alignloop serve`: the engine, supervised, and the gateway in front of it, in one process tree.
+
+The gateway process owns the store and starts vLLM as its child; Ctrl-C or SIGTERM stops both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loop.config import Config
+
+
+def admin_token(store, path: Path) -> str:
+    """The local admin's token, kept in `path` (mode 600) so the CLI on this machine can use it."""
+    if path.exists():
+        token = path.read_text().strip()
+        if store.user_by_token(token):
+            return token
+    names = {u["name"] for u in store.users()}
+    token = store.new_token("admin") if "admin" in names else store.add_user("admin", "admin")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    os.chmod(path, 0o600)
+    return token
+
+
+def build(cfg: Config, engine_url: str | None = None):
+    """The gateway's app and state. With `engine_url`, use a running engine instead of starting one."""
+    from loop.engine import Engine
+    from loop.gateway import Gateway, create_app
+    from loop.router import Router
+    from loop.versions import Versions
+    from store import Store
+
+    store = Store(cfg.db_path)
+    admin_token(store, cfg.admin_token_path)
+    router = Router(cfg.model.served_name, base_name="base")
+    engine = None
+    if engine_url is None:
+        engine = Engine(cfg.base_model_dir, cfg.engine, "base", cfg.data_dir / "logs" / "engine.log")
+        engine_url = engine.url
+    versions = Versions(store, router, engine_url)
+    if engine is not None:
+        engine.on_ready = versions.restore
+    else:
+        versions.restore()
+    gw = Gateway(cfg=cfg, store=store, router=router, versions=versions, engine=engine, engine_url=engine_url)
+    return create_app(gw), gw
+
+
+def serve(cfg: Config) -> int:
+    import uvicorn
+
+    app, gw = build(cfg)
+    print(f"starting the vLLM engine on {cfg.base_model_dir} (log: {gw.engine.log_path})", flush=True)
+    gw.engine.start(wait=False)
+    url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+    print(f"gateway: {url}/v1 (model '{cfg.model.served_name}'); it answers 503 until the engine is ready", flush=True)
+    print(f"admin token: {cfg.admin_token_path}", flush=True)
+    try:
+        uvicorn.run(app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
+    finally:
+        gw.engine.stop()
+        gw.store.close()
+    return 0

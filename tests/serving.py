@@ -1,0 +1,78 @@
+"""A real `alignloop serve` (gateway + vLLM CPU engine) in a child process, for the slow tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from loop import config as configuration
+
+
+@dataclass
+class Server:
+    root: Path
+    proc: subprocess.Popen
+    url: str
+    cfg: configuration.Config
+
+    @property
+    def admin_token(self) -> str:
+        return self.cfg.admin_token_path.read_text().strip()
+
+    def client(self, token: str | None = None, timeout: float = 60.0) -> httpx.Client:
+        token = self.admin_token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def log(self) -> str:
+        return (self.root / "serve.log").read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start(root: Path, model_dir: Path, port: int, engine_port: int, extra: list[str] | None = None,
+          timeout: float = 300.0) -> Server:
+    root.mkdir(parents=True, exist_ok=True)
+    settings = [f"model.base={model_dir}", f"gateway.port={port}", f"engine.port={engine_port}",
+                "engine.max_model_len=256", *(extra or [])]
+    args = [sys.executable, "-m", "loop.cli", "--config", str(root / "alignloop.toml")]
+    for s in settings:
+        args += ["--set", s]
+    subprocess.run(args + ["init"], check=True, capture_output=True)
+    log = (root / "serve.log").open("wb")
+    proc = subprocess.Popen(args + ["serve"], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(root, proc, f"http://127.0.0.1:{port}", configuration.load(root / "alignloop.toml"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"alignloop serve exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"alignloop serve was not ready in {timeout} s:\n{server.log()}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

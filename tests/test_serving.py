@@ -1,0 +1,301 @@
+"""The real thing: `alignloop serve` with the vLLM CPU engine on the tiny model, through the
+official `openai` client and plain HTTP. One server for the whole module; the tests that break it
+(engine crash, gateway SIGKILL) run last, in file order."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from store import Store
+from tests.conftest import free_port
+from tests.serving import pid_alive, start
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "How often should I water basil?"}]
+
+
+def make_adapter(model_dir, out, seed: int):
+    """A LoRA adapter with random (non-zero) weights: a version that answers differently."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    s = start(root, tiny_model, free_port(), free_port(), ["gateway.pair_share=1.0", "gateway.log_flush_ms=100"])
+    yield s
+    s.stop(signal.SIGKILL) if s.proc.poll() is None else None
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(tiny_model, root / f"a{i}", seed=i) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def exchanges(server, limit=1000):
+    with server.client() as c:
+        return c.get("/api/exchanges", params={"limit": limit}).json()
+
+
+def test_openai_client_chat_stream_n_and_completions(server, oai):
+    models = [m.id for m in oai.models.list()]
+    assert models[0] == "alignloop" and "base" in models
+
+    chat = oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=16, temperature=0.8)
+    assert chat.model == "alignloop" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens > 0
+
+    two = oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=8, n=2, temperature=1.0)
+    assert [c.index for c in two.choices] == [0, 1]
+
+    pieces = []
+    for chunk in oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=12, stream=True):
+        assert chunk.model == "alignloop"
+        pieces += [c.delta.content or "" for c in chunk.choices]
+    streamed = "".join(pieces)
+
+    text = oai.completions.create(model="base", prompt="Basil likes", max_tokens=8)
+    assert text.choices[0].text is not None
+
+    logged = {e["request_id"]: e for e in exchanges(server)}
+    assert logged[chat.id]["texts"] == [chat.choices[0].message.content]
+    assert logged[chat.id]["version_id"] == 0 and logged[chat.id]["model_requested"] == "alignloop"
+    assert logged[chat.id]["completion_tokens"] == chat.usage.completion_tokens
+    assert logged[two.id]["texts"] == [c.message.content for c in two.choices]
+    assert logged[text.id]["endpoint"] == "completions"
+    streamed_log = [e for e in logged.values() if e["texts"] == [streamed] and e["endpoint"] == "chat.completions"]
+    assert streamed_log and streamed_log[0]["completion_tokens"] > 0
+
+
+def test_every_answered_request_is_logged_with_its_version(server, oai):
+    ids = set()
+    for i in range(12):
+        r = oai.chat.completions.create(model="alignloop", messages=[{"role": "user", "content": f"Tell me about mint {i}"}],
+                                        max_tokens=6)
+        ids.add(r.id)
+    logged = {e["request_id"]: e for e in exchanges(server)}
+    assert ids <= set(logged)
+    assert all(logged[i]["version_id"] == 0 and json.loads(logged[i]["messages"])[0]["content"].startswith("Tell me")
+               for i in ids)
+
+
+def test_feedback_on_a_response(server, oai):
+    r = oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=6)
+    with server.client(token="") as c:
+        ok = c.post("/v1/feedback", json={"id": r.id, "thumbs": "up", "comment": "nice"})
+        assert ok.status_code == 200 and ok.json()["status"] == "recorded"
+        assert c.post("/v1/feedback", json={"id": r.id, "score": 0.3}).status_code == 200
+        missing = c.post("/v1/feedback", json={"id": "chatcmpl-nope", "thumbs": "down"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        both = c.post("/v1/feedback", json={"id": r.id, "thumbs": "up", "score": 1})
+        assert both.status_code == 400
+        assert c.post("/v1/feedback", json={"id": r.id, "thumbs": "sideways"}).status_code == 400
+    with server.client() as c:
+        assert c.get("/api/status").json()["counts"]["feedback"] == 2
+
+
+def test_pairs_are_made_from_live_traffic(server, oai):
+    for i in range(4):
+        oai.chat.completions.create(model="alignloop", messages=[{"role": "user", "content": f"Pair me {i}"}],
+                                    max_tokens=8, temperature=0.0)
+    with server.client() as c:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = c.get("/api/status").json()
+            if status["counts"]["pairs"] >= 3 and status["pair_queue"] == 0:
+                break
+            time.sleep(0.5)
+    assert status["counts"]["pairs"] >= 3  # pair_share is 1; an identical second answer makes no pair
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"model": "alignloop", "messages": [', 400),
+    ("not an object", b'["alignloop"]', 400),
+    ("missing messages", json.dumps({"model": "alignloop"}).encode(), 400),
+    ("missing model", json.dumps({"messages": HELLO}).encode(), 400),
+    ("unknown model", json.dumps({"model": "gpt-17", "messages": HELLO}).encode(), 404),
+    ("content not a string", json.dumps({"model": "alignloop", "messages": [{"role": "user", "content": 7}]}).encode(), 400),
+    ("unknown role", json.dumps({"model": "alignloop", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
+    ("max_tokens a string", json.dumps({"model": "alignloop", "messages": HELLO, "max_tokens": "ten"}).encode(), 400),
+    ("absurd max_tokens", json.dumps({"model": "alignloop", "messages": HELLO, "max_tokens": 10**9}).encode(), 400),
+    ("negative max_tokens", json.dumps({"model": "alignloop", "messages": HELLO, "max_tokens": -1}).encode(), 400),
+    ("n too large", json.dumps({"model": "alignloop", "messages": HELLO, "n": 1000}).encode(), 400),
+    ("temperature out of range", json.dumps({"model": "alignloop", "messages": HELLO, "temperature": 9}).encode(), 400),
+    ("prompt longer than the context",
+     json.dumps({"model": "alignloop", "messages": [{"role": "user", "content": "basil " * 2000}]}).encode(), 400),
+    ("empty messages", json.dumps({"model": "alignloop", "messages": []}).encode(), 400),
+]
+
+
+@pytest.mark.parametrize("what, body, status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_4xx_in_openai_shape(server, what, body, status):
+    with server.client(token="") as c:
+        r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_bad_completions_input(server):
+    with server.client(token="") as c:
+        assert c.post("/v1/completions", json={"model": "alignloop", "prompt": ""}).status_code == 400
+        assert c.post("/v1/completions", json={"model": "alignloop", "prompt": ["a", 1]}).status_code == 400
+
+
+def test_roles_and_tokens(server):
+    with server.client(token="") as anon:
+        assert anon.get("/api/status").status_code == 401
+        assert anon.post("/api/promote", json={"version": "base"}).status_code == 401
+    with server.client(token="not-a-token") as bad:
+        assert bad.get("/api/me").status_code == 401
+        # OpenAI clients always send a key: an unknown one is anonymous (gateway.require_api_key is off)
+        assert bad.post("/v1/chat/completions", json={"model": "alignloop", "messages": HELLO,
+                                                      "max_tokens": 2}).status_code == 200
+    with server.client() as admin:
+        made = admin.post("/api/users", json={"name": "lab", "role": "labeller"})
+        assert made.status_code == 200
+        assert admin.post("/api/users", json={"name": "lab", "role": "labeller"}).status_code == 400
+    with server.client(token=made.json()["token"]) as labeller:
+        assert labeller.get("/api/me").json()["role"] == "labeller"
+        refused = labeller.post("/api/promote", json={"version": "base"})
+        assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
+        assert labeller.post("/api/users", json={"name": "x", "role": "admin"}).status_code == 403
+
+
+def test_cli_goes_through_the_running_gateway(server):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "loop.cli", "--config", str(server.root / "alignloop.toml")]
+    status = subprocess.run(cli + ["status", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["serving"] == 0 and json.loads(status.stdout)["gateway"] == server.url
+    added = subprocess.run(cli + ["user", "add", "ana", "--role", "labeller"], capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    assert "sign-in token" in added.stdout
+
+
+def test_promote_and_rollback_under_load_lose_no_request(server, oai, adapters):
+    with server.client() as admin:
+        v1 = admin.post("/api/versions", json={"adapter_path": str(adapters[0]), "method": "test"}).json()
+        v2 = admin.post("/api/versions", json={"adapter_path": str(adapters[1]), "method": "test"}).json()
+        failures, done, versions_seen = [], [0], set()
+        stop = threading.Event()
+
+        def load():
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+            while not stop.is_set():
+                try:
+                    client.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=4)
+                    done[0] += 1
+                except Exception as e:  # every failure is a test failure
+                    failures.append(repr(e))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1)
+            timings = []
+            for step in ({"version": v1["name"]}, {"version": v2["name"]}, None, {"version": v1["name"]}):
+                r = admin.post("/api/promote", json=step) if step else admin.post("/api/rollback")
+                assert r.status_code == 200, r.text
+                timings.append(r.json()["seconds"])
+                versions_seen.add(r.json()["serving"])
+                time.sleep(1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert failures == [] and done[0] > 10
+        status = admin.get("/api/status").json()
+        assert status["serving"] == v1["id"] and status["previous"] == v2["id"]
+        served = {e["version_id"] for e in exchanges(server, 5000)}
+        assert {0, v1["id"], v2["id"]} <= served
+        print(f"promotion seconds: {timings}")
+
+        # the served alias answers as the promoted adapter, and the version can be named directly
+        same = dict(messages=HELLO, max_tokens=12, temperature=0.0)
+        assert (oai.chat.completions.create(model="alignloop", **same).choices[0].message.content
+                == oai.chat.completions.create(model=v1["name"], **same).choices[0].message.content)
+        assert admin.post("/api/promote", json={"version": "v99"}).status_code == 400
+
+
+def test_engine_crash_gives_503_then_recovers_with_the_promoted_adapter(server, oai):
+    with server.client() as admin:
+        before = admin.get("/api/status").json()
+        assert before["serving"] != 0
+        pid = before["engine"]["pid"]
+        import os
+
+        os.killpg(pid, signal.SIGKILL)
+        saw_503 = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "alignloop", "messages": HELLO,
+                                                                    "max_tokens": 4}, timeout=30)
+            if r.status_code == 503:
+                saw_503 = saw_503 or r
+            elif r.status_code == 200 and saw_503 is not None:
+                break
+            else:
+                assert r.status_code in (200, 503), r.text
+            time.sleep(0.5)
+        assert saw_503 is not None and saw_503.headers["Retry-After"]
+        assert saw_503.json()["error"]["code"] == "engine_unavailable"
+        assert r.status_code == 200
+        after = admin.get("/api/status").json()
+        assert after["engine"]["restarts"] == 1 and after["engine"]["pid"] != pid
+        assert after["serving"] == before["serving"]
+        name = f"v{after['serving']}"
+        assert name in after["models"]
+        same = dict(messages=HELLO, max_tokens=12, temperature=0.0)
+        assert (oai.chat.completions.create(model="alignloop", **same).choices[0].message.content
+                == oai.chat.completions.create(model=name, **same).choices[0].message.content)
+
+
+def test_metrics_in_prometheus_format(server):
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("alignloop_requests_total", "alignloop_request_latency_seconds_bucket", "alignloop_tokens_total",
+                 "alignloop_log_queue_depth", "alignloop_serving_version", "alignloop_engine_up 1.0"):
+        assert name in text
+
+
+def test_a_killed_gateway_loses_nothing_older_than_the_flush_window_and_leaves_no_orphan(server, oai):
+    ids = [oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=4).id for _ in range(5)]
+    with server.client() as admin:
+        engine_pid = admin.get("/api/status").json()["engine"]["pid"]
+    time.sleep(0.1 * 3)  # three flush windows (log_flush_ms = 100)
+    server.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pid_alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not pid_alive(engine_pid), "the engine outlived its gateway"
+    with Store(server.cfg.db_path) as store:
+        logged = {e["request_id"] for e in store.exchanges(10_000)}
+    assert set(ids) <= logged
