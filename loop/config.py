@@ -101,6 +101,22 @@ class StoreConfig:
 
 
 @dataclass
+class LabelingConfig:
+    """Labelling: how many people label each pair, and the app."""
+
+    overlap: int = _f(2, "independent human labels each pair gets (k)")
+    lease_s: float = _f(600.0, "seconds a pair handed to a labeller stays theirs before it returns to the queue")
+    app_port: int = _f(8501, "port of the Streamlit labelling app")
+
+    def __post_init__(self) -> None:
+        _check_port(self.app_port)
+        if self.overlap < 1:
+            raise ValueError("overlap must be at least 1")
+        if self.lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+
+
+@dataclass
 class Config:
     """The whole configuration; `path` is the file it came from (None: defaults only)."""
 
@@ -110,6 +126,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    labeling: LabelingConfig = field(default_factory=LabelingConfig)
     path: Path | None = field(default=None, metadata={"toml": False})
 
     @property

@@ -32,6 +32,16 @@ from loop.protocol import ChatRequest, CompletionRequest, FeedbackRequest, error
 from loop.router import Router, UnknownModel
 from loop.versions import VersionError, Versions
 from store.database import Exchange, Store, StoreError
+from store.labelling import LabelConflict, LabelQueue
+
+DEFAULT_GUIDELINES = """\
+Pick the reply you would rather receive.
+
+- **Better**: answers the question that was asked, correctly, and politely.
+- **Tie**: both are about equally good.
+- **Both bad**: neither answers the question, or both are rude or wrong.
+- **Skip**: you cannot judge this one (say why in the rationale if you can).
+"""
 
 
 class HTTPProblem(Exception):
@@ -64,6 +74,7 @@ class Gateway:
         self.http = httpx.AsyncClient(base_url=self.engine_url, timeout=httpx.Timeout(g.request_timeout_s, connect=5.0),
                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self.pairs = PairMaker(self.router, self.http, self.writer.put, lambda: self.in_flight, g.pair_share)
+        self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
 
     # --- requests to the engine --------------------------------------------------------------
 
@@ -200,6 +211,32 @@ class Gateway:
         self.metrics.feedback.labels(kind).inc()
         return self.store.add_feedback(response_id, kind, value, req.comment, user_id)
 
+    async def arena(self, messages: list[dict[str, str]], max_tokens: int, user_id: int) -> dict[str, Any]:
+        """Two live answers to one prompt, as a new pair handed to this labeller: serving vs the canary
+        (or the previous version), else two samples of what serves."""
+        if not self.engine_ready():
+            raise self.unavailable("starting or restarting")
+        r = self.router.routes
+        other = r.canary if r.canary is not None else (r.previous if r.previous in r.engine_names else r.serving)
+
+        async def answer(version: int, seed: int) -> tuple[str, int]:
+            body = {"model": r.engine_name(version), "messages": messages, "max_tokens": max_tokens,
+                    "temperature": 1.0, "seed": seed}
+            try:
+                resp = await self.http.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                raise self.unavailable(type(e).__name__) from None
+            if resp.status_code >= 400:
+                raise HTTPProblem(resp.status_code if resp.status_code < 500 else 503, resp.text)
+            return resp.json()["choices"][0]["message"]["content"] or "", version
+
+        for attempt in range(3):  # two samples can come out the same; try again with other seeds
+            a, b = await asyncio.gather(answer(r.serving, 2 * attempt), answer(other, 2 * attempt + 1))
+            pair_id = await asyncio.to_thread(self.store.add_generated_pair, messages, a, b, "arena", 2)
+            if pair_id is not None:
+                return await asyncio.to_thread(self.queue.lease, user_id, pair_id)
+        raise HTTPProblem(409, "both answers came out the same three times; try another prompt")
+
     def status(self) -> dict[str, Any]:
         r = self.router.routes
         return {"alias": r.alias, "serving": r.serving, "previous": r.previous, "canary": r.canary,
@@ -244,6 +281,22 @@ class PromoteRequest(BaseModel):
 class CanaryRequest(BaseModel):
     version: str | int | None
     share: float = 0.1
+
+
+class LabelRequest(BaseModel):
+    pair_id: int
+    choice: Literal["first", "second", "tie", "both_bad", "skip"]
+    rationale: str | None = Field(default=None, max_length=500)
+    seconds: float | None = Field(default=None, ge=0)
+
+
+class ArenaRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=4000)
+    max_tokens: int = Field(default=64, ge=1, le=1024)
+
+
+class GuidelinesRequest(BaseModel):
+    text: str = Field(max_length=100_000)
 
 
 class UserRequest(BaseModel):
@@ -376,6 +429,45 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.get("/api/me")
     async def me(who=Depends(signed_in)) -> dict[str, Any]:
         return who
+
+    @app.get("/api/label/next")
+    async def next_pair(who=Depends(signed_in)) -> dict[str, Any]:
+        pair = await asyncio.to_thread(gw.queue.next_pair, who["id"])
+        return {"pair": pair, "progress": await asyncio.to_thread(gw.queue.progress, who["id"])}
+
+    @app.post("/api/label")
+    async def label(body: LabelRequest, who=Depends(signed_in)) -> dict[str, Any]:
+        try:
+            label_id = await asyncio.to_thread(gw.queue.submit, who["id"], body.pair_id, body.choice,
+                                               body.rationale, body.seconds)
+        except LabelConflict as e:
+            raise HTTPProblem(409, str(e), code="conflict") from None
+        except StoreError as e:
+            raise HTTPProblem(404, str(e), code="not_found") from None
+        gw.metrics.labels.inc()
+        pair = await asyncio.to_thread(gw.queue.next_pair, who["id"])  # the next one, in the same round trip
+        return {"label_id": label_id, "pair": pair, "progress": await asyncio.to_thread(gw.queue.progress, who["id"])}
+
+    @app.post("/api/label/undo")
+    async def undo(who=Depends(signed_in)) -> dict[str, Any]:
+        pair = await asyncio.to_thread(gw.queue.undo, who["id"])
+        if pair is None:
+            raise HTTPProblem(404, "nothing to undo", code="not_found")
+        return {"pair": pair, "progress": await asyncio.to_thread(gw.queue.progress, who["id"])}
+
+    @app.post("/api/arena")
+    async def arena(body: ArenaRequest, who=Depends(signed_in)) -> dict[str, Any]:
+        pair = await gw.arena([{"role": "user", "content": body.prompt}], body.max_tokens, who["id"])
+        return {"pair": pair, "progress": await asyncio.to_thread(gw.queue.progress, who["id"])}
+
+    @app.get("/api/guidelines")
+    async def guidelines(who=Depends(signed_in)) -> dict[str, Any]:
+        return {"text": await asyncio.to_thread(gw.store.setting, "guidelines", DEFAULT_GUIDELINES)}
+
+    @app.put("/api/guidelines")
+    async def set_guidelines(body: GuidelinesRequest, who=Depends(admin)) -> dict[str, Any]:
+        await asyncio.to_thread(gw.store.set_setting, "guidelines", body.text, who["name"])
+        return {"text": body.text}
 
     @app.post("/api/users")
     async def add_user(body: UserRequest, who=Depends(admin)) -> dict[str, Any]:

@@ -52,19 +52,26 @@ class LogWriter:
                 return items
 
     def _write(self, items: list) -> None:
-        exchanges = [i for i in items if isinstance(i, Exchange)]
-        seconds = [i for i in items if isinstance(i, SecondResponse)]
         try:
-            self.pairs_made += self.store.log_batch(exchanges, seconds)
-            self.written += len(exchanges)
-        except Exception as e:  # one bad batch must not stop logging
-            self.failures += 1
-            print(f"alignloop: could not log {len(items)} records: {e}", file=sys.stderr)
+            self._store_batch(items)
+        except Exception:  # one bad record must not take its batch down: write them one by one
+            for item in items:
+                try:
+                    self._store_batch([item])
+                except Exception as e:
+                    self.failures += 1
+                    print(f"alignloop: could not log {type(item).__name__} {item.request_id}: {e}", file=sys.stderr)
         finally:
             for _ in items:
                 self._queue.task_done()
             with self._idle:
                 self._idle.notify_all()
+
+    def _store_batch(self, items: list) -> None:
+        exchanges = [i for i in items if isinstance(i, Exchange)]
+        seconds = [i for i in items if isinstance(i, SecondResponse)]
+        self.pairs_made += self.store.log_batch(exchanges, seconds)
+        self.written += len(exchanges)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -226,30 +226,41 @@ class Store:
     # --- live traffic ------------------------------------------------------------------------
 
     def log_batch(self, exchanges: list[Exchange], seconds: list[SecondResponse]) -> int:
-        """Write a batch of exchanges, then second responses (as pairs), in one transaction.
-        Returns the number of pairs made."""
+        """Write a batch of exchanges (bulk, through Arrow), then second responses (as pairs), in one
+        transaction. Returns the number of pairs made."""
         made = 0
         with self.transaction() as db:
-            for ex in exchanges:
-                prompt_id = db.execute("INSERT INTO prompts (messages, source) VALUES (?, 'live') RETURNING id",
-                                       [json.dumps(ex.messages, ensure_ascii=False)]).fetchone()[0]
-                exchange_id = db.execute("""
-                    INSERT INTO exchanges (request_id, endpoint, model_requested, version_id, user_id, prompt_id,
-                                           status, latency_ms, prompt_tokens, completion_tokens)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
-                    [ex.request_id, ex.endpoint, ex.model_requested, ex.version_id, ex.user_id, prompt_id,
-                     ex.status, ex.latency_ms, ex.prompt_tokens, ex.completion_tokens]).fetchone()[0]
-                single = len(ex.choices) == 1
-                for index, (text, finish) in enumerate(ex.choices):
-                    db.execute("""
-                        INSERT INTO responses (prompt_id, exchange_id, choice_index, text, version_id, sampling,
-                                               latency_ms, prompt_tokens, completion_tokens, finish_reason, source)
-                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'live')""",
-                        [prompt_id, exchange_id, index, text, ex.version_id, json.dumps(ex.sampling), ex.latency_ms,
-                         ex.prompt_tokens, ex.completion_tokens if single else None, finish])
+            if exchanges:
+                self._insert_exchanges(db, exchanges)
             for second in seconds:
                 made += self._add_second(db, second)
         return made
+
+    def _insert_exchanges(self, db: duckdb.DuckDBPyConnection, exchanges: list[Exchange]) -> None:
+        n = len(exchanges)
+        prompt_ids = _next_ids(db, "prompts", n)
+        exchange_ids = _next_ids(db, "exchanges", n)
+        choices = [(ex, pid, xid, i, text, finish) for ex, pid, xid in zip(exchanges, prompt_ids, exchange_ids)
+                   for i, (text, finish) in enumerate(ex.choices)]
+        _insert(db, "prompts", {"id": prompt_ids, "source": ["live"] * n,
+                                "messages": [json.dumps(ex.messages, ensure_ascii=False) for ex in exchanges]})
+        _insert(db, "exchanges", {
+            "id": exchange_ids, "request_id": [ex.request_id for ex in exchanges],
+            "endpoint": [ex.endpoint for ex in exchanges], "model_requested": [ex.model_requested for ex in exchanges],
+            "version_id": [ex.version_id for ex in exchanges], "user_id": [ex.user_id for ex in exchanges],
+            "prompt_id": prompt_ids, "status": [ex.status for ex in exchanges],
+            "latency_ms": [ex.latency_ms for ex in exchanges], "prompt_tokens": [ex.prompt_tokens for ex in exchanges],
+            "completion_tokens": [ex.completion_tokens for ex in exchanges]})
+        if not choices:
+            return
+        _insert(db, "responses", {
+            "prompt_id": [c[1] for c in choices], "exchange_id": [c[2] for c in choices],
+            "choice_index": [c[3] for c in choices], "text": [c[4] for c in choices],
+            "finish_reason": [c[5] for c in choices], "version_id": [c[0].version_id for c in choices],
+            "sampling": [json.dumps(c[0].sampling) for c in choices],
+            "latency_ms": [c[0].latency_ms for c in choices], "prompt_tokens": [c[0].prompt_tokens for c in choices],
+            "completion_tokens": [c[0].completion_tokens if len(c[0].choices) == 1 else None for c in choices],
+            "source": ["live"] * len(choices)})
 
     def _add_second(self, db: duckdb.DuckDBPyConnection, second: SecondResponse) -> int:
         row = db.execute("""
@@ -272,6 +283,26 @@ class Store:
         db.execute("""INSERT INTO pairs (uid, prompt_id, response_a_id, response_b_id, source, priority)
                       VALUES (?, ?, ?, ?, 'live', 1)""", [uid, prompt_id, first_id, second_id])
         return 1
+
+    def add_generated_pair(self, messages: list[dict[str, str]], a: tuple[str, int], b: tuple[str, int],
+                           source: str, priority: int = 2) -> int | None:
+        """A pair of two fresh answers (text, version id) to one prompt, e.g. from the arena.
+        Returns its id, or None when the two answers are the same text."""
+        if a[0] == b[0]:
+            return None
+        uid = pair_uid(messages, a[0], b[0])
+        with self.transaction() as db:
+            found = db.execute("SELECT id FROM pairs WHERE uid = ?", [uid]).fetchone()
+            if found:
+                return found[0]
+            prompt_id = db.execute("INSERT INTO prompts (messages, source) VALUES (?, ?) RETURNING id",
+                                   [json.dumps(messages, ensure_ascii=False), source]).fetchone()[0]
+            ids = [db.execute("""INSERT INTO responses (prompt_id, text, version_id, source)
+                                 VALUES (?, ?, ?, ?) RETURNING id""", [prompt_id, text, version, source]).fetchone()[0]
+                   for text, version in (a, b)]
+            return db.execute("""INSERT INTO pairs (uid, prompt_id, response_a_id, response_b_id, source, priority)
+                                 VALUES (?, ?, ?, ?, ?, ?) RETURNING id""",
+                              [uid, prompt_id, ids[0], ids[1], source, priority]).fetchone()[0]
 
     def response_id(self, request_id: str, choice: int) -> int | None:
         rows = self._all("""SELECT r.id FROM exchanges e JOIN responses r ON r.exchange_id = e.id
@@ -334,6 +365,18 @@ class Store:
         rows = self._all("""SELECT version_id, previous_version_id FROM promotions WHERE alias = ?
                             ORDER BY id DESC LIMIT 1""", [alias])
         return rows[0] if rows else (0, None)
+
+    # --- settings ------------------------------------------------------------------------------
+
+    def setting(self, key: str, default: str = "") -> str:
+        rows = self._all("SELECT value FROM settings WHERE key = ?", [key])
+        return rows[0][0] if rows else default
+
+    def set_setting(self, key: str, value: str, by: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("""INSERT INTO settings (key, value, updated_by) VALUES (?, ?, ?)
+                          ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_by = excluded.updated_by,
+                          updated_at = current_localtimestamp()""", [key, value, by])
 
     # --- labels and feedback -----------------------------------------------------------------
 

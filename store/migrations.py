@@ -140,7 +140,22 @@ def m001_initial(db: duckdb.DuckDBPyConnection) -> None:
             value DOUBLE NOT NULL,
             created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
         )""")
+    db.execute("""
+        CREATE TABLE assignments (
+            pair_id BIGINT NOT NULL,
+            user_id BIGINT NOT NULL,
+            leased_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp(),
+            expires_at TIMESTAMP NOT NULL     -- after this the pair returns to the queue
+        )""")
+    db.execute("""
+        CREATE TABLE settings (
+            key VARCHAR PRIMARY KEY,          -- 'guidelines', ...
+            value VARCHAR NOT NULL,
+            updated_by VARCHAR,
+            updated_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
     db.execute("CREATE INDEX labels_pair ON labels (pair_id)")
+    db.execute("CREATE INDEX labels_user ON labels (user_id)")
     db.execute("CREATE INDEX responses_exchange ON responses (exchange_id)")
 
 

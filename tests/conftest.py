@@ -33,11 +33,3 @@ def tiny_model(tmp_path_factory) -> Path:
     from loop.demo_model import DemoModelConfig, build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("tiny-model"), DemoModelConfig.tiny(), progress=False)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

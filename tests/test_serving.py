@@ -14,28 +14,11 @@ import openai
 import pytest
 
 from store import Store
-from tests.conftest import free_port
-from tests.serving import pid_alive, start
+from tests.serving import free_port, make_adapter, pid_alive, start
 
 pytestmark = pytest.mark.slow
 
 HELLO = [{"role": "user", "content": "How often should I water basil?"}]
-
-
-def make_adapter(model_dir, out, seed: int):
-    """A LoRA adapter with random (non-zero) weights: a version that answers differently."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from store import Store, StoreError, migrations
 from store.database import NewPair
 
 EXPECTED_SCHEMA = {
+    "assignments": ["pair_id BIGINT", "user_id BIGINT", "leased_at TIMESTAMP", "expires_at TIMESTAMP"],
     "exchanges": ["id BIGINT", "request_id VARCHAR", "endpoint VARCHAR", "model_requested VARCHAR",
                   "version_id BIGINT", "user_id BIGINT", "prompt_id BIGINT", "status INTEGER",
                   "latency_ms DOUBLE", "prompt_tokens INTEGER", "completion_tokens INTEGER", "created_at TIMESTAMP"],
@@ -31,6 +32,7 @@ EXPECTED_SCHEMA = {
     "runs": ["id BIGINT", "method VARCHAR", "trigger VARCHAR", "status VARCHAR", "snapshot_hash VARCHAR",
              "candidate_version_id BIGINT", "config VARCHAR", "metrics VARCHAR", "reason VARCHAR",
              "started_at TIMESTAMP", "finished_at TIMESTAMP"],
+    "settings": ["key VARCHAR", "value VARCHAR", "updated_by VARCHAR", "updated_at TIMESTAMP"],
     "schema_migrations": ["version INTEGER", "name VARCHAR", "applied_at TIMESTAMP"],
     "users": ["id BIGINT", "name VARCHAR", "role VARCHAR", "token_hash VARCHAR", "created_at TIMESTAMP"],
 }

@@ -1,0 +1,177 @@
+"""The labelling queue: overlap, leases, undo, priority, and 20 labellers at once through the API."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from store import Store
+from store.database import NewPair
+from store.labelling import LabelConflict, LabelQueue, swapped, to_stored_choice
+
+
+def _pairs(store, n, source="import:test"):
+    pairs = [NewPair([{"role": "user", "content": f"q{i}"}], f"good {i}", f"bad {i}") for i in range(n)]
+    store.add_labelled_pairs(pairs, source, "dataset:test")
+    return store.pair_ids()
+
+
+def _users(store, n, role="labeller"):
+    return [store.user_by_token(store.add_user(f"u{i}", role))["id"] for i in range(n)]
+
+
+def test_first_and_second_map_back_to_a_and_b():
+    for uid in ("x", "y", "z", "w"):
+        a_first = not swapped(uid)
+        assert to_stored_choice("first", uid) == ("a" if a_first else "b")
+        assert to_stored_choice("second", uid) == ("b" if a_first else "a")
+        assert to_stored_choice("tie", uid) == "tie"
+    assert {swapped(str(i)) for i in range(50)} == {True, False}
+
+
+def test_each_pair_gets_overlap_labels_from_different_people(store):
+    ids = _pairs(store, 3)
+    users = _users(store, 3)
+    q = LabelQueue(store, overlap=2, lease_s=60)
+    seen = {u: [] for u in users}
+    for _ in range(3):
+        for u in users:
+            pair = q.next_pair(u)
+            if pair:
+                seen[u].append(pair["pair_id"])
+                q.submit(u, pair["pair_id"], "first")
+    labels = store._all("""SELECT pair_id, count(*), count(DISTINCT user_id) FROM labels l JOIN users u ON u.id = l.user_id
+                           WHERE u.role = 'labeller' GROUP BY pair_id""")
+    assert sorted(labels) == [(i, 2, 2) for i in ids]
+    assert all(len(v) == len(set(v)) for v in seen.values())
+    assert all(q.next_pair(u) is None for u in users)
+
+
+def test_an_open_lease_is_handed_back_and_an_expired_one_returns_to_the_queue(store):
+    (pid,) = _pairs(store, 1)
+    a, b = _users(store, 2)
+    q = LabelQueue(store, overlap=1, lease_s=0.3)
+    assert q.next_pair(a)["pair_id"] == pid
+    assert q.next_pair(a)["pair_id"] == pid  # same pair again: a reload does not lose it
+    assert q.next_pair(b) is None  # leased to a, overlap 1
+    time.sleep(0.4)
+    assert q.next_pair(b)["pair_id"] == pid
+    q.submit(b, pid, "second")
+    with pytest.raises(LabelConflict, match="has all its 1 labels"):
+        q.submit(a, pid, "first")  # a's lease expired and the pair is full
+
+
+def test_labelling_twice_is_refused_and_undo_hands_the_pair_back(store):
+    ids = _pairs(store, 2)
+    (u,) = _users(store, 1)
+    q = LabelQueue(store, overlap=2, lease_s=60)
+    first = q.next_pair(u)
+    q.submit(u, first["pair_id"], "tie", rationale="same", seconds_spent=3.5)
+    with pytest.raises(LabelConflict, match="labelled pair"):
+        q.submit(u, first["pair_id"], "first")
+    again = q.undo(u)
+    assert again["pair_id"] == first["pair_id"] and q.next_pair(u)["pair_id"] == first["pair_id"]
+    q.submit(u, first["pair_id"], "both_bad")
+    assert store._all("SELECT choice FROM labels WHERE user_id = ?", [u]) == [("both_bad",)]
+    assert q.undo(u) is not None and q.undo(u) is None
+    assert set(ids) >= {first["pair_id"]}
+
+
+def test_skips_do_not_count_toward_overlap_but_are_not_shown_again(store):
+    (pid,) = _pairs(store, 1)
+    a, b = _users(store, 2)
+    q = LabelQueue(store, overlap=1, lease_s=60)
+    q.submit(a, q.next_pair(a)["pair_id"], "skip")
+    assert q.next_pair(a) is None
+    assert q.next_pair(b)["pair_id"] == pid
+    assert q.progress(b) == {"done_today": 0, "queue": 1}
+
+
+def test_live_pairs_come_before_imported_ones(store):
+    _pairs(store, 2)
+    live = store.add_generated_pair([{"role": "user", "content": "live"}], ("x", 0), ("y", 0), "arena", priority=2)
+    (u,) = _users(store, 1)
+    assert LabelQueue(store, 2, 60).next_pair(u)["pair_id"] == live
+
+
+def test_unknown_choice_and_pair_are_clear(store):
+    (pid,) = _pairs(store, 1)
+    (u,) = _users(store, 1)
+    q = LabelQueue(store, 2, 60)
+    with pytest.raises(Exception, match="choice must be one of"):
+        q.submit(u, pid, "left")
+    with pytest.raises(Exception, match="no pair 999"):
+        q.submit(u, 999, "first")
+
+
+@pytest.fixture
+def labelling_api(tmp_path):
+    """The real gateway app over a real DuckDB file, served by uvicorn. Labelling needs no engine."""
+    import uvicorn
+
+    from loop import config as configuration
+    from loop.server import build
+    from tests.serving import free_port
+
+    port = free_port()
+    cfg = configuration.load(None, [f"data.dir={tmp_path}", f"gateway.port={port}", "labeling.overlap=2"])
+    with Store(cfg.db_path) as s:
+        _pairs(s, 60)
+    app, gw = build(cfg, engine_url="http://127.0.0.1:9")  # nothing listens there: no engine at all
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", cfg.admin_token_path.read_text().strip(), gw
+    server.should_exit = True
+    thread.join()
+
+
+def test_twenty_labellers_at_once_through_the_api(labelling_api):
+    url, admin_token, gw = labelling_api
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_token}"})
+    tokens = [admin.post("/api/users", json={"name": f"lab{i}", "role": "labeller"}).json()["token"]
+              for i in range(20)]
+    choices = ["first", "second", "tie", "both_bad", "first", "second"]
+
+    def work(i: int) -> list[int]:
+        done = []
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens[i]}"}, timeout=30) as c:
+            pair = c.get("/api/label/next").json()["pair"]
+            while pair is not None:
+                r = c.post("/api/label", json={"pair_id": pair["pair_id"], "choice": choices[len(done) % 6]})
+                assert r.status_code == 200, r.text
+                done.append(pair["pair_id"])
+                pair = r.json()["pair"]
+        return done
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(work, range(20)))
+    assert sum(map(len, results)) == 120  # 60 pairs x overlap 2, every label answered 200
+    assert all(len(r) == len(set(r)) for r in results)
+    rows = gw.store._all("""SELECT pair_id, count(*), count(DISTINCT user_id) FROM labels l
+                            JOIN users u ON u.id = l.user_id WHERE u.role = 'labeller' GROUP BY pair_id""")
+    assert len(rows) == 60 and all(n == 2 and distinct == 2 for _, n, distinct in rows)
+
+
+def test_label_api_roles_and_errors(labelling_api):
+    url, admin_token, _ = labelling_api
+    with httpx.Client(base_url=url) as anon:
+        assert anon.get("/api/label/next").status_code == 401
+        assert anon.post("/api/label", json={"pair_id": 1, "choice": "first"}).status_code == 401
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_token}"})
+    token = admin.post("/api/users", json={"name": "ana", "role": "labeller"}).json()["token"]
+    lab = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"})
+    pair = lab.get("/api/label/next").json()["pair"]
+    assert lab.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "left"}).status_code == 400
+    assert lab.post("/api/label", json={"pair_id": 10**6, "choice": "first"}).status_code == 404
+    assert lab.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "first"}).status_code == 200
+    assert lab.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "first"}).status_code == 409
+    assert lab.post("/api/label/undo").json()["pair"]["pair_id"] == pair["pair_id"]
+    assert "Pick the reply" in lab.get("/api/guidelines").json()["text"]
+    assert lab.put("/api/guidelines", json={"text": "new"}).status_code == 403
+    assert admin.put("/api/guidelines", json={"text": "Be kind."}).status_code == 200
+    assert lab.get("/api/guidelines").json()["text"] == "Be kind."
