@@ -56,16 +56,15 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def ensure_demo_model(cfg: Config, rebuild: bool = False) -> Path:
-    """Build the demo model unless it is there already (or `rebuild`)."""
-    from loop.demo_model import build_demo_model
+    """Build the demo model unless a build of the same config and corpus is there already."""
+    from loop.demo_model import build_demo_model, demo_info, ensure_demo_model as ensure
 
     out = cfg.demo_model_dir
-    if (out / "config.json").exists() and not rebuild:
-        print(f"demo model: {out} (already built)")
-        return out
-    print(f"building the demo model into {out} (a few minutes on a CPU)")
-    build_demo_model(out, cfg.demo, progress=True)
-    return out
+    if rebuild and out.exists():
+        return build_demo_model(out, cfg.demo, progress=True)
+    if demo_info(out) is None:
+        print(f"building the demo model into {out} (about 2 minutes on 2 CPU cores, once)", flush=True)
+    return ensure(out, cfg.demo, progress=True)
 
 
 def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
@@ -165,16 +164,10 @@ def cmd_versions(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.model.base:
-        ensure_demo_model(cfg)
-    with _store(cfg) as store:
-        counts = store.counts()
-    print(f"store: {cfg.db_path} ({counts['pairs']} pairs, {counts['labels']} labels)")
-    print(f"base model: {cfg.base_model_dir}")
-    print("Serving (vLLM engine + gateway), the labelling app and the scheduler are not built yet: "
-          "nothing is left running.")
-    return 0
+    """Everything on the configured model: today the engine and the gateway (`serve`)."""
+    print("The labelling app and the nightly scheduler are not part of alignloop yet; "
+          "`up` starts the engine and the gateway.")
+    return cmd_serve(cfg, args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -235,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="manual", help="how the adapter was made (with --add)")
     s.set_defaults(run=cmd_versions)
 
-    s = sub.add_parser("up", help="set up and start the system on the configured (default: demo) model")
+    s = sub.add_parser("up", help="start the whole system on the configured (default: demo) model")
     s.set_defaults(run=cmd_up)
     return p
 

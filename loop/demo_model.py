@@ -1,0 +1,643 @@
+"""The embedded demo base model: a tiny Llama trained on CPU from :mod:`loop.demo_corpus`.
+
+``build_demo_model(out_dir, DemoModelConfig())`` trains a byte-level BPE tokenizer on the corpus,
+trains a small ``LlamaForCausalLM`` on chat-formatted dialogues (loss on the assistant turn, its
+closing ``<|end|>`` included) and writes a normal Hugging Face model directory that transformers,
+TRL, PEFT and vLLM load:
+
+    config.json  generation_config.json  model.safetensors
+    tokenizer.json  tokenizer_config.json  (chat_template.jinja)  alignloop_demo.json
+
+Chat format (no spaces or newlines are added; ``<|end|>`` is the EOS token)::
+
+    <|begin|><|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>{reply}<|end|>
+
+With ``add_generation_prompt`` the rendering ends in ``<|assistant|>``. Special tokens:
+``<|begin|>`` (BOS, written by the template; the tokenizer never adds it by itself), ``<|end|>``
+(EOS), ``<|pad|>`` (PAD), and ``<|system|>``, ``<|user|>``, ``<|assistant|>``.
+
+Same seed and config, same machine and thread count: byte-identical ``model.safetensors``.
+
+Heavy imports (torch, transformers, tokenizers) happen inside the functions, so importing this
+module is instant. ``python -m loop.demo_model --out DIR`` builds and prints a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from loop import demo_corpus
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "ROLE_TOKENS",
+    "CHAT_TEMPLATE",
+    "INFO_FILE",
+    "DemoModelConfig",
+    "build_demo_model",
+    "ensure_demo_model",
+    "demo_info",
+    "load",
+    "sample",
+    "report",
+    "main",
+]
+
+BOS_TOKEN = "<|begin|>"
+EOS_TOKEN = "<|end|>"
+PAD_TOKEN = "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS)  # ids 0..5, in this order
+INFO_FILE = "alignloop_demo.json"
+INFO_FORMAT = 1
+ALLOWED_HEAD_DIMS = (32, 64)  # vLLM's CPU attention rejects 16
+
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('Only system, user and assistant roles are supported, not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DemoModelConfig:
+    """How the demo model is built. The defaults build in about 2 minutes on 2 CPU cores (about 1M parameters)."""
+
+    seed: int = _help(0, "Seed for the data order, the weight init and the tokenizer corpus.")
+    vocab_size: int = _help(1024, "Largest tokenizer vocabulary (byte-level BPE; it may learn fewer).")
+    hidden_size: int = _help(128, "Model width.")
+    num_layers: int = _help(4, "Number of transformer blocks.")
+    num_heads: int = _help(4, "Attention heads; hidden_size / num_heads must be 32 or 64 (vLLM CPU).")
+    intermediate_size: int = _help(384, "Width of the MLP inside each block.")
+    max_position_embeddings: int = _help(512, "Longest sequence the model accepts (vLLM's max_model_len).")
+    max_seq_len: int = _help(128, "Longest training sequence in tokens (longer ones are cut).")
+    steps: int = _help(800, "Training steps.")
+    batch_size: int = _help(32, "Dialogues per training step.")
+    learning_rate: float = _help(3e-3, "Peak AdamW learning rate.")
+    min_lr_ratio: float = _help(0.1, "Final learning rate as a share of the peak (cosine decay).")
+    warmup_steps: int = _help(30, "Linear warm-up steps.")
+    weight_decay: float = _help(0.01, "AdamW weight decay.")
+    grad_clip: float = _help(1.0, "Gradient norm clip (0 = off).")
+    system_prompt_share: float = _help(0.2, "Share of training dialogues that carry the system prompt.")
+    num_threads: int = _help(0, "torch CPU threads while building (0 = min(cpu count, 8)); weights depend on it.")
+
+    def __post_init__(self) -> None:
+        ints = (
+            "seed vocab_size hidden_size num_layers num_heads intermediate_size max_position_embeddings "
+            "max_seq_len steps batch_size warmup_steps num_threads"
+        ).split()
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"demo model: {name} must be an integer, not {v!r}")
+        for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "system_prompt_share"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"demo model: {name} must be a number, not {v!r}")
+            setattr(self, name, float(v))
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"demo model: {name} must be >= 1, not {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"demo model: seed must be >= 0, not {self.seed}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"demo model: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim not in ALLOWED_HEAD_DIMS:
+            raise ValueError(
+                f"demo model: head_dim = hidden_size / num_heads = {self.hidden_size} / {self.num_heads} = "
+                f"{head_dim}, but must be one of {ALLOWED_HEAD_DIMS} (vLLM's CPU attention rejects others, e.g. 16)"
+            )
+        if not 300 <= self.vocab_size <= 65536:
+            raise ValueError(
+                f"demo model: vocab_size must be between 300 and 65536 (256 bytes + special tokens + merges), "
+                f"not {self.vocab_size}"
+            )
+        if self.max_seq_len < 16:
+            raise ValueError(f"demo model: max_seq_len must be >= 16, not {self.max_seq_len}")
+        if self.max_seq_len > self.max_position_embeddings:
+            raise ValueError(
+                f"demo model: max_seq_len ({self.max_seq_len}) must not exceed max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(
+                f"demo model: warmup_steps ({self.warmup_steps}) must be >= 0 and below steps ({self.steps})"
+            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"demo model: learning_rate must be > 0, not {self.learning_rate}")
+        if not 0 < self.min_lr_ratio <= 1:
+            raise ValueError(f"demo model: min_lr_ratio must be in (0, 1], not {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("demo model: weight_decay and grad_clip must be >= 0")
+        if not 0 <= self.system_prompt_share <= 1:
+            raise ValueError(f"demo model: system_prompt_share must be in [0, 1], not {self.system_prompt_share}")
+        if self.num_threads < 0:
+            raise ValueError(f"demo model: num_threads must be >= 0 (0 = automatic), not {self.num_threads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "DemoModelConfig":
+        """A very small variant for tests: builds in a few seconds, learns little."""
+        base = dict(
+            vocab_size=512,
+            hidden_size=64,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            max_seq_len=96,
+            steps=60,
+            batch_size=16,
+            warmup_steps=5,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DemoModelConfig":
+        """Build from a mapping (e.g. a TOML table); unknown keys raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"demo model: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> one-line help."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[int]:
+    import torch
+
+    old = torch.get_num_threads()
+    want = n or min(os.cpu_count() or 1, 8)
+    torch.set_num_threads(want)
+    try:
+        yield want
+    finally:
+        torch.set_num_threads(old)
+
+
+def _train_tokenizer(cfg: DemoModelConfig):
+    """Byte-level BPE on the corpus strings, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = demo_corpus.tokenizer_texts()
+    # a few copies of the prompts and replies so their words are frequent enough to merge
+    tok.train_from_iterator(texts * 4, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS),  # transformers 5 stores these as extra_special_tokens
+        model_max_length=cfg.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def _messages(prompt: str, reply: str | None, system: str | None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": prompt})
+    if reply is not None:
+        msgs.append({"role": "assistant", "content": reply})
+    return msgs
+
+
+def _encode_training_set(tok, cfg: DemoModelConfig) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first assistant-content token) per training dialogue."""
+    n = cfg.steps * cfg.batch_size
+    records = demo_corpus.dialogue_records(cfg.seed, n, split="train")
+    rng = random.Random(f"alignloop-demo-system:{cfg.seed}")
+    system = demo_corpus.system_prompt()
+    prompt_len: dict[tuple[str, bool], int] = {}
+    texts, starts = [], []
+    for d in records:
+        with_sys = rng.random() < cfg.system_prompt_share
+        key = (d.prompt, with_sys)
+        if key not in prompt_len:
+            ptxt = tok.apply_chat_template(
+                _messages(d.prompt, None, system if with_sys else None), tokenize=False, add_generation_prompt=True
+            )
+            prompt_len[key] = len(tok(ptxt, add_special_tokens=False)["input_ids"])
+        msgs = _messages(d.prompt, d.reply, system if with_sys else None)
+        texts.append(tok.apply_chat_template(msgs, tokenize=False))
+        starts.append(prompt_len[key])
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return [(x[: cfg.max_seq_len], s) for x, s in zip(ids, starts)]
+
+
+def _lr_at(step: int, cfg: DemoModelConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def _make_model(tok, cfg: DemoModelConfig):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mcfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=True,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(mcfg)
+    model.to(torch.float32)
+    return model
+
+
+def _train(model, data: list[tuple[list[int], int]], pad_id: int, cfg: DemoModelConfig, progress: bool) -> float:
+    import torch
+    from tqdm.auto import tqdm
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    model.train()
+    ema = None
+    bar = tqdm(range(cfg.steps), desc="demo model", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        width = max(len(x) for x, _ in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (x, start) in enumerate(batch):
+            t = torch.tensor(x, dtype=torch.long)
+            ids[i, : len(x)] = t
+            mask[i, : len(x)] = 1
+            labels[i, start : len(x)] = t[start:]
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss = float(out.loss.detach())
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+        if progress and (step % 10 == 0 or step == cfg.steps - 1):
+            bar.set_postfix(loss=f"{ema:.3f}")
+    bar.close()
+    model.eval()
+    return float(ema if ema is not None else float("nan"))
+
+
+def _prepare_target(out_dir: Path) -> None:
+    """Refuse to overwrite a non-empty directory that is not an earlier demo build."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not (out_dir / INFO_FILE).is_file():
+            raise FileExistsError(f"{out_dir} is not empty and is not a demo model directory; refusing to overwrite it")
+
+
+def build_demo_model(
+    out_dir: str | os.PathLike[str], cfg: DemoModelConfig | None = None, progress: bool = True
+) -> Path:
+    """Train the demo tokenizer and model and save them as a Hugging Face model directory.
+
+    The directory is written next to ``out_dir`` under a temporary name and renamed into place at the
+    end, so ``out_dir`` is either absent, the previous build, or a complete new build. An existing
+    ``out_dir`` is replaced only if it is empty or an earlier demo build (it holds ``alignloop_demo.json``).
+    Returns the resolved ``out_dir``.
+    """
+    cfg = cfg or DemoModelConfig()
+    out = Path(out_dir).expanduser().resolve()
+    _prepare_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    import torch
+    from transformers import GenerationConfig
+
+    with _torch_threads(cfg.num_threads) as threads, torch.random.fork_rng(devices=[]):
+        tok = _train_tokenizer(cfg)
+        data = _encode_training_set(tok, cfg)
+        model = _make_model(tok, cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        final_loss = _train(model, data, tok.pad_token_id, cfg, progress)
+
+        tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            model.generation_config = GenerationConfig(
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+            )
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            _portable_tokenizer_config(tmp / "tokenizer_config.json")
+            info = {
+                "format": INFO_FORMAT,
+                "config": cfg.to_dict(),
+                "corpus_sha256": demo_corpus.corpus_hash(),
+                "param_count": n_params,
+                "vocab_size": len(tok),
+                "head_dim": cfg.head_dim,
+                "final_train_loss": round(final_loss, 4),
+                "train_examples": len(data),
+                "torch_threads": threads,
+                "build_seconds": round(time.perf_counter() - t0, 2),
+                "special_tokens": {
+                    "bos": BOS_TOKEN,
+                    "eos": EOS_TOKEN,
+                    "pad": PAD_TOKEN,
+                    "roles": list(ROLE_TOKENS),
+                },
+                "versions": _versions(),
+            }
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """Name the tokenizer class and role tokens the way both transformers 4.x and 5.x read them."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = data.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        data["additional_special_tokens"] = extra
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _versions() -> dict[str, str]:
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+
+
+def demo_info(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``alignloop_demo.json`` of a built demo model, or None."""
+    p = Path(model_dir) / INFO_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_demo_model(
+    out_dir: str | os.PathLike[str], cfg: DemoModelConfig | None = None, progress: bool = True
+) -> Path:
+    """Return ``out_dir`` if it already holds a complete demo build of ``cfg`` and of the current
+    corpus; otherwise build it (see :func:`build_demo_model`)."""
+    cfg = cfg or DemoModelConfig()
+    out = Path(out_dir).expanduser().resolve()
+    info = demo_info(out)
+    if (
+        info is not None
+        and info.get("format") == INFO_FORMAT
+        and info.get("config") == cfg.to_dict()
+        and info.get("corpus_sha256") == demo_corpus.corpus_hash()
+        and all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+    ):
+        return out
+    return build_demo_model(out, cfg, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# using
+
+
+_LOADED: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+
+def load(model_dir: str | os.PathLike[str]):
+    """(model, tokenizer) loaded with transformers on CPU, in eval mode; cached per directory build."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir).expanduser().resolve()
+    weights = path / "model.safetensors"
+    key = (str(path), weights.stat().st_mtime_ns if weights.exists() else 0)
+    if key not in _LOADED:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        model.eval()
+        _LOADED.clear()
+        _LOADED[key] = (model, tok)
+    return _LOADED[key]
+
+
+def sample(
+    model_dir: str | os.PathLike[str],
+    prompts: Sequence[str],
+    n: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    top_p: float = 1.0,
+    system: str | None = None,
+    batch_size: int = 32,
+) -> list[str]:
+    """Sample ``n`` replies per prompt with transformers ``generate`` on the chat-formatted prompt.
+
+    Returns ``len(prompts) * n`` strings, prompt-major (all samples of prompt 0, then prompt 1...),
+    without special tokens. ``temperature=0`` is greedy. Deterministic for a given seed; the global
+    torch RNG is left untouched.
+    """
+    import torch
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, not {n}")
+    model, tok = load(model_dir)
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    out: list[str] = []
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            for i in range(0, len(prompts), batch_size):
+                chunk = list(prompts[i : i + batch_size])
+                texts = [
+                    tok.apply_chat_template(_messages(p, None, system), tokenize=False, add_generation_prompt=True)
+                    for p in chunk
+                ]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                gen_kwargs: dict[str, Any] = dict(
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=n,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                )
+                if temperature > 0:
+                    gen_kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+                else:
+                    gen_kwargs.update(do_sample=False)
+                gen = model.generate(**enc, **gen_kwargs)
+                new = gen[:, enc["input_ids"].shape[1] :]
+                out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tok.padding_side = old_side
+    return out
+
+
+def report(
+    model_dir: str | os.PathLike[str],
+    n_samples: int = 100,
+    split: str = "heldout",
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """Sample one reply for each of ``n_samples`` prompts of ``split`` (cycled) and judge them.
+
+    Returns shares of good / on-topic / polite replies, the mean score and the samples."""
+    from loop import judge
+
+    pool = demo_corpus.prompts(split)
+    chosen = [pool[i % len(pool)] for i in range(n_samples)]
+    replies = sample(model_dir, chosen, n=1, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    verdicts = [judge.verdict(p, r) for p, r in zip(chosen, replies)]
+    k = max(1, len(verdicts))
+    return {
+        "model_dir": str(model_dir),
+        "split": split,
+        "temperature": temperature,
+        "n": len(verdicts),
+        "good_share": sum(v["good"] for v in verdicts) / k,
+        "on_topic_share": sum(v["on_topic"] for v in verdicts) / k,
+        "polite_share": sum(v["polite"] for v in verdicts) / k,
+        "mean_score": sum(v["score"] for v in verdicts) / k,
+        "samples": [{"prompt": p, "reply": r, **v} for p, r, v in zip(chosen, replies, verdicts)],
+    }
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loop.demo_model", description="Build and/or report on the demo model.")
+    ap.add_argument("--out", required=True, help="model directory to build (or to report on with --report-only)")
+    ap.add_argument("--tiny", action="store_true", help="use the tiny test configuration")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (0 = automatic)")
+    ap.add_argument("--report-only", action="store_true", help="do not build; report on --out")
+    ap.add_argument("--samples", type=int, default=100, help="held-out samples to judge")
+    ap.add_argument("--show", type=int, default=5, help="sampled answers to print")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    if not args.report_only:
+        given = (("seed", args.seed), ("steps", args.steps), ("num_threads", args.threads))
+        over = {k: v for k, v in given if v is not None}
+        cfg = DemoModelConfig.tiny(**over) if args.tiny else DemoModelConfig(**over)
+        t0 = time.perf_counter()
+        out = build_demo_model(out, cfg, progress=not args.no_progress)
+        print(f"built {out} in {time.perf_counter() - t0:.1f} s")
+    info = demo_info(out) or {}
+    print(f"params: {info.get('param_count')}  vocab: {info.get('vocab_size')}  head_dim: {info.get('head_dim')}")
+    print(f"build seconds: {info.get('build_seconds')}  final train loss: {info.get('final_train_loss')}")
+    print(f"directory size: {_dir_size(out) / 1e6:.2f} MB")
+    if args.samples > 0:
+        t0 = time.perf_counter()
+        rep = report(out, n_samples=args.samples, temperature=args.temperature)
+        for s in rep["samples"][: args.show]:
+            mark = "GOOD" if s["good"] else f"score {s['score']:.0f}"
+            print(f"- [{mark}] {s['prompt']!r} -> {s['reply']!r}")
+        print(
+            f"held-out, T={args.temperature}, n={rep['n']}: good {rep['good_share']:.0%}, on-topic "
+            f"{rep['on_topic_share']:.0%}, polite {rep['polite_share']:.0%}, mean score {rep['mean_score']:.2f} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
