@@ -7,8 +7,11 @@
     alignloop serve                           the vLLM engine and the gateway
     alignloop promote VERSION | rollback      hot-swap what the served alias points to
     alignloop versions [--add ADAPTER_DIR]
+    alignloop retrain [--method dpo] [--force]  one cycle: snapshot, train, evaluate, gate, promote
+    alignloop scheduler                       retrain nightly / every N labels
+    alignloop simulate --labellers N --pairs M
     alignloop status [--json]
-    alignloop up                              start the system on the configured model
+    alignloop up                              the whole system on the configured model
 
 Every command reads ./alignloop.toml (or --config FILE); `--set section.key=value` overrides a
 field. Heavy imports live inside the subcommands, so `--help` is instant.
@@ -164,10 +167,35 @@ def cmd_versions(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
-    """Everything on the configured model: today the engine and the gateway (`serve`)."""
-    print("The labelling app and the nightly scheduler are not part of alignloop yet; "
-          "`up` starts the engine and the gateway.")
-    return cmd_serve(cfg, args)
+    from loop.up import up
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.model.base:
+        ensure_demo_model(cfg)
+    return up(cfg, args.set)
+
+
+def cmd_retrain(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.retrain import run_cycle
+
+    result = run_cycle(cfg, method=args.method, trigger=args.trigger, force=args.force)
+    return 0 if result["status"] in ("promoted", "rejected", "skipped", "busy") else 1
+
+
+def cmd_scheduler(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.scheduler import Scheduler
+
+    Scheduler(cfg).run_forever()
+    return 0
+
+
+def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.simulate import simulate
+
+    client = _gateway(cfg)
+    result = simulate(client, cfg.model.served_name, args.labellers, args.pairs, flip=args.flip, seed=args.seed)
+    print(json.dumps(result["counts"]))
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -227,6 +255,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--add", dest="adapter", metavar="ADAPTER_DIR", help="register this PEFT adapter directory")
     s.add_argument("--method", default="manual", help="how the adapter was made (with --add)")
     s.set_defaults(run=cmd_versions)
+
+    s = sub.add_parser("retrain", help="one retrain cycle now: snapshot, train, evaluate, gate, promote")
+    s.add_argument("--method", choices=["dpo", "ppo", "kto"], help="default: train.method")
+    s.add_argument("--force", action="store_true", help="train even if no new labels came since the last promotion")
+    s.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
+    s.set_defaults(run=cmd_retrain)
+
+    s = sub.add_parser("scheduler", help="retrain by the [schedule] rules until stopped")
+    s.set_defaults(run=cmd_scheduler)
+
+    s = sub.add_parser("simulate", help="scripted users and labellers (demo judge) through the HTTP API")
+    s.add_argument("--labellers", type=int, default=4)
+    s.add_argument("--pairs", type=int, default=200, help="send traffic until the store holds this many pairs")
+    s.add_argument("--flip", action="store_true", help="label against the judge (to see the gate reject)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(run=cmd_simulate)
 
     s = sub.add_parser("up", help="start the whole system on the configured (default: demo) model")
     s.set_defaults(run=cmd_up)

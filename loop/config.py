@@ -117,6 +117,69 @@ class LabelingConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Retraining: the method and its hyperparameters (DPO with LoRA by default)."""
+
+    method: str = _f("dpo", "dpo, ppo or kto")
+    learning_rate: float = _f(1e-3, "peak learning rate of the LoRA weights")
+    epochs: float = _f(2.0, "passes over the training pairs")
+    batch_size: int = _f(16, "pairs per optimiser step (per process)")
+    beta: float = _f(0.1, "DPO beta: how far the policy may move from the reference")
+    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the paper's), ipo, robust, hinge, ...")
+    lora_r: int = _f(8, "LoRA rank (at most engine.max_lora_rank)")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    target_modules: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts, comma-separated")
+    max_length: int = _f(256, "longest prompt + reply in tokens")
+    from_serving: bool = _f(False, "continue from the serving adapter instead of starting from the base")
+    seed: int = _f(0, "seed of the run")
+    num_processes: int = _f(1, "processes `accelerate launch` starts (GPUs, or CPU processes)")
+    accelerate_config: str = _f("", "accelerate config file (e.g. ops/accelerate/multi_gpu.yaml); empty: none")
+    timeout_s: float = _f(3600.0, "a training run taking longer is killed and marked failed")
+
+    def __post_init__(self) -> None:
+        if self.method not in ("dpo", "ppo", "kto"):
+            raise ValueError(f"method must be dpo, ppo or kto, got {self.method!r}")
+        if self.learning_rate <= 0 or self.epochs <= 0 or self.beta <= 0:
+            raise ValueError("learning_rate, epochs and beta must be positive")
+        if self.batch_size < 1 or self.lora_r < 1 or self.num_processes < 1:
+            raise ValueError("batch_size, lora_r and num_processes must be at least 1")
+
+
+@dataclass
+class GateConfig:
+    """Evaluation and the promotion gate."""
+
+    judge: str = _f("demo", "who judges win rate: 'demo' (the demo judge's rule) or an OpenAI-compatible URL")
+    judge_model: str = _f("", "model name at the judge URL (LLM-as-judge, i.e. RLAIF)")
+    margin: float = _f(0.05, "promote only if the candidate's win rate over what serves is above 0.5 + margin")
+    kl_budget: float = _f(20.0, "reject a candidate whose KL to the base (nats per answer) is above this")
+    eval_prompts: int = _f(64, "held-out prompts used to judge win rate")
+    max_tokens: int = _f(64, "answer length when judging")
+    temperature: float = _f(0.7, "sampling temperature when judging")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.margin < 0.5:
+            raise ValueError("margin must be in [0, 0.5)")
+        if self.eval_prompts < 1 or self.max_tokens < 1:
+            raise ValueError("eval_prompts and max_tokens must be at least 1")
+
+
+@dataclass
+class ScheduleConfig:
+    """When the scheduler retrains."""
+
+    enabled: bool = _f(True, "run the scheduler inside `alignloop up`")
+    cron: str = _f("0 3 * * *", "cron rule (minute hour day month weekday), local time; empty: no nightly run")
+    min_new_labels: int = _f(0, "also retrain once this many new labels arrived since the last run (0: off)")
+    check_every_s: float = _f(60.0, "how often the label trigger looks")
+
+    def __post_init__(self) -> None:
+        if self.min_new_labels < 0:
+            raise ValueError("min_new_labels must be >= 0")
+
+
+@dataclass
 class Config:
     """The whole configuration; `path` is the file it came from (None: defaults only)."""
 
@@ -127,6 +190,9 @@ class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     path: Path | None = field(default=None, metadata={"toml": False})
 
     @property

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -23,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from loop import dashboard
 from loop.config import Config
 from loop.engine import Engine
 from loop.log_writer import LogWriter
@@ -31,8 +36,10 @@ from loop.pair_maker import PairJob, PairMaker
 from loop.protocol import ChatRequest, CompletionRequest, FeedbackRequest, error, validation_message
 from loop.router import Router, UnknownModel
 from loop.versions import VersionError, Versions
+from store import export
 from store.database import Exchange, Store, StoreError
 from store.labelling import LabelConflict, LabelQueue
+from store.runs import RunBusy, Runs
 
 DEFAULT_GUIDELINES = """\
 Pick the reply you would rather receive.
@@ -75,6 +82,7 @@ class Gateway:
                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self.pairs = PairMaker(self.router, self.http, self.writer.put, lambda: self.in_flight, g.pair_share)
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
+        self.runs = Runs(self.store)
 
     # --- requests to the engine --------------------------------------------------------------
 
@@ -237,6 +245,34 @@ class Gateway:
                 return await asyncio.to_thread(self.queue.lease, user_id, pair_id)
         raise HTTPProblem(409, "both answers came out the same three times; try another prompt")
 
+    async def generate(self, req: GenerateRequest) -> dict[str, Any]:
+        """Answers from one version to many prompts, for evaluation: not logged, no pairs made,
+        behind live traffic in the engine's queue."""
+        try:
+            engine_model = await asyncio.to_thread(self.versions.load, req.model)
+        except VersionError as e:
+            raise HTTPProblem(404, str(e), code="model_not_found") from None
+        if not self.engine_ready():
+            raise self.unavailable("starting or restarting")
+        limit = asyncio.Semaphore(16)
+
+        async def one(i: int, messages: list[dict[str, str]]) -> dict[str, Any]:
+            body = {"model": engine_model, "messages": messages, "max_tokens": req.max_tokens,
+                    "temperature": req.temperature, "seed": req.seed + i, "priority": 5}
+            async with limit:
+                r = await self.http.post("/v1/chat/completions", json=body)
+            if r.status_code >= 400:
+                raise HTTPProblem(r.status_code if r.status_code < 500 else 503, r.text)
+            data = r.json()
+            return {"text": data["choices"][0]["message"]["content"] or "",
+                    "completion_tokens": data["usage"]["completion_tokens"]}
+
+        try:
+            answers = await asyncio.gather(*(one(i, m) for i, m in enumerate(req.prompts)))
+        except httpx.HTTPError as e:
+            raise self.unavailable(type(e).__name__) from None
+        return {"model": req.model, "answers": answers}
+
     def status(self) -> dict[str, Any]:
         r = self.router.routes
         return {"alias": r.alias, "serving": r.serving, "previous": r.previous, "canary": r.canary,
@@ -297,6 +333,41 @@ class ArenaRequest(BaseModel):
 
 class GuidelinesRequest(BaseModel):
     text: str = Field(max_length=100_000)
+
+
+class RunStart(BaseModel):
+    method: str
+    trigger: str = "manual"
+    config: dict | None = None
+
+
+class RunMetrics(BaseModel):
+    metrics: list[dict[str, Any]] = []
+
+
+class RunFinish(BaseModel):
+    status: Literal["promoted", "rejected", "failed", "skipped"]
+    reason: str | None = None
+    metrics: dict | None = None
+    candidate_version_id: int | None = None
+    snapshot_hash: str | None = None
+
+
+class GenerateRequest(BaseModel):
+    model: str
+    prompts: list[list[dict[str, str]]] = Field(min_length=1, max_length=2048)
+    max_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    seed: int = 0
+
+
+class RetrainRequest(BaseModel):
+    method: Literal["dpo", "ppo", "kto"] | None = None
+    force: bool = False
+
+
+class StatusRequest(BaseModel):
+    status: Literal["candidate", "rejected", "failed", "retired"]
 
 
 class UserRequest(BaseModel):
@@ -460,6 +531,96 @@ def create_app(gw: Gateway) -> FastAPI:
         pair = await gw.arena([{"role": "user", "content": body.prompt}], body.max_tokens, who["id"])
         return {"pair": pair, "progress": await asyncio.to_thread(gw.queue.progress, who["id"])}
 
+    @app.get("/api/stats")
+    async def stats(who=Depends(signed_in)) -> dict[str, Any]:
+        return await asyncio.to_thread(dashboard.stats, gw.store, gw.queue)
+
+    @app.get("/api/export/{kind}")
+    async def export_kind(kind: Literal["pairs", "prompts", "feedback"], format: Literal["jsonl", "parquet"] = "jsonl",
+                          who=Depends(admin)) -> Response:
+        """The same export as `alignloop export KIND`, as a download; its manifest in a header."""
+        def run() -> tuple[bytes, str]:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{kind}.{format}"
+                manifest = export.export(gw.store, kind, path, format, gw.cfg.store.heldout_share)
+                return path.read_bytes(), json.dumps(asdict(manifest))
+
+        data, manifest = await asyncio.to_thread(run)
+        media = "application/x-ndjson" if format == "jsonl" else "application/vnd.apache.parquet"
+        return Response(data, media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="{kind}.{format}"', "X-Alignloop-Manifest": manifest})
+
+    @app.post("/api/generate")
+    async def generate(body: GenerateRequest, who=Depends(admin)) -> dict[str, Any]:
+        return await gw.generate(body)
+
+    @app.post("/api/snapshot")
+    async def snapshot(who=Depends(admin)) -> dict[str, Any]:
+        """Export everything labelled so far to a new snapshot folder for a retrain run."""
+        def run() -> dict[str, Any]:
+            out = gw.cfg.data_dir / "snapshots" / time.strftime("%Y%m%d-%H%M%S")
+            while out.exists():
+                out = out.with_name(out.name + "-1")
+            manifest = export.snapshot(gw.store, out, gw.cfg.store.heldout_share)
+            return {"dir": str(out), "manifest": asdict(manifest)}
+
+        return await asyncio.to_thread(run)
+
+    @app.post("/api/runs")
+    async def start_run(body: RunStart, who=Depends(admin)) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(gw.runs.start, body.method, body.trigger, body.config)
+        except RunBusy as e:
+            raise HTTPProblem(409, str(e), code="run_in_progress") from None
+
+    @app.get("/api/runs")
+    async def list_runs(who=Depends(admin)) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(gw.store.runs)
+
+    @app.post("/api/runs/{run_id}/heartbeat")
+    async def heartbeat(run_id: int, body: RunMetrics, who=Depends(admin)) -> dict[str, Any]:
+        try:
+            await asyncio.to_thread(gw.runs.heartbeat, run_id, body.metrics)
+        except StoreError as e:
+            raise HTTPProblem(409, str(e)) from None
+        return {"ok": True}
+
+    @app.post("/api/runs/{run_id}/finish")
+    async def finish_run(run_id: int, body: RunFinish, who=Depends(admin)) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(gw.runs.finish, run_id, **body.model_dump())
+        except StoreError as e:
+            raise HTTPProblem(409, str(e)) from None
+
+    @app.post("/api/retrain")
+    async def retrain(body: RetrainRequest, who=Depends(admin)) -> dict[str, Any]:
+        """Start `alignloop retrain` in the background (it refuses to run beside another run)."""
+        cmd = [sys.executable, "-m", "loop.cli"]
+        if gw.cfg.path:
+            cmd += ["--config", str(gw.cfg.path)]
+        cmd += ["retrain", "--trigger", f"button:{who['name']}"]
+        if body.method:
+            cmd += ["--method", body.method]
+        if body.force:
+            cmd.append("--force")
+        log = gw.cfg.data_dir / "logs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=gw.cfg.root)
+        return {"started": True, "pid": proc.pid, "log": str(log)}
+
+    @app.post("/api/versions/{ref}/status")
+    async def set_status(ref: str, body: StatusRequest, who=Depends(admin)) -> dict[str, Any]:
+        try:
+            version = await asyncio.to_thread(gw.store.version, ref)
+        except StoreError as e:
+            raise HTTPProblem(404, str(e)) from None
+        if version["id"] == gw.router.routes.serving:
+            raise HTTPProblem(400, f"{version['name']} is serving; promote another version first")
+        await asyncio.to_thread(gw.store.set_version_status, version["id"], body.status)
+        return await asyncio.to_thread(gw.store.version, version["id"])
+
     @app.get("/api/guidelines")
     async def guidelines(who=Depends(signed_in)) -> dict[str, Any]:
         return {"text": await asyncio.to_thread(gw.store.setting, "guidelines", DEFAULT_GUIDELINES)}
@@ -476,6 +637,14 @@ def create_app(gw: Gateway) -> FastAPI:
         except StoreError as e:
             raise HTTPProblem(400, str(e)) from None
         return {"name": body.name, "role": body.role, "token": token}
+
+    @app.post("/api/users/{name}/token")
+    async def new_token(name: str, who=Depends(admin)) -> dict[str, Any]:
+        try:
+            token = await asyncio.to_thread(gw.store.new_token, name)
+        except StoreError as e:
+            raise HTTPProblem(404, str(e), code="not_found") from None
+        return {"name": name, "token": token}
 
     @app.get("/api/status")
     async def status(who=Depends(admin)) -> dict[str, Any]:

@@ -56,7 +56,8 @@ class Versions:
             names = {k: v for k, v in self.router.routes.engine_names.items() if k != vid}
             self.router.update(engine_names=names)
 
-    def _ensure_loaded(self, version: dict[str, Any]) -> None:
+    def ensure_loaded(self, version: dict[str, Any]) -> None:
+        """Load a version's adapter into the engine (no traffic goes to it until promoted)."""
         routes = self.router.routes
         if version["id"] == 0 or version["id"] in routes.engine_names:
             return
@@ -74,7 +75,7 @@ class Versions:
                 raise VersionError(str(e)) from None
             if version["status"] in ("rejected", "failed"):
                 raise VersionError(f"version {version['name']} was {version['status']}; it cannot serve")
-            self._ensure_loaded(version)
+            self.ensure_loaded(version)
             routes = self.router.routes
             previous = routes.serving
             if version["id"] == previous:
@@ -86,6 +87,16 @@ class Versions:
             self._unload_unused({version["id"], previous, canary} - {None})
         return {"serving": version["id"], "previous": previous, "changed": True,
                 "seconds": round(time.perf_counter() - started, 4)}
+
+    def load(self, ref: int | str) -> str:
+        """Make a version answerable by name (e.g. to evaluate it); returns its engine name."""
+        with self._lock:
+            try:
+                version = self.store.version(ref)
+            except StoreError as e:
+                raise VersionError(str(e)) from None
+            self.ensure_loaded(version)
+            return self.router.routes.engine_name(version["id"])
 
     def rollback(self, actor: str | None = None) -> dict[str, Any]:
         previous = self.router.routes.previous
@@ -105,7 +116,7 @@ class Versions:
                 version = self.store.version(ref)
             except StoreError as e:
                 raise VersionError(str(e)) from None
-            self._ensure_loaded(version)
+            self.ensure_loaded(version)
             self.router.update(canary=version["id"], canary_share=share)
         return {"canary": version["id"], "share": share}
 
@@ -118,7 +129,7 @@ class Versions:
             for vid in (serving, previous):
                 if vid:
                     try:
-                        self._ensure_loaded(self.store.version(vid))
+                        self.ensure_loaded(self.store.version(vid))
                     except VersionError as e:  # serve the base rather than nothing
                         print(f"alignloop: cannot restore version {vid}: {e}", file=sys.stderr)
             loaded = self.router.routes.engine_names

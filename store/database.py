@@ -366,6 +366,39 @@ class Store:
                             ORDER BY id DESC LIMIT 1""", [alias])
         return rows[0] if rows else (0, None)
 
+    # --- dashboard ---------------------------------------------------------------------------
+
+    def labels_per_day(self) -> list[dict[str, Any]]:
+        return self._dicts("""SELECT CAST(l.created_at AS DATE) AS day, count(*) AS labels FROM labels l
+                              JOIN users u ON u.id = l.user_id WHERE u.role <> 'system' GROUP BY ALL ORDER BY day""")
+
+    def labels_per_labeller(self) -> list[dict[str, Any]]:
+        return self._dicts("""SELECT u.name, count(*) AS labels, median(l.seconds_spent) AS median_seconds
+                              FROM labels l JOIN users u ON u.id = l.user_id WHERE u.role <> 'system'
+                              GROUP BY ALL ORDER BY labels DESC""")
+
+    def human_labels(self) -> list[tuple[int, int, str]]:
+        """(pair id, user id, choice) of every human label but skips."""
+        return self._all("""SELECT l.pair_id, l.user_id, l.choice FROM labels l JOIN users u ON u.id = l.user_id
+                            WHERE u.role <> 'system' AND l.choice <> 'skip' ORDER BY l.pair_id, l.id""")
+
+    def version_comparisons(self) -> list[tuple[int, int, str]]:
+        """(version of reply a, version of reply b, choice) for human labels on pairs whose replies
+        come from two different known versions, in label order."""
+        return self._all("""
+            SELECT ra.version_id, rb.version_id, l.choice FROM labels l
+            JOIN users u ON u.id = l.user_id JOIN pairs p ON p.id = l.pair_id
+            JOIN responses ra ON ra.id = p.response_a_id JOIN responses rb ON rb.id = p.response_b_id
+            WHERE u.role <> 'system' AND ra.version_id IS NOT NULL AND rb.version_id IS NOT NULL
+              AND ra.version_id <> rb.version_id
+            ORDER BY l.id""")
+
+    def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])
+
+    def run_metrics(self, run_id: int) -> list[dict[str, Any]]:
+        return self._dicts("SELECT step, name, value FROM run_metrics WHERE run_id = ? ORDER BY step, name", [run_id])
+
     # --- settings ------------------------------------------------------------------------------
 
     def setting(self, key: str, default: str = "") -> str:

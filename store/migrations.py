@@ -123,13 +123,15 @@ def m001_initial(db: duckdb.DuckDBPyConnection) -> None:
             id BIGINT PRIMARY KEY DEFAULT nextval('runs_id_seq'),
             method VARCHAR NOT NULL,
             trigger VARCHAR NOT NULL,             -- 'manual', 'cron', 'labels', ...
-            status VARCHAR NOT NULL CHECK (status IN ('running', 'promoted', 'rejected', 'failed')),
+            status VARCHAR NOT NULL CHECK (status IN ('running', 'promoted', 'rejected', 'failed', 'skipped')),
             snapshot_hash VARCHAR,
             candidate_version_id BIGINT,
             config VARCHAR,
             metrics VARCHAR,                      -- JSON: final metrics
-            reason VARCHAR,                       -- why rejected or failed
+            reason VARCHAR,                       -- why rejected, failed or skipped
+            labels_at_start BIGINT,               -- human labels in the store when it started
             started_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp(),
+            heartbeat_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp(),
             finished_at TIMESTAMP
         )""")
     db.execute("""

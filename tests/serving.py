@@ -34,23 +34,35 @@ class Server:
     def log(self) -> str:
         return (self.root / "serve.log").read_text(errors="replace")
 
+    def cli_args(self) -> list[str]:
+        return [sys.executable, "-m", "loop.cli", "--config", str(self.root / "alignloop.toml")]
+
+    def cli(self, *command: str, timeout: float = 1200, check: bool = True) -> subprocess.CompletedProcess:
+        """Run an `alignloop` command against this server's config."""
+        out = subprocess.run([*self.cli_args(), *command], capture_output=True, text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"alignloop {' '.join(command)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return out
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
 
-def start(root: Path, model_dir: Path, port: int, engine_port: int, extra: list[str] | None = None,
-          timeout: float = 300.0) -> Server:
+def start(root: Path, model_dir: Path | None, port: int, engine_port: int, extra: list[str] | None = None,
+          timeout: float = 300.0, command: str = "serve") -> Server:
+    """`alignloop serve` (or `up`) in `root`; model_dir None: the demo model, built on first use."""
     root.mkdir(parents=True, exist_ok=True)
-    settings = [f"model.base={model_dir}", f"gateway.port={port}", f"engine.port={engine_port}",
-                "engine.max_model_len=256", *(extra or [])]
+    settings = [f"gateway.port={port}", f"engine.port={engine_port}", *(extra or [])]
+    if model_dir is not None:
+        settings += [f"model.base={model_dir}", "engine.max_model_len=256"]
     args = [sys.executable, "-m", "loop.cli", "--config", str(root / "alignloop.toml")]
     for s in settings:
         args += ["--set", s]
     subprocess.run(args + ["init"], check=True, capture_output=True)
     log = (root / "serve.log").open("wb")
-    proc = subprocess.Popen(args + ["serve"], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    proc = subprocess.Popen(args + [command], stdout=log, stderr=subprocess.STDOUT, cwd=root,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = Server(root, proc, f"http://127.0.0.1:{port}", configuration.load(root / "alignloop.toml"))
     deadline = time.monotonic() + timeout

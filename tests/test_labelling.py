@@ -1,5 +1,6 @@
 """The labelling queue: overlap, leases, undo, priority, and 20 labellers at once through the API."""
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,7 +172,14 @@ def test_label_api_roles_and_errors(labelling_api):
     assert lab.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "first"}).status_code == 200
     assert lab.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "first"}).status_code == 409
     assert lab.post("/api/label/undo").json()["pair"]["pair_id"] == pair["pair_id"]
+    assert lab.post("/api/label", json={"pair_id": pair["pair_id"], "choice": "second"}).status_code == 200
     assert "Pick the reply" in lab.get("/api/guidelines").json()["text"]
     assert lab.put("/api/guidelines", json={"text": "new"}).status_code == 403
     assert admin.put("/api/guidelines", json={"text": "Be kind."}).status_code == 200
     assert lab.get("/api/guidelines").json()["text"] == "Be kind."
+    assert lab.get("/api/export/pairs").status_code == 403
+    download = admin.get("/api/export/pairs", params={"format": "jsonl"})
+    assert download.status_code == 200 and len(download.text.splitlines()) == 60
+    assert json.loads(download.headers["X-Alignloop-Manifest"])["counts"]["pairs"] == 60
+    stats = lab.get("/api/stats").json()
+    assert stats["queue"] == 60 and stats["labels_per_labeller"][0]["name"] == "ana"

@@ -31,7 +31,7 @@ EXPECTED_SCHEMA = {
     "run_metrics": ["run_id BIGINT", "step INTEGER", "name VARCHAR", "value DOUBLE", "created_at TIMESTAMP"],
     "runs": ["id BIGINT", "method VARCHAR", "trigger VARCHAR", "status VARCHAR", "snapshot_hash VARCHAR",
              "candidate_version_id BIGINT", "config VARCHAR", "metrics VARCHAR", "reason VARCHAR",
-             "started_at TIMESTAMP", "finished_at TIMESTAMP"],
+             "labels_at_start BIGINT", "started_at TIMESTAMP", "heartbeat_at TIMESTAMP", "finished_at TIMESTAMP"],
     "settings": ["key VARCHAR", "value VARCHAR", "updated_by VARCHAR", "updated_at TIMESTAMP"],
     "schema_migrations": ["version INTEGER", "name VARCHAR", "applied_at TIMESTAMP"],
     "users": ["id BIGINT", "name VARCHAR", "role VARCHAR", "token_hash VARCHAR", "created_at TIMESTAMP"],

@@ -1,0 +1,46 @@
+"""What the dashboard shows, computed from the store: one dict, served as `GET /api/stats`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from loop import ranking
+from store.database import Store
+from store.labelling import LabelQueue
+
+
+def stats(store: Store, queue: LabelQueue) -> dict[str, Any]:
+    by_pair: dict[int, list[str]] = defaultdict(list)
+    for pair_id, _, choice in store.human_labels():
+        by_pair[pair_id].append(choice)
+    overlapping = [v for v in by_pair.values() if len(v) >= 2]
+    results = ranking.outcomes(store.version_comparisons())
+    names = {v["id"]: v["name"] for v in store.versions()}
+    parents = {v["id"]: v["parent_id"] for v in store.versions()}
+    rates = ranking.win_rates(results)
+    over_parent = []
+    for vid, parent in parents.items():
+        if parent is None:
+            continue
+        key = (vid, parent) if vid > parent else (parent, vid)
+        if key in rates:
+            rate, n = rates[key]
+            over_parent.append({"version": names[vid], "parent": names.get(parent, str(parent)),
+                                "win_rate": rate if vid > parent else 1 - rate, "comparisons": n})
+    strengths = ranking.bradley_terry(results)
+    elo = ranking.elo(results)
+    runs = store.runs()
+    for run in runs:
+        run["curve"] = store.run_metrics(run["id"])
+    return {
+        "labels_per_day": store.labels_per_day(),
+        "labels_per_labeller": store.labels_per_labeller(),
+        "queue": queue.progress(user_id=-1)["queue"],
+        "agreement": {"pairs": len(overlapping), "fleiss_kappa": ranking.fleiss_kappa(overlapping),
+                      "cohen_kappa": ranking.cohen_kappa((v[0], v[1]) for v in overlapping if len(v) == 2)},
+        "win_rate_over_parent": over_parent,
+        "ranking": sorted(({"version": names.get(v, str(v)), "bradley_terry": s, "elo": elo[v]}
+                           for v, s in strengths.items()), key=lambda r: -r["bradley_terry"]),
+        "runs": runs,
+    }

@@ -1,0 +1,76 @@
+"""Evaluation of a candidate against what serves, and the promotion gate.
+
+Win rate: both versions answer the same held-out prompts with the same sampling seeds (through the
+gateway's `/api/generate`, i.e. the real engine), and the judge picks the better answer of each
+pair; ties count half. The judge is the demo judge's rule (`loop.judge`), or an OpenAI-compatible
+LLM asked which answer is better (RLAIF).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from loop import judge as demo_judge
+from loop.config import GateConfig
+
+Judge = Callable[[str, str, str], str]  # (prompt, a, b) -> "a" | "b" | "tie"
+
+LLM_JUDGE_PROMPT = """You compare two assistant replies to the same user message.
+User message:
+{prompt}
+
+Reply A:
+{a}
+
+Reply B:
+{b}
+
+Which reply is more helpful, correct and polite? Answer with one letter: A, B, or T for a tie."""
+
+
+def llm_judge(url: str, model: str, timeout: float = 60.0) -> Judge:
+    """An OpenAI-compatible chat model as judge; an answer it gives that is not A/B/T counts as a tie."""
+    http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+
+    def prefer(prompt: str, a: str, b: str) -> str:
+        r = http.post("/chat/completions", json={
+            "model": model, "temperature": 0.0, "max_tokens": 2,
+            "messages": [{"role": "user", "content": LLM_JUDGE_PROMPT.format(prompt=prompt, a=a, b=b)}]})
+        r.raise_for_status()
+        letter = (r.json()["choices"][0]["message"]["content"] or "").strip()[:1].upper()
+        return {"A": "a", "B": "b"}.get(letter, "tie")
+
+    return prefer
+
+
+def make_judge(cfg: GateConfig) -> Judge:
+    if cfg.judge == "demo":
+        return demo_judge.prefer
+    return llm_judge(cfg.judge, cfg.judge_model)
+
+
+def win_rate(prompts: list[str], candidate: list[str], serving: list[str], judge: Judge) -> dict[str, float]:
+    """The candidate's win rate over what serves (ties half), and the counts behind it."""
+    wins = losses = ties = 0
+    for prompt, c, s in zip(prompts, candidate, serving, strict=True):
+        verdict = judge(prompt, c, s)
+        wins += verdict == "a"
+        losses += verdict == "b"
+        ties += verdict == "tie"
+    n = max(len(prompts), 1)
+    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "losses": losses, "ties": ties}
+
+
+def gate(metrics: dict[str, Any], cfg: GateConfig) -> tuple[bool, str]:
+    """Promote only if the candidate beats what serves by the margin and stays within the KL budget."""
+    need = 0.5 + cfg.margin
+    rate = metrics["win_rate"]
+    kl = metrics.get("kl_to_base")
+    if rate <= need:
+        return False, f"win rate {rate:.3f} over the serving version is not above {need:.3f} (0.5 + margin)"
+    if kl is not None and kl > cfg.kl_budget:
+        return False, f"KL to the base {kl:.2f} nats is over the budget {cfg.kl_budget:.2f}"
+    return True, f"win rate {rate:.3f} > {need:.3f}" + (f", KL {kl:.2f} <= {cfg.kl_budget:.2f}" if kl is not None else "")

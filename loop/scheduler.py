@@ -1,0 +1,86 @@
+"""The scheduler: retrains by a cron rule (nightly by default) and/or once enough new labels came.
+
+APScheduler runs the triggers; each calls `run_cycle` in its own thread. One run at a time: a
+trigger that fires while a run is going is skipped and logged (here, and by the gateway, which
+refuses a second running run, so two scheduler processes cannot overlap either).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+
+from loop.client import GatewayClient, GatewayError
+from loop.config import Config
+from loop.retrain import run_cycle
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, log=print) -> None:
+        self.cfg, self.log = cfg, log
+        self._busy = threading.Lock()
+        self._sched = None
+
+    def trigger(self, reason: str) -> dict | None:
+        """Run one cycle now unless one is going; returns the run, or None when skipped."""
+        if not self._busy.acquire(blocking=False):
+            self.log(f"{datetime.now():%H:%M:%S} scheduler: {reason} trigger skipped: a run is going")
+            return None
+        try:
+            return run_cycle(self.cfg, trigger=reason, log=self.log)
+        except Exception as e:  # a broken cycle must not stop the scheduler
+            self.log(f"{datetime.now():%H:%M:%S} scheduler: {reason} run failed to start: {e}")
+            return None
+        finally:
+            self._busy.release()
+
+    def enough_new_labels(self) -> bool:
+        need = self.cfg.schedule.min_new_labels
+        if need <= 0:
+            return False
+        client = GatewayClient(self.cfg)
+        try:
+            labels = sum(r["labels"] for r in client.call("GET", "/api/stats")["labels_per_labeller"])
+            runs = client.call("GET", "/api/runs")
+        except GatewayError:
+            return False
+        finally:
+            client.close()
+        since = runs[0]["labels_at_start"] if runs else 0
+        return labels - (since or 0) >= need
+
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.cron import CronTrigger
+
+        s = self.cfg.schedule
+        self._sched = BackgroundScheduler()
+        if s.cron:
+            self._sched.add_job(self.trigger, CronTrigger.from_crontab(s.cron), args=["cron"], id="cron",
+                                max_instances=1, coalesce=True, misfire_grace_time=3600)
+        if s.min_new_labels > 0:
+            self._sched.add_job(self._check_labels, "interval", seconds=s.check_every_s, id="labels",
+                                max_instances=1, coalesce=True)
+        self._sched.start()
+        rules = [f"cron '{s.cron}'"] if s.cron else []
+        rules += [f"every {s.min_new_labels} new labels"] if s.min_new_labels else []
+        self.log(f"scheduler: retrains on {' and '.join(rules) or 'nothing (no rule set)'}")
+
+    def _check_labels(self) -> None:
+        if self.enough_new_labels():
+            self.trigger("labels")
+
+    def stop(self) -> None:
+        if self._sched:
+            self._sched.shutdown(wait=False)
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()

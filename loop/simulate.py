@@ -1,0 +1,92 @@
+"""`alignloop simulate`: traffic from scripted users and labels from scripted labellers, all through
+the same HTTP API people use (the OpenAI endpoint, sign-in tokens, the labelling queue).
+
+Users ask the demo domain's training prompts; the gateway makes pairs from that traffic in the
+background. Labellers take pairs from the queue and choose with the demo judge's rule (or against
+it with `flip`, to see the gate reject what bad labels train).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from loop import demo_corpus, judge
+from loop.client import GatewayClient
+
+JUDGE_TO_CHOICE = {"a": "first", "b": "second", "tie": "tie"}
+FLIPPED = {"a": "second", "b": "first", "tie": "tie"}
+
+
+def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst: int = 16,
+            max_tokens: int = 64, timeout_s: float = 900, log=print) -> int:
+    """Send demo prompts in bursts until the store holds `pairs` pairs; returns requests sent."""
+    rng = random.Random(seed)
+    prompts = demo_corpus.prompts("train")
+    sent, deadline = 0, time.monotonic() + timeout_s
+    with httpx.Client(base_url=client.url, timeout=120) as http:
+        while time.monotonic() < deadline:
+            status = client.call("GET", "/api/status")
+            if status["counts"]["pairs"] >= pairs:
+                break
+            if status["pair_queue"] > burst:  # let the background pair maker catch up
+                time.sleep(0.5)
+                continue
+
+            def ask(i: int) -> None:
+                body = {"model": alias, "max_tokens": max_tokens, "temperature": 1.0, "seed": rng.randrange(2**31),
+                        "messages": [{"role": "user", "content": rng.choice(prompts)}]}
+                http.post("/v1/chat/completions", json=body).raise_for_status()
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(ask, range(burst)))
+            sent += burst
+        log(f"simulate: {sent} requests, {client.call('GET', '/api/status')['counts']['pairs']} pairs in the store")
+    return sent
+
+
+def labeller(url: str, token: str, flip: bool, stop: threading.Event, limit: int) -> int:
+    """Label until the queue is empty (or `limit` labels); returns labels given."""
+    choose = FLIPPED if flip else JUDGE_TO_CHOICE
+    given = 0
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+        pair = http.get("/api/label/next").json()["pair"]
+        while pair is not None and given < limit and not stop.is_set():
+            prompt = pair["messages"][-1]["content"]
+            choice = choose[judge.prefer(prompt, pair["first"], pair["second"])]
+            r = http.post("/api/label", json={"pair_id": pair["pair_id"], "choice": choice, "seconds": 0.0})
+            if r.status_code == 409:  # taken meanwhile: ask for another
+                pair = http.get("/api/label/next").json()["pair"]
+                continue
+            r.raise_for_status()
+            given += 1
+            pair = r.json()["pair"]
+    return given
+
+
+def label(client: GatewayClient, labellers: int, flip: bool = False, limit: int = 10**9, log=print) -> int:
+    """Create scripted labellers (or reuse them) and label the queue empty; returns labels given."""
+    tokens = []
+    for i in range(labellers):
+        name = f"sim-labeller-{i}"
+        try:
+            tokens.append(client.call("POST", "/api/users", json={"name": name, "role": "labeller"})["token"])
+        except Exception:  # exists from an earlier simulation: give it a fresh token through the admin API
+            tokens.append(client.call("POST", f"/api/users/{name}/token")["token"])
+    stop = threading.Event()
+    with ThreadPoolExecutor(labellers) as pool:
+        given = sum(pool.map(lambda t: labeller(client.url, t, flip, stop, limit // labellers + 1), tokens))
+    log(f"simulate: {labellers} labellers gave {given} labels" + (" (flipped)" if flip else ""))
+    return given
+
+
+def simulate(client: GatewayClient, alias: str, labellers: int, pairs: int, flip: bool = False,
+             seed: int = 0, log=print) -> dict[str, Any]:
+    sent = traffic(client, alias, pairs, seed=seed, log=log)
+    given = label(client, labellers, flip=flip, log=log)
+    return {"requests": sent, "labels": given, "counts": client.call("GET", "/api/status")["counts"]}

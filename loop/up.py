@@ -1,0 +1,110 @@
+"""`alignloop up`: the whole system on the configured (by default, the demo) model.
+
+Starts `alignloop serve` (engine + gateway) and the Streamlit labelling app as child processes,
+runs the scheduler in this process, prints the URLs and sign-in tokens, and on Ctrl-C (or SIGTERM,
+or a child dying) stops everything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loop.client import GatewayClient, GatewayError
+from loop.config import Config
+
+APP = Path(__file__).resolve().parents[1] / "labeling_ui" / "app.py"
+
+
+def _cli(cfg: Config, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "loop.cli"]
+    if cfg.path:
+        cmd += ["--config", str(cfg.path)]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _token(client: GatewayClient, name: str, role: str) -> str:
+    try:
+        return client.call("POST", "/api/users", json={"name": name, "role": role})["token"]
+    except GatewayError:  # exists: a fresh token for this session
+        return client.call("POST", f"/api/users/{name}/token")["token"]
+
+
+def up(cfg: Config, overrides: list[str]) -> int:
+    logs = cfg.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    scheduler = None
+    try:
+        procs.append(subprocess.Popen(_cli(cfg, overrides) + ["serve"]))
+        client = GatewayClient(cfg)
+        deadline = time.monotonic() + cfg.engine.startup_timeout_s + 60
+        while not _ready(client):
+            if procs[0].poll() is not None:
+                print("alignloop up: the gateway exited; see the messages above", file=sys.stderr)
+                return 1
+            if time.monotonic() > deadline:
+                print("alignloop up: the engine did not become ready in time; see "
+                      f"{logs / 'engine.log'}", file=sys.stderr)
+                return 1
+            time.sleep(1)
+        app_url = None
+        if APP.exists():
+            app_log = (logs / "labeling_ui.log").open("ab")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+                 "--server.address", "127.0.0.1", "--server.port", str(cfg.labeling.app_port),
+                 "--browser.gatherUsageStats", "false"],
+                stdout=app_log, stderr=subprocess.STDOUT, env={**os.environ, "ALIGNLOOP_GATEWAY_URL": client.url}))
+            app_url = f"http://127.0.0.1:{cfg.labeling.app_port}"
+        admin, labeller = _token(client, "demo-admin", "admin"), _token(client, "demo-labeller", "labeller")
+        if cfg.schedule.enabled:
+            from loop.scheduler import Scheduler
+
+            scheduler = Scheduler(cfg)
+            scheduler.start()
+        print(f"""
+alignloop is up.
+  model API      {client.url}/v1   (model "{cfg.model.served_name}"; try the README's curl line)
+  labelling app  {app_url or "not built yet"}
+  sign in        admin token    {admin}
+                 labeller token {labeller}
+  data           {cfg.data_dir}
+Ctrl-C stops everything.
+""", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        print("alignloop up: a component exited; stopping the rest", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if scheduler:
+            scheduler.stop()
+        _stop(procs)
+
+
+def _ready(client: GatewayClient) -> bool:
+    try:
+        return client.http.get("/healthz", timeout=2).status_code == 200
+    except Exception:
+        return False

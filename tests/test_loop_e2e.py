@@ -1,0 +1,152 @@
+"""The whole loop on CPU, as an operator runs it: `alignloop up` on the demo model, simulated
+users and labellers through the HTTP API, `alignloop retrain` with DPO, the gate, promotion.
+Then the failure cases: labels flipped against the judge (the gate must reject), a trainer killed
+mid-run (serving untouched, the run failed, the next run fine), two triggers at once (one run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from loop import demo_corpus, judge
+from tests.serving import free_port, start
+
+pytestmark = pytest.mark.slow
+
+PAIRS = 400  # pairs of live traffic to label; about a third are ties for the judge and left out
+
+
+def judged_win_rate(server, candidate: str, base: str, seeds=(0, 1)) -> float:
+    """The demo judge's win rate of `candidate` over `base` on the demo domain's held-out prompts."""
+    prompts = [[{"role": "user", "content": p}] for p in demo_corpus.prompts("heldout")]
+    wins = total = 0.0
+    with server.client(timeout=600) as c:
+        for seed in seeds:
+            body = {"prompts": prompts, "max_tokens": 64, "temperature": 0.7, "seed": 1000 * seed}
+            a = c.post("/api/generate", json={"model": candidate, **body}).json()["answers"]
+            b = c.post("/api/generate", json={"model": base, **body}).json()["answers"]
+            for p, x, y in zip(prompts, a, b):
+                verdict = judge.prefer(p[0]["content"], x["text"], y["text"])
+                wins += {"a": 1.0, "b": 0.0, "tie": 0.5}[verdict]
+                total += 1
+    return wins / total
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    root = tmp_path_factory.mktemp("up")
+    s = start(root, None, free_port(), free_port(), [f"labeling.app_port={free_port()}", "gateway.pair_share=1.0"],
+              timeout=900, command="up")
+    yield s
+    s.stop(signal.SIGINT, timeout=90)
+
+
+def test_one_cycle_raises_the_judged_win_rate(up):
+    started = time.monotonic()
+    up.cli("simulate", "--labellers", "4", "--pairs", str(PAIRS))
+    simulated = time.monotonic() - started
+    out = up.cli("retrain")
+    cycle = time.monotonic() - started
+    with up.client() as c:
+        status = c.get("/api/status").json()
+        run = c.get("/api/runs").json()[0]
+    assert run["status"] == "promoted", out.stdout + out.stderr
+    assert status["serving"] == run["candidate_version_id"] != 0
+    metrics = json.loads(run["metrics"])
+    rate = judged_win_rate(up, f"v{status['serving']}", "base")
+    print(f"\nE2E: {metrics['train_pairs']} training pairs, gate win rate {metrics['win_rate']:.3f}, "
+          f"held-out judged win rate over base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; "
+          f"simulate {simulated:.0f} s, whole cycle {cycle:.0f} s")
+    assert metrics["train_pairs"] <= 500
+    assert rate >= 0.75
+    with up.client() as c:  # the run and its curve are there for the dashboard
+        stats = c.get("/api/stats").json()
+    assert stats["runs"][0]["curve"] and any(m["name"] == "loss" for m in stats["runs"][0]["curve"])
+    status_json = json.loads(up.cli("status", "--json").stdout)
+    assert status_json["serving"] == status["serving"]
+
+
+def test_up_serves_the_labelling_app(up):
+    port = up.cfg.labeling.app_port
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+    assert "alignloop is up" in up.log() and "labeller token" in up.log()
+
+
+@pytest.fixture(scope="module")
+def flipped(up, tmp_path_factory):
+    """A second, fresh system whose labellers choose against the judge (same demo model)."""
+    root = tmp_path_factory.mktemp("flipped")
+    s = start(root, up.cfg.demo_model_dir, free_port(), free_port(),
+              ["gateway.pair_share=1.0", "engine.max_model_len=512", "schedule.enabled=false"])
+    yield s
+    s.stop(signal.SIGTERM, timeout=90)
+
+
+def test_flipped_labels_are_rejected_and_serving_stays(flipped):
+    flipped.cli("simulate", "--labellers", "2", "--pairs", "200", "--flip")
+    out = flipped.cli("retrain")
+    with flipped.client() as c:
+        run = c.get("/api/runs").json()[0]
+        status = c.get("/api/status").json()
+        versions = {v["id"]: v for v in c.get("/api/versions").json()}
+    assert run["status"] == "rejected", out.stdout + out.stderr
+    assert "win rate" in run["reason"]
+    assert status["serving"] == 0
+    assert versions[run["candidate_version_id"]]["status"] == "rejected"
+
+
+def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped):
+    with flipped.client() as c:
+        serving = c.get("/api/status").json()["serving"]
+        known = {r["id"] for r in c.get("/api/runs").json()}
+        retrain = subprocess.Popen([*flipped.cli_args(), "retrain", "--force"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        pid_file, deadline = None, time.monotonic() + 300
+        while pid_file is None and time.monotonic() < deadline:
+            new = [r["id"] for r in c.get("/api/runs").json() if r["id"] not in known]
+            if new and (flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid").exists():
+                pid_file = flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid"
+            time.sleep(0.5)
+        assert pid_file is not None, "the trainer never started"
+        time.sleep(3)  # mid-run
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        out, _ = retrain.communicate(timeout=300)
+        run = c.get("/api/runs").json()[0]
+        assert c.get("/api/status").json()["serving"] == serving
+    assert run["status"] == "failed" and "training failed" in run["reason"], out
+    again = flipped.cli("retrain", "--force")
+    with flipped.client() as c:
+        assert c.get("/api/runs").json()[0]["status"] in ("promoted", "rejected"), again.stdout
+
+
+def test_two_triggers_at_once_make_one_run(flipped):
+    with flipped.client() as c:
+        before = len(c.get("/api/runs").json())
+    results = []
+
+    def trigger():
+        results.append(flipped.cli("retrain", "--force", check=False))
+
+    threads = [threading.Thread(target=trigger) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with flipped.client() as c:
+        runs = c.get("/api/runs").json()
+    assert len(runs) == before + 1
+    assert sum("skipped" in r.stdout and "one run at a time" in r.stdout for r in results) == 1
