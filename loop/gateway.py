@@ -51,6 +51,9 @@ Pick the reply you would rather receive.
 """
 
 
+TOKEN_CACHE_S = 5.0  # a new or rotated token works at once; an old one stops within this
+
+
 class HTTPProblem(Exception):
     """An error answer in OpenAI's shape, raised from anywhere below a route."""
 
@@ -83,6 +86,20 @@ class Gateway:
         self.pairs = PairMaker(self.router, self.http, self.writer.put, lambda: self.in_flight, g.pair_share)
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
         self.runs = Runs(self.store)
+        self._token_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    def user_by_token(self, token: str) -> dict[str, Any] | None:
+        """The token's user, cached for a few seconds: every /v1 request carries a key, and the
+        store's lock is better left to the writer."""
+        now = time.monotonic()
+        hit = self._token_cache.get(token)
+        if hit and hit[0] > now:
+            return hit[1]
+        user = self.store.user_by_token(token)
+        if len(self._token_cache) > 10_000:
+            self._token_cache.clear()
+        self._token_cache[token] = (now + TOKEN_CACHE_S, user)
+        return user
 
     # --- requests to the engine --------------------------------------------------------------
 
@@ -433,7 +450,7 @@ def create_app(gw: Gateway) -> FastAPI:
         if not header:
             return None
         token = header.removeprefix("Bearer ").strip()
-        found = gw.store.user_by_token(token) if token else None
+        found = gw.user_by_token(token) if token else None
         if found is None:
             raise HTTPProblem(401, "unknown or malformed token", "authentication_error")
         return found

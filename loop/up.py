@@ -73,7 +73,7 @@ def up(cfg: Config, overrides: list[str]) -> int:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
                  "--server.address", "127.0.0.1", "--server.port", str(cfg.labeling.app_port),
-                 "--browser.gatherUsageStats", "false"],
+                 "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
                 stdout=app_log, stderr=subprocess.STDOUT, env={**os.environ, "ALIGNLOOP_GATEWAY_URL": client.url}))
             app_url = f"http://127.0.0.1:{cfg.labeling.app_port}"
         admin, labeller = _token(client, "demo-admin", "admin"), _token(client, "demo-labeller", "labeller")

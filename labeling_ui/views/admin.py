@@ -1,0 +1,144 @@
+"""Admin: what serves, model versions (promote, rollback, retrain), users, guidelines, runs, export."""
+
+import json
+
+import streamlit as st
+
+from labeling_ui import api, pair
+
+ss = st.session_state
+
+
+def act(what: str, fn, *args, done=lambda r: "done") -> None:
+    """Run an admin call from a button; its outcome shows at the top of the page on this rerun."""
+    try:
+        result = fn(ss.token, *args)
+    except api.ApiError as e:
+        ss.admin_notice = ("error", f"{what}: {e.message}")
+        return
+    ss.admin_notice = ("success", f"{what}: {done(result)}")
+
+
+def swapped(r: dict) -> str:
+    if not r.get("changed", True):
+        return f"{r['serving']} was serving already"
+    return f"now serving {r['serving']} (was {r['previous']}), switched in {r.get('seconds', 0):.1f} s"
+
+
+def add_user() -> None:
+    try:
+        u = api.add_user(ss.token, ss.new_name.strip(), ss.new_role)
+    except api.ApiError as e:
+        ss.admin_notice = ("error", f"add user: {e.message}")
+        return
+    ss.new_token = (f"Added {u['name']} ({u['role']}).", u["token"])
+
+
+def new_token() -> None:
+    try:
+        u = api.new_token(ss.token, ss.token_for.strip())
+    except api.ApiError as e:
+        ss.admin_notice = ("error", f"new token: {e.message}")
+        return
+    ss.new_token = (f"New token for {u['name']}; their old one no longer works.", u["token"])
+
+
+def metrics_text(m) -> str | None:
+    """A run's metrics, which the API may send as a JSON string or as an object."""
+    return m if m is None or isinstance(m, str) else json.dumps(m)
+
+
+def save_guidelines() -> None:
+    act("guidelines", api.set_guidelines, ss.guidelines_text, done=lambda r: "saved")
+    pair.guidelines.clear()
+
+
+pair.notice("admin_notice")
+status, versions, users, guide, runs, export = st.tabs(
+    ["Status", "Versions", "Users", "Guidelines", "Runs", "Export"])
+
+with status:
+    try:
+        s = api.status(ss.token)
+        c = st.columns(4)
+        c[0].metric(f"Serving as '{s['alias']}'", s["serving"])
+        c[1].metric("Previous", s["previous"] if s["previous"] is not None else "none")
+        c[2].metric("Canary", s["canary"] if s["canary"] is not None else "none")
+        c[3].metric("Engine", "ready" if s["engine"]["ready"] else "not ready")
+        counts = list(s.get("counts", {}).items())
+        for row in range(0, len(counts), 5):
+            for column, (table, n) in zip(st.columns(5), counts[row:row + 5]):
+                column.metric(table.replace("_", " "), n)
+        with st.expander("Everything /api/status says"):
+            st.json(s)
+    except api.ApiError as e:
+        st.error(e.message)
+
+with versions:
+    try:
+        rows = api.versions(ss.token)
+        st.dataframe(rows, width="stretch", hide_index=True, column_order=[
+            "id", "name", "parent_id", "method", "status", "created_at", "adapter_path"])
+        chosen = st.selectbox("Version", [v["name"] for v in rows], index=len(rows) - 1 if rows else None)
+        c = st.columns([2, 2, 2, 2, 1], vertical_alignment="bottom")
+        c[0].button("Promote", key="promote", type="primary", disabled=chosen is None, width="stretch",
+                    on_click=act, args=(f"promote {chosen}", api.promote, chosen), kwargs={"done": swapped})
+        c[1].button("Roll back", key="rollback", width="stretch", on_click=act, args=("roll back", api.rollback),
+                    kwargs={"done": swapped})
+        method = c[2].selectbox("Method", ["configured", "dpo", "ppo", "kto"], key="retrain_method")
+        force = c[4].checkbox("force", key="retrain_force", help="retrain even without enough new labels")
+        c[3].button("Retrain now", key="retrain", width="stretch", on_click=act,
+                    args=("retrain", api.retrain, None if method == "configured" else method, force),
+                    kwargs={"done": lambda r: f"started (pid {r['pid']}); log: {r['log']}"})
+    except api.ApiError as e:
+        st.error(e.message)
+
+with users:
+    with st.form("add-user", clear_on_submit=True, border=False):
+        c = st.columns([3, 2, 1], vertical_alignment="bottom")
+        c[0].text_input("Name", key="new_name")
+        c[1].selectbox("Role", ["labeller", "admin"], key="new_role")
+        c[2].form_submit_button("Add user", on_click=add_user, width="stretch")
+    with st.form("new-token", clear_on_submit=True, border=False):
+        c = st.columns([5, 1], vertical_alignment="bottom")
+        c[0].text_input("Lost token? A new one for", key="token_for", placeholder="user name")
+        c[1].form_submit_button("New token", on_click=new_token, width="stretch")
+    if "new_token" in ss:
+        said, token = ss.pop("new_token")  # shown once: the store keeps only its hash
+        st.success(f"{said} Their sign-in token, shown only now:")
+        st.code(token, language=None)
+
+with guide:
+    if "guidelines_text" not in ss:
+        try:
+            ss.guidelines_text = api.guidelines(ss.token)
+        except api.ApiError as e:
+            st.error(e.message)
+    edit, preview = st.columns(2)
+    edit.text_area("Guidelines (Markdown)", key="guidelines_text", height=400)
+    edit.button("Save guidelines", key="save_guidelines", type="primary", on_click=save_guidelines)
+    with preview.container(border=True, height=460):
+        st.markdown(ss.get("guidelines_text", ""))
+
+with runs:
+    try:
+        history = api.stats(ss.token)["runs"]
+    except api.ApiError as e:
+        st.error(e.message)
+        history = None
+    if history == []:
+        st.info("No retrain runs yet.")
+    elif history:
+        keys = ("id", "method", "trigger", "status", "started_at", "finished_at", "reason")
+        st.dataframe([{k: r.get(k) for k in keys} | {"metrics": metrics_text(r.get("metrics"))} for r in history],
+                     width="stretch", hide_index=True)
+
+with export:
+    st.caption("The same files as `alignloop export KIND`: labelled pairs (with the held-out split), "
+               "prompts from live traffic, thumbs and scores.")
+    fmt = st.radio("Format", ["jsonl", "parquet"], horizontal=True, key="export_format")
+    token = ss.token
+    for column, kind in zip(st.columns(3), ["pairs", "prompts", "feedback"]):
+        column.download_button(f"Download {kind}", data=lambda kind=kind: api.export(token, kind, fmt),
+                               file_name=f"alignloop-{kind}.{fmt}", on_click="ignore", key=f"export-{kind}",
+                               icon=":material/download:", width="stretch")

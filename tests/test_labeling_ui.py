@@ -1,0 +1,202 @@
+"""The labelling app (labeling_ui/) driven headlessly by Streamlit's AppTest against a real gateway
+with no engine: sign-in, every choice, undo, conflicts, the arena's error, dashboard, admin split."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.serving import free_port
+from tests.ui_gateway import running
+
+APP = str(Path(__file__).parent.parent / "labeling_ui" / "app.py")
+names = (f"user{i}" for i in itertools.count())
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("ui-gateway"), pairs=40) as g:
+        yield g
+
+
+@pytest.fixture
+def app(gateway, monkeypatch):
+    """Sign in with a token; returns the AppTest, on the Label page."""
+    monkeypatch.setenv("ALIGNLOOP_GATEWAY_URL", gateway.url)
+
+    def sign_in(token: str) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=30).run()
+        at.text_input(key="token_input").input(token)
+        at.button(key="FormSubmitter:sign-in-Sign in").click().run()
+        assert not at.exception
+        return at
+
+    return sign_in
+
+
+def labeller(gateway) -> tuple[str, str]:
+    name = next(names)
+    return name, gateway.add_user(name)
+
+
+def shown(at: AppTest) -> dict:
+    return at.session_state["pair"]
+
+
+def test_a_bad_token_shows_the_gateways_message_and_nothing_else(app):
+    at = app("not-a-token")
+    assert "unknown or malformed token" in at.error[0].value
+    assert not any(b.label == "A is better" for b in at.button)
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("views/label.py")
+
+
+def test_an_unreachable_gateway_is_said_plainly(app, monkeypatch):
+    monkeypatch.setenv("ALIGNLOOP_GATEWAY_URL", f"http://127.0.0.1:{free_port()}")
+    at = app("whatever")
+    assert "cannot reach the gateway" in at.error[0].value and "Traceback" not in at.error[0].value
+
+
+def test_each_choice_is_stored_and_the_next_pair_comes_at_once(app, gateway):
+    name, token = labeller(gateway)
+    at = app(token)
+    assert at.session_state["user"]["name"] == name
+    expected = []
+    for choice in ("first", "second", "tie", "both_bad", "skip"):
+        pair = shown(at)
+        texts = [m.value for m in at.markdown]
+        assert pair["first"] in texts and pair["second"] in texts
+        a_first = pair["first"].startswith("It is")  # reply a is the good one in ui_gateway's pairs
+        stored = {"first": "a" if a_first else "b", "second": "b" if a_first else "a"}.get(choice, choice)
+        rationale = f"because {choice}" if choice == "tie" else None
+        if rationale:
+            at.text_input(key=f"label-why-{pair['pair_id']}").input(rationale)
+        at.button(key=f"label-{choice}-{pair['pair_id']}").click().run()
+        assert not at.exception and not at.warning
+        assert shown(at)["pair_id"] != pair["pair_id"]
+        expected.append((pair["pair_id"], stored, rationale))
+    labels = gateway.labels(name)
+    assert [(p, c, r) for p, c, r, _ in labels] == expected
+    assert all(s is not None and s >= 0 for *_, s in labels)
+    assert at.session_state["progress"]["done_today"] == 5
+    assert "**5** labelled today" in at.markdown[0].value
+
+
+def test_undo_hands_the_last_pair_back_and_says_when_there_is_nothing_left(app, gateway):
+    name, token = labeller(gateway)
+    at = app(token)
+    at.button(key="label-undo").click().run()
+    assert at.info[0].value == "nothing to undo"
+    first = shown(at)["pair_id"]
+    at.button(key=f"label-first-{first}").click().run()
+    assert len(gateway.labels(name)) == 1
+    at.button(key="label-undo").click().run()
+    assert shown(at)["pair_id"] == first and gateway.labels(name) == []
+    at.button(key=f"label-both_bad-{first}").click().run()
+    assert [c for _, c, *_ in gateway.labels(name)] == ["both_bad"]
+
+
+def test_a_pair_labelled_elsewhere_shows_the_conflict_and_moves_on(app, gateway):
+    import httpx
+
+    name, token = labeller(gateway)
+    at = app(token)
+    pair_id = shown(at)["pair_id"]
+    httpx.post(f"{gateway.url}/api/label", json={"pair_id": pair_id, "choice": "tie"},
+               headers={"Authorization": f"Bearer {token}"}).raise_for_status()  # e.g. from a second tab
+    at.button(key=f"label-first-{pair_id}").click().run()
+    assert "labelled pair" in at.warning[0].value
+    assert shown(at)["pair_id"] != pair_id
+    assert [c for _, c, *_ in gateway.labels(name)] == ["tie"]
+
+
+def test_the_arena_without_an_engine_shows_the_gateways_message(app, gateway):
+    at = app(labeller(gateway)[1])
+    at.switch_page("views/arena.py").run()
+    at.chat_input[0].set_value("Tell me a joke").run()
+    assert not at.exception
+    assert "engine is unavailable" in at.error[0].value
+
+
+def test_the_dashboard_plots_what_the_store_holds(app, gateway):
+    at = app(labeller(gateway)[1])
+    at.button(key=f"label-first-{shown(at)['pair_id']}").click().run()
+    at.switch_page("views/dashboard.py").run()
+    assert not at.exception and not at.error
+    assert len(at.get("vega_lite_chart")) == 3  # labels per day, per labeller, seconds per label
+    assert "No retrain runs yet." in [i.value for i in at.info]
+
+
+def test_a_labeller_has_no_admin_page(app, gateway):
+    at = app(labeller(gateway)[1])
+    assert at.session_state["user"]["role"] == "labeller"
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("views/admin.py")
+
+
+def test_an_admin_adds_a_user_sees_the_token_once_and_sees_why_an_action_failed(app, gateway):
+    at = app(gateway.admin_token).switch_page("views/admin.py").run()
+    assert [t.label for t in at.tabs] == ["Status", "Versions", "Users", "Guidelines", "Runs", "Export"]
+    assert not at.exception and not at.error
+    at.text_input(key="new_name").input("newbie")
+    at.selectbox(key="new_role").select("labeller")
+    at.button(key="FormSubmitter:add-user-Add user").click().run()
+    token = at.code[0].value
+    assert "newbie" in at.success[0].value and len(token) > 20
+    at.run()
+    assert not at.code  # shown once
+    assert app(token).session_state["user"]["name"] == "newbie"
+
+    at.button(key="rollback").click().run()
+    assert at.error[0].value.startswith("roll back: nothing to roll back to")
+    at.text_input(key="token_for").input("nobody")
+    at.button(key="FormSubmitter:new-token-New token").click().run()
+    assert at.error[0].value.startswith("new token:") and "nobody" in at.error[0].value
+
+
+def test_an_admin_edits_the_guidelines_labellers_read(app, gateway):
+    at = app(gateway.admin_token).switch_page("views/admin.py").run()
+    at.text_area(key="guidelines_text").input("# Be kind\nPrefer the **honest** reply.")
+    at.button(key="save_guidelines").click().run()
+    assert at.success[0].value == "guidelines: saved"
+    reader = app(labeller(gateway)[1])
+    assert any("Prefer the **honest** reply." in m.value for m in reader.markdown)
+
+
+def test_the_export_the_download_buttons_fetch_holds_the_labels(gateway, monkeypatch):
+    from labeling_ui import api
+
+    monkeypatch.setenv("ALIGNLOOP_GATEWAY_URL", gateway.url)
+    name, token = labeller(gateway)
+    pair = api.next_pair(token)["pair"]
+    api.label(token, pair["pair_id"], "first")
+    with pytest.raises(api.ApiError, match="needs an admin"):
+        api.export(token, "pairs")
+    lines = api.export(gateway.admin_token, "pairs").decode().splitlines()
+    assert lines and all(line.startswith("{") for line in lines)
+
+
+def test_a_finished_run_shows_its_verdict_and_curve(tmp_path, monkeypatch):
+    import httpx
+
+    with running(tmp_path, pairs=2) as gateway:
+        monkeypatch.setenv("ALIGNLOOP_GATEWAY_URL", gateway.url)
+        admin = {"Authorization": f"Bearer {gateway.admin_token}"}
+        run = httpx.post(f"{gateway.url}/api/runs", headers=admin, json={"method": "dpo"}).json()
+        curve = [{"step": s, "name": "loss", "value": 1 / (s + 1)} for s in range(5)]
+        httpx.post(f"{gateway.url}/api/runs/{run['id']}/heartbeat", headers=admin, json={"metrics": curve})
+        httpx.post(f"{gateway.url}/api/runs/{run['id']}/finish", headers=admin, json={
+            "status": "promoted", "reason": "won 61%", "metrics": {"win_rate": 0.61}}).raise_for_status()
+
+        at = AppTest.from_file(APP, default_timeout=30).run()
+        at.text_input(key="token_input").input(gateway.admin_token)
+        at.button(key="FormSubmitter:sign-in-Sign in").click().run()
+        at.switch_page("views/dashboard.py").run()
+        assert not at.exception and not at.error
+        assert len(at.get("vega_lite_chart")) == 2  # the run's verdict and its training curve
+        assert "won 61%" in [c.value for c in at.caption]
+        assert [m.value for m in at.metric if m.label == "win_rate"] == ["0.61"]
+        at.switch_page("views/admin.py").run()
+        assert not at.exception and not at.error
+        assert at.dataframe[-1].value["reason"].tolist() == ["won 61%"]
