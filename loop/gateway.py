@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,6 +88,7 @@ class Gateway:
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
         self.runs = Runs(self.store)
         self._token_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._session: aiohttp.ClientSession | None = None
 
     def user_by_token(self, token: str) -> dict[str, Any] | None:
         """The token's user, cached for a few seconds: every /v1 request carries a key, and the
@@ -100,6 +102,16 @@ class Gateway:
             self._token_cache.clear()
         self._token_cache[token] = (now + TOKEN_CACHE_S, user)
         return user
+
+    def session(self) -> aiohttp.ClientSession:
+        """The hot path's client (aiohttp: measured ~1-2 ms a request faster than httpx here); made
+        lazily because it must be made inside the running event loop."""
+        if self._session is None:
+            g = self.cfg.gateway
+            self._session = aiohttp.ClientSession(
+                base_url=self.engine_url, connector=aiohttp.TCPConnector(limit=256),
+                timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
+        return self._session
 
     # --- requests to the engine --------------------------------------------------------------
 
@@ -136,31 +148,31 @@ class Gateway:
         started = time.perf_counter()
         self.in_flight += 1
         try:
-            r = await self.http.send(self.http.build_request("POST", path, json=upstream), stream=True)
-        except httpx.TimeoutException:
+            r = await self.session().post(path, json=upstream)
+        except TimeoutError:
             self.in_flight -= 1
             raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             self.in_flight -= 1
             raise self.unavailable(type(e).__name__) from None
-        if r.status_code >= 400:
+        if r.status >= 400:
             self.in_flight -= 1
-            text = await r.aread()
-            await r.aclose()
-            self.metrics.requests.labels(endpoint, str(r.status_code)).inc()
-            if r.status_code >= 500:
-                raise self.unavailable(f"engine answered {r.status_code}")
-            return Response(text, status_code=r.status_code, media_type="application/json")
+            text = await r.read()
+            r.release()
+            self.metrics.requests.labels(endpoint, str(r.status)).inc()
+            if r.status >= 500:
+                raise self.unavailable(f"engine answered {r.status}")
+            return Response(text, status_code=r.status, media_type="application/json")
         record = Exchange(request_id="", endpoint=endpoint, model_requested=req.model, version_id=version,
                           messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)
         if req.stream:
             return StreamingResponse(self._relay(r, record, started, body), media_type="text/event-stream")
         try:
-            data = json.loads(await r.aread())
-        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            data = json.loads(await r.read())
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
             raise self.unavailable(f"broken answer: {type(e).__name__}") from None
         finally:
-            await r.aclose()
+            r.release()
             self.in_flight -= 1
         data["model"] = req.model
         record.request_id = data["id"]
@@ -168,14 +180,16 @@ class Gateway:
         self._finish(record, data.get("usage"), started)
         return JSONResponse(data)
 
-    async def _relay(self, r: httpx.Response, record: Exchange, started: float, body: dict) -> AsyncIterator[bytes]:
+    async def _relay(self, r: aiohttp.ClientResponse, record: Exchange, started: float,
+                     body: dict) -> AsyncIterator[bytes]:
         """Pass the engine's server-sent events through, renaming the model; log the whole answer."""
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
         usage = None
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         try:
-            async for line in r.aiter_lines():
+            async for raw in r.content:
+                line = raw.decode().rstrip("\r\n")
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     if line:
                         yield f"{line}\n\n".encode()
@@ -195,12 +209,12 @@ class Gateway:
                     if not wants_usage:
                         chunk.pop("usage")
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, TimeoutError):
             err = {"error": {"message": "the model engine stopped mid-answer", "type": "service_unavailable"}}
             yield f"data: {json.dumps(err)}\n\n".encode()
             record.status = 503
         finally:
-            await r.aclose()
+            r.release()
             self.in_flight -= 1
         record.choices = [("".join(texts[i]), finish.get(i)) for i in sorted(texts)]
         self._finish(record, usage, started)
@@ -314,6 +328,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.http.aclose()
+        if self._session is not None:
+            await self._session.close()
         self.writer.stop()
         self.versions.close()
 
