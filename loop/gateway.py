@@ -535,12 +535,14 @@ def create_app(gw: Gateway) -> FastAPI:
         return who
 
     @app.get("/api/label/next")
-    async def next_pair(who=Depends(signed_in)) -> dict[str, Any]:
+    async def next_pair(response: Response, who=Depends(signed_in)) -> dict[str, Any]:
+        started = time.perf_counter()
         pair = await asyncio.to_thread(gw.queue.next_pair, who["id"])
+        response.headers["Server-Timing"] = f"next;dur={(time.perf_counter() - started) * 1000:.2f}"
         return {"pair": pair, "progress": await asyncio.to_thread(gw.queue.progress, who["id"])}
 
     @app.post("/api/label")
-    async def label(body: LabelRequest, who=Depends(signed_in)) -> dict[str, Any]:
+    async def label(body: LabelRequest, response: Response, who=Depends(signed_in)) -> dict[str, Any]:
         try:
             label_id = await asyncio.to_thread(gw.queue.submit, who["id"], body.pair_id, body.choice,
                                                body.rationale, body.seconds)
@@ -549,7 +551,9 @@ def create_app(gw: Gateway) -> FastAPI:
         except StoreError as e:
             raise HTTPProblem(404, str(e), code="not_found") from None
         gw.metrics.labels.inc()
+        started = time.perf_counter()
         pair = await asyncio.to_thread(gw.queue.next_pair, who["id"])  # the next one, in the same round trip
+        response.headers["Server-Timing"] = f"next;dur={(time.perf_counter() - started) * 1000:.2f}"
         return {"label_id": label_id, "pair": pair, "progress": await asyncio.to_thread(gw.queue.progress, who["id"])}
 
     @app.post("/api/label/undo")

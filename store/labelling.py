@@ -6,14 +6,22 @@ handed a pair they labelled, skipped or hold. Pairs from recent live traffic com
 imported ones. Every hand-out runs in one transaction under the store's lock, so concurrent
 labellers can never be handed a pair beyond its overlap.
 
+Which pair to hand out is decided on an in-memory index of the pairs that still need labels: built
+from the store on first use, kept in step by every call here, new pairs picked up by id. Scanning
+every pair and label per hand-out took about 13 ms at 100,000 pairs, and 20 labellers queue behind
+one another. The store stays the record: leases and labels are committed before a call returns.
+All human labels go through this class (the gateway is the only writer, DESIGN.md).
+
 A labeller sees the two replies as "first" and "second"; which of a/b is first is fixed per pair
 by a hash of its uid, so order is random across pairs but stable for one pair.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,49 +51,102 @@ def to_stored_choice(choice: str, uid: str) -> str:
 class LabelQueue:
     def __init__(self, store: Store, overlap: int, lease_s: float) -> None:
         self.store, self.overlap, self.lease_s = store, overlap, lease_s
+        self._loaded = False
+        self._open: list[tuple[int, int]] = []        # (priority, pair id), ascending, of pairs needing labels
+        self._labels: dict[int, int] = defaultdict(int)  # pair -> human labels (skips not counted)
+        self._done: dict[int, set[int]] = defaultdict(set)  # user -> pairs they labelled or skipped
+        self._leases: dict[int, dict[int, datetime]] = defaultdict(dict)  # pair -> user -> lease expiry
+        self._held: dict[int, int] = {}               # user -> the pair they hold
+        self._priority: dict[int, int] = {}           # pair -> priority
+        self._seen = 0                                 # highest pair id indexed
+
+    # --- the in-memory index (always used under the store's lock) -----------------------------
+
+    def _sync(self, db) -> None:
+        if not self._loaded:
+            for pair_id, user_id, choice in db.execute("""
+                    SELECT l.pair_id, l.user_id, l.choice FROM labels l JOIN users u ON u.id = l.user_id
+                    WHERE u.role <> 'system'""").fetchall():
+                self._done[user_id].add(pair_id)
+                self._labels[pair_id] += choice != "skip"
+            for pair_id, user_id, expires in db.execute(
+                    "SELECT pair_id, user_id, expires_at FROM assignments").fetchall():
+                self._leases[pair_id][user_id] = expires
+                self._held[user_id] = pair_id
+            self._loaded = True
+        for pair_id, priority in db.execute("SELECT id, priority FROM pairs WHERE id > ? ORDER BY id",
+                                            [self._seen]).fetchall():
+            self._priority[pair_id] = priority
+            if self._labels[pair_id] < self.overlap:
+                bisect.insort(self._open, (priority, pair_id))
+            self._seen = pair_id
+
+    def _active_leases(self, pair_id: int, now: datetime) -> int:
+        leases = self._leases.get(pair_id)
+        if not leases:
+            return 0
+        for user_id in [u for u, expires in leases.items() if expires <= now]:
+            del leases[user_id]
+            if self._held.get(user_id) == pair_id:
+                del self._held[user_id]
+        return len(leases)
+
+    def _count(self, pair_id: int, delta: int) -> None:
+        """Add to a pair's human labels, taking it out of the open index when full (or back)."""
+        before = self._labels[pair_id]
+        self._labels[pair_id] = before + delta
+        key = (self._priority[pair_id], pair_id)
+        if before < self.overlap <= before + delta:
+            i = bisect.bisect_left(self._open, key)
+            if i < len(self._open) and self._open[i] == key:
+                self._open.pop(i)
+        elif before + delta < self.overlap <= before:
+            bisect.insort(self._open, key)
+
+    def _take(self, db, user_id: int, pair_id: int, now: datetime) -> None:
+        self._release(db, user_id)
+        expires = now + timedelta(seconds=self.lease_s)
+        db.execute("INSERT INTO assignments (pair_id, user_id, expires_at) VALUES (?, ?, ?)", [pair_id, user_id, expires])
+        self._leases[pair_id][user_id] = expires
+        self._held[user_id] = pair_id
+
+    def _release(self, db, user_id: int) -> None:
+        held = self._held.pop(user_id, None)
+        if held is not None:
+            self._leases[held].pop(user_id, None)
+        db.execute("DELETE FROM assignments WHERE user_id = ?", [user_id])
+
+    # --- the labelling API -----------------------------------------------------------------------
 
     def next_pair(self, user_id: int) -> dict[str, Any] | None:
         """The pair this labeller should label now (their open lease first), or None."""
         now = datetime.now()
         with self.store.transaction() as db:
-            db.execute("DELETE FROM assignments WHERE expires_at <= ?", [now])
-            held = db.execute("""SELECT pair_id FROM assignments WHERE user_id = ?
-                                 ORDER BY leased_at DESC LIMIT 1""", [user_id]).fetchone()
-            pair_id = held[0] if held else self._pick(db, user_id)
-            if pair_id is None:
-                return None
-            expires = now + timedelta(seconds=self.lease_s)
-            if held:
-                db.execute("UPDATE assignments SET expires_at = ? WHERE pair_id = ? AND user_id = ?",
-                           [expires, pair_id, user_id])
+            self._sync(db)
+            held = self._held.get(user_id)
+            if held is not None and self._leases[held].get(user_id, now) > now:
+                pair_id = held
             else:
-                db.execute("INSERT INTO assignments (pair_id, user_id, expires_at) VALUES (?, ?, ?)",
-                           [pair_id, user_id, expires])
+                pair_id = self._pick(user_id, now)
+                if pair_id is None:
+                    self._release(db, user_id)
+                    return None
+            self._take(db, user_id, pair_id, now)
         return self.pair_view(pair_id)
+
+    def _pick(self, user_id: int, now: datetime) -> int | None:
+        done = self._done[user_id]
+        for _, pair_id in reversed(self._open):
+            if pair_id not in done and self._labels[pair_id] + self._active_leases(pair_id, now) < self.overlap:
+                return pair_id
+        return None
 
     def lease(self, user_id: int, pair_id: int) -> dict[str, Any]:
         """Hand a given pair (e.g. the user's own arena pair) to this labeller now."""
         with self.store.transaction() as db:
-            db.execute("DELETE FROM assignments WHERE user_id = ?", [user_id])
-            db.execute("INSERT INTO assignments (pair_id, user_id, expires_at) VALUES (?, ?, ?)",
-                       [pair_id, user_id, datetime.now() + timedelta(seconds=self.lease_s)])
+            self._sync(db)
+            self._take(db, user_id, pair_id, datetime.now())
         return self.pair_view(pair_id)
-
-    def _pick(self, db, user_id: int) -> int | None:
-        row = db.execute("""
-            WITH human AS (
-                SELECT l.pair_id, count(*) AS n FROM labels l JOIN users u ON u.id = l.user_id
-                WHERE u.role <> 'system' AND l.choice <> 'skip' GROUP BY l.pair_id),
-            leased AS (SELECT pair_id, count(*) AS n FROM assignments GROUP BY pair_id),
-            mine AS (SELECT pair_id FROM labels WHERE user_id = ?)
-            SELECT p.id FROM pairs p
-            LEFT JOIN human h ON h.pair_id = p.id
-            LEFT JOIN leased a ON a.pair_id = p.id
-            ANTI JOIN mine m ON m.pair_id = p.id
-            WHERE coalesce(h.n, 0) + coalesce(a.n, 0) < ?
-            ORDER BY p.priority DESC, p.id DESC
-            LIMIT 1""", [user_id, self.overlap]).fetchone()
-        return row[0] if row else None
 
     def pair_view(self, pair_id: int) -> dict[str, Any]:
         rows = self.store._dicts("""
@@ -103,40 +164,42 @@ class LabelQueue:
     def submit(self, user_id: int, pair_id: int, choice: str, rationale: str | None = None,
                seconds_spent: float | None = None) -> int:
         """Record a label (committed when this returns) and release the lease."""
+        now = datetime.now()
         with self.store.transaction() as db:
+            self._sync(db)
             uid = db.execute("SELECT uid FROM pairs WHERE id = ?", [pair_id]).fetchone()
             if uid is None:
                 raise StoreError(f"no pair {pair_id}")
             stored = to_stored_choice(choice, uid[0])
-            if db.execute("SELECT 1 FROM labels WHERE pair_id = ? AND user_id = ?", [pair_id, user_id]).fetchone():
+            if pair_id in self._done[user_id]:
                 raise LabelConflict(f"you have labelled pair {pair_id} already (undo it to change your label)")
-            holds = db.execute("SELECT 1 FROM assignments WHERE pair_id = ? AND user_id = ? AND expires_at > ?",
-                               [pair_id, user_id, datetime.now()]).fetchone()
+            holds = self._leases[pair_id].get(user_id, now) > now
             if not holds and stored != "skip":
-                others = db.execute("""
-                    SELECT (SELECT count(*) FROM labels l JOIN users u ON u.id = l.user_id
-                            WHERE l.pair_id = ? AND u.role <> 'system' AND l.choice <> 'skip')
-                         + (SELECT count(*) FROM assignments WHERE pair_id = ? AND expires_at > ?)""",
-                    [pair_id, pair_id, datetime.now()]).fetchone()[0]
-                if others >= self.overlap:
+                if self._labels[pair_id] + self._active_leases(pair_id, now) >= self.overlap:
                     raise LabelConflict(f"pair {pair_id} has all its {self.overlap} labels (your lease expired)")
-            db.execute("DELETE FROM assignments WHERE pair_id = ? AND user_id = ?", [pair_id, user_id])
-            return db.execute("""INSERT INTO labels (pair_id, user_id, choice, rationale, seconds_spent)
-                                 VALUES (?, ?, ?, ?, ?) RETURNING id""",
-                              [pair_id, user_id, stored, rationale, seconds_spent]).fetchone()[0]
+            label_id = db.execute("""INSERT INTO labels (pair_id, user_id, choice, rationale, seconds_spent)
+                                     VALUES (?, ?, ?, ?, ?) RETURNING id""",
+                                  [pair_id, user_id, stored, rationale, seconds_spent]).fetchone()[0]
+            self._release(db, user_id)
+            self._done[user_id].add(pair_id)
+            if stored != "skip":
+                self._count(pair_id, +1)
+        return label_id
 
     def undo(self, user_id: int) -> dict[str, Any] | None:
         """Take back this labeller's last label and hand its pair back to them."""
         with self.store.transaction() as db:
-            row = db.execute("""SELECT id, pair_id FROM labels WHERE user_id = ?
+            self._sync(db)
+            row = db.execute("""SELECT id, pair_id, choice FROM labels WHERE user_id = ?
                                 ORDER BY id DESC LIMIT 1""", [user_id]).fetchone()
             if row is None:
                 return None
-            label_id, pair_id = row
+            label_id, pair_id, choice = row
             db.execute("DELETE FROM labels WHERE id = ?", [label_id])
-            db.execute("DELETE FROM assignments WHERE user_id = ?", [user_id])
-            db.execute("INSERT INTO assignments (pair_id, user_id, expires_at) VALUES (?, ?, ?)",
-                       [pair_id, user_id, datetime.now() + timedelta(seconds=self.lease_s)])
+            self._done[user_id].discard(pair_id)
+            if choice != "skip":
+                self._count(pair_id, -1)
+            self._take(db, user_id, pair_id, datetime.now())
         return self.pair_view(pair_id)
 
     def progress(self, user_id: int) -> dict[str, int]:
@@ -144,10 +207,6 @@ class LabelQueue:
         today = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
         done = self.store._all("SELECT count(*) FROM labels WHERE user_id = ? AND created_at >= ?",
                                [user_id, today])[0][0]
-        left = self.store._all("""
-            WITH human AS (
-                SELECT l.pair_id, count(*) AS n FROM labels l JOIN users u ON u.id = l.user_id
-                WHERE u.role <> 'system' AND l.choice <> 'skip' GROUP BY l.pair_id)
-            SELECT count(*) FROM pairs p LEFT JOIN human h ON h.pair_id = p.id
-            WHERE coalesce(h.n, 0) < ?""", [self.overlap])[0][0]
-        return {"done_today": done, "queue": left}
+        with self.store.transaction() as db:
+            self._sync(db)
+            return {"done_today": done, "queue": len(self._open)}
