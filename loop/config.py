@@ -121,11 +121,11 @@ class TrainConfig:
     """Retraining: the method and its hyperparameters (DPO with LoRA by default)."""
 
     method: str = _f("dpo", "dpo, ppo or kto")
-    learning_rate: float = _f(1e-3, "peak learning rate of the LoRA weights")
-    epochs: float = _f(2.0, "passes over the training pairs")
+    learning_rate: float = _f(3e-3, "peak learning rate of the LoRA weights")
+    epochs: float = _f(4.0, "passes over the training pairs")
     batch_size: int = _f(16, "pairs per optimiser step (per process)")
-    beta: float = _f(0.1, "DPO beta: how far the policy may move from the reference")
-    loss_type: str = _f("sigmoid", "DPO loss: sigmoid (the paper's), ipo, robust, hinge, ...")
+    beta: float = _f(1.0, "DPO beta: how far the policy may move from the reference (higher: less far)")
+    loss_type: str = _f("sigmoid,sft", "DPO loss(es), summed: sigmoid (the paper's), ipo, robust, hinge, sft (NLL of chosen: RPO)")
     lora_r: int = _f(8, "LoRA rank (at most engine.max_lora_rank)")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
@@ -156,7 +156,7 @@ class GateConfig:
     kl_budget: float = _f(20.0, "reject a candidate whose KL to the base (nats per answer) is above this")
     eval_prompts: int = _f(64, "held-out prompts used to judge win rate")
     max_tokens: int = _f(64, "answer length when judging")
-    temperature: float = _f(0.7, "sampling temperature when judging")
+    temperature: float = _f(1.0, "sampling temperature when judging (1.0: what clients get by default)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin < 0.5:

@@ -24,12 +24,13 @@ PAIRS = 400  # pairs of live traffic to label; about a third are ties for the ju
 
 
 def judged_win_rate(server, candidate: str, base: str, seeds=(0, 1)) -> float:
-    """The demo judge's win rate of `candidate` over `base` on the demo domain's held-out prompts."""
+    """The demo judge's win rate of `candidate` over `base` on the demo domain's held-out prompts,
+    sampled at temperature 1 (what a client gets by default), ties counting half."""
     prompts = [[{"role": "user", "content": p}] for p in demo_corpus.prompts("heldout")]
     wins = total = 0.0
     with server.client(timeout=600) as c:
         for seed in seeds:
-            body = {"prompts": prompts, "max_tokens": 64, "temperature": 0.7, "seed": 1000 * seed}
+            body = {"prompts": prompts, "max_tokens": 64, "temperature": 1.0, "seed": 1000 * seed}
             a = c.post("/api/generate", json={"model": candidate, **body}).json()["answers"]
             b = c.post("/api/generate", json={"model": base, **body}).json()["answers"]
             for p, x, y in zip(prompts, a, b):
