@@ -119,6 +119,7 @@ class Gateway:
         return self.engine.ready.is_set() if self.engine else True
 
     def unavailable(self, why: str) -> HTTPProblem:
+        print(f"alignloop gateway: 503 to a client: the engine is unavailable ({why})", file=sys.stderr, flush=True)
         return HTTPProblem(503, f"the model engine is unavailable ({why}); retry shortly", "service_unavailable",
                            code="engine_unavailable", headers={"Retry-After": str(self.cfg.gateway.retry_after_s)})
 
@@ -161,7 +162,7 @@ class Gateway:
             r.release()
             self.metrics.requests.labels(endpoint, str(r.status)).inc()
             if r.status >= 500:
-                raise self.unavailable(f"engine answered {r.status}")
+                raise self.unavailable(f"engine answered {r.status}: {text[:300]!r}")
             return Response(text, status_code=r.status, media_type="application/json")
         record = Exchange(request_id="", endpoint=endpoint, model_requested=req.model, version_id=version,
                           messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)

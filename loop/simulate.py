@@ -41,7 +41,13 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
             def ask(i: int) -> None:
                 body = {"model": alias, "max_tokens": max_tokens, "temperature": 1.0, "seed": rng.randrange(2**31),
                         "messages": [{"role": "user", "content": rng.choice(prompts)}]}
-                http.post("/v1/chat/completions", json=body).raise_for_status()
+                for attempt in range(5):  # as OpenAI's clients do: a 503 is retried after Retry-After
+                    r = http.post("/v1/chat/completions", json=body)
+                    if r.status_code != 503:
+                        break
+                    log(f"simulate: 503 ({r.json()['error']['message']}); retrying")
+                    time.sleep(min(float(r.headers.get("Retry-After", 1)), 10))
+                r.raise_for_status()
 
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(ask, range(burst)))

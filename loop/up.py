@@ -67,6 +67,7 @@ def up(cfg: Config, overrides: list[str]) -> int:
                       f"{logs / 'engine.log'}", file=sys.stderr)
                 return 1
             time.sleep(1)
+        client = GatewayClient(cfg)  # again: the admin token exists only now that the gateway is up
         app_url = None
         if APP.exists():
             app_log = (logs / "labeling_ui.log").open("ab")

@@ -1,0 +1,334 @@
+"""DPO with LoRA on a snapshot's labelled pairs (TRL `DPOTrainer`), and the held-out evaluation.
+
+What a run does, top to bottom (`run(...)`):
+
+1. read `pairs.parquet` of a snapshot; train on split == "train" only, evaluate on "heldout";
+2. load the base model; start a fresh LoRA adapter (`peft_config` from [train] lora_r, lora_alpha,
+   lora_dropout, target_modules), or continue from the serving adapter
+   (`PeftModel.from_pretrained(base, init_adapter, is_trainable=True)`; its own rank and targets
+   then win over [train]'s);
+3. train with TRL's `DPOTrainer`, `ref_model=None`: the trainer gets the reference log-probs from the
+   same weights with the adapter disabled (fresh adapter: the base), or, when continuing, from a
+   frozen copy of the starting adapter that TRL adds under the name "ref" (a few MB, not a second
+   copy of the base weights). Every logging step goes to `metrics.jsonl` (rank 0 only);
+4. stop at once on a NaN/inf loss or gradient norm (`NonFiniteLoss`; nothing is saved);
+5. evaluate on the held-out pairs (`eval_loss`, `eval_rewards/accuracies`, ...) and estimate
+   `kl_to_base`, KL(policy || base) in nats per answer, by sampling answers from the policy;
+6. save the adapter (PEFT format, the trained adapter only) to `output_adapter`.
+
+This module is what `python -m loop.train RUN_DIR` (under `accelerate launch`) runs for
+`method = "dpo"`; `ops/bench/dpo_demo.py` calls `run(...)` in-process. Heavy imports (torch,
+transformers, trl, peft) happen inside the functions.
+
+Test hook: with the environment variable `ALIGNLOOP_TEST_NAN_AT_STEP=k`, the metrics callback fills
+the trainable weights with NaN just before optimiser step k, so the real NaN path (a NaN loss
+detected at a logging step) can be tested deterministically. Never set it outside tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from loop.config import TrainConfig
+
+NAN_HOOK_ENV = "ALIGNLOOP_TEST_NAN_AT_STEP"
+KL_PROMPTS = 64  # held-out prompts sampled for the KL estimate
+KL_MAX_NEW_TOKENS = 128  # longest sampled answer for the KL estimate
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss (or gradient norm) became NaN or infinite; the run is stopped, nothing saved."""
+
+
+class NoTrainingPairs(ValueError):
+    """The snapshot has no pairs with split == "train"."""
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def load_pairs(snapshot: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, heldout) pairs of a snapshot, each row {"prompt", "chosen", "rejected"} in TRL's
+    conversational preference format (lists of {"role", "content"} messages)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(Path(snapshot) / "pairs.parquet").to_pylist()
+    keep = ("prompt", "chosen", "rejected")
+    train = [{k: r[k] for k in keep} for r in rows if r.get("split") == "train"]
+    heldout = [{k: r[k] for k in keep} for r in rows if r.get("split") == "heldout"]
+    return train, heldout
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def lora_config(cfg: TrainConfig):
+    """The LoRA adapter a fresh run trains (rank, alpha, dropout, target modules from [train])."""
+    from peft import LoraConfig
+
+    targets = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    if not targets:
+        raise ValueError("train.target_modules names no module")
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
+    """TRL's `DPOConfig` from the [train] section. Logs every step, saves no checkpoints (the
+    adapter is saved once, at the end), reports to nobody. On a machine without CUDA: CPU, fp32."""
+    import torch
+    from trl import DPOConfig
+
+    gpu = _on_gpu()
+    return DPOConfig(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        beta=cfg.beta,
+        # several losses are summed with weight 1: "sigmoid,sft" is DPO plus the chosen answers' NLL (RPO)
+        loss_type=[t.strip() for t in cfg.loss_type.split(",") if t.strip()],
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,  # a float below 1 is a share of the steps
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the Trainer would otherwise hide a NaN loss behind the running mean
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=False,
+        # fp32 on CPU (TRL defaults to bf16); bf16 on GPUs that have it
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        # checkpointing saves GPU memory on big models; on CPU it only costs time
+        gradient_checkpointing=gpu,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the metrics callback
+
+
+def _metrics_callback_class():
+    from transformers import TrainerCallback
+
+    class MetricsWriter(TrainerCallback):
+        """Appends every logged number to `metrics.jsonl` as {"step", "name", "value"}, flushed at
+        each logging step (rank 0 only), and stops training on a NaN/inf loss or gradient norm."""
+
+        def __init__(self, path: str | os.PathLike[str] | None):
+            self.path = Path(path) if path else None
+            self.failure: str | None = None
+            hook = os.environ.get(NAN_HOOK_ENV, "").strip()
+            self.nan_at_step = int(hook) if hook else None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if self.nan_at_step is not None and state.global_step + 1 == self.nan_at_step and model is not None:
+                import torch
+
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.fill_(float("nan"))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            for name in ("loss", "grad_norm"):
+                value = logs.get(name)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    self.failure = f"NaN/inf {name} ({value}) at step {state.global_step}; training stopped"
+                    control.should_training_stop = True
+                    break
+            if self.path is None or not state.is_world_process_zero:
+                return
+            lines = [
+                json.dumps({"step": int(state.global_step), "name": k, "value": float(v)})
+                for k, v in logs.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ]
+            with self.path.open("a", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in lines)
+                f.flush()
+
+    return MetricsWriter
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+def load_policy(base_model: str | os.PathLike[str], init_adapter: str | os.PathLike[str] | None):
+    """(model, tokenizer): the base in fp32, wrapped in the starting adapter when continuing."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype="float32")
+    if init_adapter:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    return model, tok
+
+
+def kl_to_base(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: int = KL_MAX_NEW_TOKENS,
+               seed: int = 0, batch_size: int = 16) -> float:
+    """Monte Carlo KL(policy || base) in nats per answer, on prompts given as chat messages.
+
+    For each prompt, sample one answer from the policy (temperature 1: the policy itself) with
+    `generate`; then, at every answer position t (its end-of-sequence token included), take the exact
+    next-token KL between the policy and the base (the same model with the adapter disabled) given
+    the prefix, and sum over t. By the chain rule the mean over prompts estimates
+    E_policy[log p_policy(y|x) - log p_base(y|x)], the same quantity as summing the sampled tokens'
+    log-ratios, but each term is >= 0 and the variance is much lower (Rao-Blackwellised).
+    """
+    import torch
+
+    if not prompts:
+        raise ValueError("kl_to_base needs at least one prompt")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    total, count = 0.0, 0
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            for i in range(0, len(prompts), batch_size):
+                texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                         for m in prompts[i: i + batch_size]]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                width = enc["input_ids"].shape[1]
+                seq = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                     max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+                answer = seq[:, width:]
+                # answer positions up to and including the first EOS
+                is_eos = (answer == tok.eos_token_id).long()
+                answer_mask = (is_eos.cumsum(dim=1) - is_eos) == 0
+                mask = torch.cat([enc["attention_mask"], answer_mask.long()], dim=1)
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+                def next_token_logps(m):
+                    logits = m(input_ids=seq, attention_mask=mask, position_ids=positions).logits
+                    return torch.log_softmax(logits[:, width - 1: -1].float(), dim=-1)
+
+                lp_policy = next_token_logps(model)
+                with model.disable_adapter():
+                    lp_base = next_token_logps(model)
+                per_position = (lp_policy.exp() * (lp_policy - lp_base)).sum(dim=-1)
+                per_answer = (per_position * answer_mask).sum(dim=1)
+                total += float(per_answer.sum())
+                count += per_answer.numel()
+    finally:
+        tok.padding_side = old_side
+        model.train(was_training)
+    return total / count
+
+
+def save_adapter(model, output_adapter: str | os.PathLike[str]) -> Path:
+    """Save the trained adapter ("default"; not TRL's frozen "ref" copy) in PEFT format, atomically:
+    written beside the target and renamed into place."""
+    out = Path(output_adapter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.saving-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, selected_adapters=["default"])
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def run(
+    train_pairs: list[dict[str, Any]],
+    heldout_pairs: list[dict[str, Any]],
+    base_model: str | os.PathLike[str],
+    output_adapter: str | os.PathLike[str] | None,
+    cfg: TrainConfig,
+    work_dir: str | os.PathLike[str],
+    init_adapter: str | os.PathLike[str] | None = None,
+    metrics_path: str | os.PathLike[str] | None = None,
+    kl_prompts: int = KL_PROMPTS,
+) -> tuple[dict[str, Any], Any]:
+    """Train, evaluate on the held-out pairs, save the adapter (when `output_adapter` is given).
+
+    Returns (metrics, model); metrics holds `eval_*` (TRL's names, e.g. `eval_rewards/accuracies`,
+    `eval_loss`), `kl_to_base`, `train_pairs`, `heldout_pairs`, `train_seconds`, `train_loss`, `steps`.
+    Raises `NoTrainingPairs` or `NonFiniteLoss`. Every process of a distributed run calls this; only
+    the main one writes metrics, estimates KL and saves.
+    """
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    if not train_pairs:
+        raise NoTrainingPairs("no training pairs")
+    model, tok = load_policy(base_model, init_adapter)
+    callback = _metrics_callback_class()(metrics_path)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=dpo_config(cfg, Path(work_dir) / "trainer"),
+        train_dataset=Dataset.from_list(train_pairs),
+        eval_dataset=Dataset.from_list(heldout_pairs) if heldout_pairs else None,
+        processing_class=tok,
+        peft_config=None if init_adapter else lora_config(cfg),
+        callbacks=[callback],
+    )
+    t0 = time.perf_counter()
+    out = trainer.train()
+    train_seconds = time.perf_counter() - t0
+    if callback.failure:
+        raise NonFiniteLoss(callback.failure)
+
+    metrics: dict[str, Any] = {
+        "train_pairs": len(train_pairs),
+        "heldout_pairs": len(heldout_pairs),
+        "train_seconds": round(train_seconds, 2),
+        "train_loss": out.training_loss,
+        "steps": trainer.state.global_step,
+    }
+    if heldout_pairs:
+        ev = trainer.evaluate()
+        metrics.update({k: v for k, v in ev.items() if k.startswith("eval_") and "runtime" not in k
+                        and "per_second" not in k})
+    else:
+        metrics.update({"eval_loss": None, "eval_rewards/accuracies": None})
+
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    metrics["kl_to_base"] = None
+    if trainer.accelerator.is_main_process:
+        if heldout_pairs:
+            prompts = [p["prompt"] for p in heldout_pairs[:kl_prompts]]
+            metrics["kl_to_base"] = round(kl_to_base(policy, tok, prompts, seed=cfg.seed), 4)
+        if output_adapter is not None:
+            save_adapter(policy, output_adapter)
+    trainer.accelerator.wait_for_everyone()
+    return metrics, policy
