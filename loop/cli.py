@@ -130,12 +130,17 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
-    from loop.server import serve
-
+def _ready_to_serve(cfg: Config) -> None:
+    """The data folder, and the demo model when no base model is configured."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.model.base:
         ensure_demo_model(cfg)
+
+
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.server import serve
+
+    _ready_to_serve(cfg)
     return serve(cfg)
 
 
@@ -169,9 +174,7 @@ def cmd_versions(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     from loop.up import up
 
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.model.base:
-        ensure_demo_model(cfg)
+    _ready_to_serve(cfg)
     return up(cfg, args.set)
 
 
