@@ -32,6 +32,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+KEEP_ALIVE_S = 75  # idle HTTP keep-alive on the engine and the gateway (as nginx and load balancers do)
+
+
 def has_cuda() -> bool:
     try:
         import torch
@@ -62,6 +65,9 @@ def environment(cfg: EngineConfig) -> dict[str, str]:
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # vLLM's uvicorn drops idle connections after 5 s; the gateway keeps its pooled connections for
+    # KEEP_ALIVE_S - 15 s, so the engine must keep them longer or a reused one can be closed mid-send.
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(KEEP_ALIVE_S))
     return env
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from loop import dashboard
 from loop.config import Config
-from loop.engine import Engine
+from loop.engine import KEEP_ALIVE_S, Engine
 from loop.log_writer import LogWriter
 from loop.metrics import Metrics
 from loop.pair_maker import PairJob, PairMaker
@@ -109,7 +109,7 @@ class Gateway:
         if self._session is None:
             g = self.cfg.gateway
             self._session = aiohttp.ClientSession(
-                base_url=self.engine_url, connector=aiohttp.TCPConnector(limit=256),
+                base_url=self.engine_url, connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEP_ALIVE_S - 15),
                 timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
         return self._session
 

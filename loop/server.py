@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from loop.config import Config
+from loop.engine import KEEP_ALIVE_S
 
 
 def admin_token(store, path: Path) -> str:
@@ -60,7 +61,10 @@ def serve(cfg: Config) -> int:
     print(f"gateway: {url}/v1 (model '{cfg.model.served_name}'); it answers 503 until the engine is ready", flush=True)
     print(f"admin token: {cfg.admin_token_path}", flush=True)
     try:
-        uvicorn.run(app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning")
+        # keep idle client connections longer than uvicorn's 5 s, so a client that pauses between
+        # bursts does not send on a connection the gateway is just closing ("Server disconnected")
+        uvicorn.run(app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
+                    timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         gw.engine.stop()
         gw.store.close()

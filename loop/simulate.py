@@ -41,8 +41,15 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
             def ask(i: int) -> None:
                 body = {"model": alias, "max_tokens": max_tokens, "temperature": 1.0, "seed": rng.randrange(2**31),
                         "messages": [{"role": "user", "content": rng.choice(prompts)}]}
-                for attempt in range(5):  # as OpenAI's clients do: a 503 is retried after Retry-After
-                    r = http.post("/v1/chat/completions", json=body)
+                for attempt in range(5):  # as OpenAI's clients do: a 503 or a dropped connection is retried
+                    try:
+                        r = http.post("/v1/chat/completions", json=body)
+                    except httpx.TransportError as e:
+                        if attempt == 4:
+                            raise
+                        log(f"simulate: {type(e).__name__} ({e}); retrying")
+                        time.sleep(1)
+                        continue
                     if r.status_code != 503:
                         break
                     log(f"simulate: 503 ({r.json()['error']['message']}); retrying")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -260,6 +261,19 @@ def test_engine_crash_gives_503_then_recovers_with_the_promoted_adapter(server, 
         same = dict(messages=HELLO, max_tokens=12, temperature=0.0)
         assert (oai.chat.completions.create(model="alignloop", **same).choices[0].message.content
                 == oai.chat.completions.create(model=name, **same).choices[0].message.content)
+
+
+def test_an_idle_client_connection_is_kept_past_uvicorns_5_s(server):
+    """A client that pauses between bursts reuses its pooled connection; were the gateway to close
+    it after uvicorn's default 5 s, the next request could meet "Server disconnected"."""
+    host, port = server.url.removeprefix("http://").split(":")
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(7)
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "the gateway closed an idle connection after < 7 s"
 
 
 def test_metrics_in_prometheus_format(server):
