@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 from loop.demo_model import DemoModelConfig
 
 CONFIG_FILE = "alignloop.toml"
+METHODS = ("dpo", "ppo", "kto")
 
 
 class ConfigError(ValueError):
@@ -138,12 +139,96 @@ class TrainConfig:
     timeout_s: float = _f(3600.0, "a training run taking longer is killed and marked failed")
 
     def __post_init__(self) -> None:
-        if self.method not in ("dpo", "ppo", "kto"):
+        if self.method not in METHODS:
             raise ValueError(f"method must be dpo, ppo or kto, got {self.method!r}")
         if self.learning_rate <= 0 or self.epochs <= 0 or self.beta <= 0:
             raise ValueError("learning_rate, epochs and beta must be positive")
         if self.batch_size < 1 or self.lora_r < 1 or self.num_processes < 1:
             raise ValueError("batch_size, lora_r and num_processes must be at least 1")
+
+
+@dataclass
+class RewardConfig:
+    """The reward model PPO trains against, refreshed on every labelled pair (TRL `RewardTrainer`)."""
+
+    learning_rate: float = _f(3e-3, "peak learning rate (LoRA weights and the score head)")
+    epochs: float = _f(3.0, "passes over the labelled pairs")
+    batch_size: int = _f(16, "pairs per optimiser step")
+    center_rewards_coefficient: float = _f(0.01, "pulls the mean reward towards 0 (0: off)")
+    lora: bool = _f(True, "train LoRA + the score head (false: every weight)")
+    weight: float = _f(1.0, "weight of the refreshed reward model in the combined reward")
+    extra: str = _f("", "more reward models, 'DIR=weight,DIR=weight' (multi-objective, e.g. helpful + harmless)")
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0 or self.epochs <= 0 or self.batch_size < 1:
+            raise ValueError("learning_rate and epochs must be positive, batch_size at least 1")
+        extra_rewards(self.extra)
+
+
+def extra_rewards(spec: str) -> list[tuple[str, float]]:
+    """'DIR=weight,DIR=weight' as [(dir, weight)]."""
+    out = []
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        path, sep, weight = item.rpartition("=")
+        try:
+            out.append((path, float(weight)))
+        except ValueError:
+            sep = ""
+        if not sep or not path:
+            raise ValueError(f"extra: {item!r} is not DIR=weight")
+    return out
+
+
+@dataclass
+class PPOConfig:
+    """PPO against the reward model: the project's own trainer (loop/ppo.py)."""
+
+    steps: int = _f(24, "rollout batches; each is generated, scored, then optimised on")
+    rollout_batch: int = _f(32, "prompts per rollout batch (from live traffic; labels not needed)")
+    ppo_epochs: int = _f(4, "optimisation passes over each rollout batch")
+    minibatch: int = _f(8, "rollouts per gradient step")
+    learning_rate: float = _f(3e-3, "learning rate of the LoRA weights and the value head")
+    max_new_tokens: int = _f(48, "longest sampled answer in tokens")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts")
+    kl_coef: float = _f(0.05, "initial coefficient of the per-token KL penalty to the reference")
+    kl_target: float = _f(0.0, "adaptive KL: target KL per answer in nats (0: fixed kl_coef)")
+    kl_horizon: float = _f(1000.0, "adaptive KL: how fast kl_coef follows the target (in rollouts)")
+    clip_range: float = _f(0.2, "policy ratio clipping (epsilon)")
+    clip_range_value: float = _f(0.2, "value clipping around the old values")
+    vf_coef: float = _f(0.1, "weight of the value loss")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    missing_eos_penalty: float = _f(-1.0, "score of an answer cut off before its end token (against length hacking)")
+    whiten_rewards: bool = _f(False, "whiten the scores of each rollout batch before adding the KL penalty")
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.rollout_batch, self.ppo_epochs, self.minibatch, self.max_new_tokens) < 1:
+            raise ValueError("steps, rollout_batch, ppo_epochs, minibatch and max_new_tokens must be at least 1")
+        if self.minibatch > self.rollout_batch:
+            raise ValueError("minibatch must not be larger than rollout_batch")
+        if self.learning_rate <= 0 or self.temperature <= 0 or self.kl_coef < 0:
+            raise ValueError("learning_rate and temperature must be positive, kl_coef >= 0")
+        if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("gamma must be in (0, 1], lam in [0, 1]")
+
+
+@dataclass
+class KTOConfig:
+    """KTO on thumbs-up/down feedback from live users (TRL `KTOTrainer`); LoRA as [train]."""
+
+    learning_rate: float = _f(3e-3, "peak learning rate of the LoRA weights")
+    epochs: float = _f(4.0, "passes over the feedback")
+    batch_size: int = _f(16, "answers per optimiser step")
+    beta: float = _f(0.5, "KTO beta: how far the policy may move from the reference")
+    desirable_weight: float = _f(1.0, "loss weight of thumbs-up answers")
+    undesirable_weight: float = _f(1.0, "loss weight of thumbs-down answers")
+    heldout_share: float = _f(0.1, "share of the feedback held out for evaluation")
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0 or self.epochs <= 0 or self.beta <= 0 or self.batch_size < 1:
+            raise ValueError("learning_rate, epochs and beta must be positive, batch_size at least 1")
+        if not 0.0 <= self.heldout_share < 1.0:
+            raise ValueError("heldout_share must be in [0, 1)")
 
 
 @dataclass
@@ -173,10 +258,17 @@ class ScheduleConfig:
     cron: str = _f("0 3 * * *", "cron rule (minute hour day month weekday), local time; empty: no nightly run")
     min_new_labels: int = _f(0, "also retrain once this many new labels arrived since the last run (0: off)")
     check_every_s: float = _f(60.0, "how often the label trigger looks")
+    alternate: str = _f("", "methods the scheduler takes in turn, e.g. 'dpo,ppo'; empty: always train.method")
 
     def __post_init__(self) -> None:
         if self.min_new_labels < 0:
             raise ValueError("min_new_labels must be >= 0")
+        unknown = [m for m in self.methods() if m not in METHODS]
+        if unknown:
+            raise ValueError(f"alternate: unknown method(s) {', '.join(unknown)}; expected {', '.join(METHODS)}")
+
+    def methods(self) -> list[str]:
+        return [m.strip() for m in self.alternate.split(",") if m.strip()]
 
 
 @dataclass
@@ -191,6 +283,9 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     path: Path | None = field(default=None, metadata={"toml": False})

@@ -124,6 +124,9 @@ def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
         bf16=gpu and torch.cuda.is_bf16_supported(),
         # checkpointing saves GPU memory on big models; on CPU it only costs time
         gradient_checkpointing=gpu,
+        # TRL zeroes every dropout by default, LoRA's included; lora_dropout > 0 keeps dropout on
+        # (the adapter's and the model's own, if it has any)
+        disable_dropout=cfg.lora_dropout == 0,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )

@@ -209,6 +209,8 @@ def test_dpo_config_follows_train_section(tmp_path):
     assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (2e-3, 3.0, 4)
     assert (args.beta, args.loss_type, args.max_length, args.seed) == (0.2, ["sigmoid", "sft"], 64, 7)
     assert args.logging_steps == 1 and not args.logging_nan_inf_filter and args.save_strategy == "no"
+    assert not args.disable_dropout  # lora_dropout > 0; TRL would otherwise zero it
+    assert dpo_config(TrainConfig(lora_dropout=0.0), tmp_path).disable_dropout
     import torch
 
     if not torch.cuda.is_available():

@@ -5,7 +5,7 @@ twice (the first answer with a client's temperature, the second with temperature
 gateway's pair maker does), the demo judge labels each pair (ties are left out), about 10% of the
 pairs are held out by a hash of their id, and `loop.dpo.run` trains on the rest (the code
 `python -m loop.train` runs). Then base and trained model each answer every held-out prompt
-`--eval-samples` times at the gate's temperature, and the judge compares them prompt by prompt.
+`--eval-samples` times at the gate's temperature (1.0), and the judge compares them prompt by prompt.
 
 Reported per run: pairs used, train time, held-out preference accuracy, KL to the base, the judge's
 win rate of trained over base (ties count half), the share of good answers before and after, and
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from loop import demo_corpus, demo_model, judge  # noqa: E402
-from loop.config import TrainConfig, _parse_override  # noqa: E402
+from loop.config import GateConfig, TrainConfig, _parse_override  # noqa: E402
 
 
 def make_pairs(model_dir: Path, n: int, client_temperature: float, seed: int, heldout_share: float = 0.1):
@@ -124,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="demo model directory")
     ap.add_argument("--pairs", type=int, default=500, help="pairs sampled and judged (ties are then dropped)")
-    ap.add_argument("--client-temperature", type=float, default=0.8, help="temperature of each pair's first answer")
+    ap.add_argument("--client-temperature", type=float, default=1.0,
+                    help="temperature of each pair's first answer (the simulated clients use 1.0)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (pairs, training and evaluation)")
     ap.add_argument("--eval-samples", type=int, default=2, help="answers per held-out prompt and model")
-    ap.add_argument("--eval-temperature", type=float, default=0.7)
+    ap.add_argument("--eval-temperature", type=float, default=GateConfig().temperature,
+                    help="sampling temperature when judging (default: the gate's, [gate] temperature)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a [train] field")
     ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per run here")
     ap.add_argument("--show", action="store_true", help="print a few judged answers")
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['good_trained']:.2f} | **{r['win_rate']:.3f}** | {1 - r['good_base'] / 2:.3f} |", flush=True)
         if args.show:
             for ex in r["examples"]:
-                print(f"  {ex['prompt']!r}\n    trained: {ex['trained']!r}\n    base:    {ex['base']!r}", file=sys.stderr)
+                print(f"  {ex['prompt']!r}\n    trained: {ex['trained']!r}\n    base:    {ex['base']!r}",
+                      file=sys.stderr)
             for ex in r["not_good"]:
                 print(f"  not good: {ex['prompt']!r} -> {ex['trained']!r}", file=sys.stderr)
         if args.jsonl:
