@@ -7,9 +7,10 @@
     alignloop serve                           the vLLM engine and the gateway
     alignloop promote VERSION | rollback      hot-swap what the served alias points to
     alignloop versions [--add ADAPTER_DIR]
-    alignloop retrain [--method dpo] [--force]  one cycle: snapshot, train, evaluate, gate, promote
+    alignloop retrain [--method dpo|ppo|kto] [--force]  one cycle: snapshot, train, evaluate, gate, promote
     alignloop scheduler                       retrain nightly / every N labels
     alignloop simulate --labellers N --pairs M
+    alignloop compare [--methods dpo,ppo] [--seeds 0,1,2]  DPO vs RLHF measured on the same labelled data
     alignloop status [--json]
     alignloop up                              the whole system on the configured model
 
@@ -192,11 +193,38 @@ def cmd_scheduler(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.compare import compare
+
+    _ready_to_serve(cfg)
+    out = Path(args.out) if args.out else cfg.data_dir / "compare" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.snapshot:
+        snapshot = Path(args.snapshot)
+    elif (client := _gateway(cfg)).running():  # the gateway owns the store while it runs
+        snapshot = Path(client.call("POST", "/api/snapshot")["dir"])
+    else:
+        from store import export
+
+        snapshot = out / "snapshot"
+        with _store(cfg) as store:
+            export.snapshot(store, snapshot, cfg.store.heldout_share)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in configuration.METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(configuration.METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = compare(cfg, snapshot, out, methods, seeds, samples=args.samples)
+    print(result["table"])
+    print(f"report: {result['report']}\nplot: {result['plot']}\nevery number: {out / 'trials.jsonl'}")
+    return 0 if all(s["seeds"] for s in result["summary"]) else 1
+
+
 def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     from loop.simulate import simulate
 
     client = _gateway(cfg)
-    result = simulate(client, cfg.model.served_name, args.labellers, args.pairs, flip=args.flip, seed=args.seed)
+    result = simulate(client, cfg.model.served_name, args.labellers, args.pairs, flip=args.flip, seed=args.seed,
+                      feedback_share=args.feedback_share)
     print(json.dumps(result["counts"]))
     return 0
 
@@ -272,8 +300,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--labellers", type=int, default=4)
     s.add_argument("--pairs", type=int, default=200, help="send traffic until the store holds this many pairs")
     s.add_argument("--flip", action="store_true", help="label against the judge (to see the gate reject)")
+    s.add_argument("--feedback-share", type=float, default=0.5,
+                   help="share of answers the simulated users rate with a thumb (what KTO learns from)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(run=cmd_simulate)
+
+    s = sub.add_parser("compare", help="DPO vs RLHF (reward model + PPO) on the same labelled data: memory, time, "
+                                       "knobs, win rate and its spread over seeds")
+    s.add_argument("--methods", default="dpo,ppo", help="comma-separated, from dpo, ppo, kto")
+    s.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    s.add_argument("--samples", type=int, default=2, help="answers per held-out prompt when judging")
+    s.add_argument("--snapshot", help="a snapshot directory (default: a fresh snapshot of the store)")
+    s.add_argument("--out", help="report directory (default: DATA_DIR/compare/TIMESTAMP)")
+    s.set_defaults(run=cmd_compare)
 
     s = sub.add_parser("up", help="start the whole system on the configured (default: demo) model")
     s.set_defaults(run=cmd_up)

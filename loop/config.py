@@ -183,14 +183,14 @@ def extra_rewards(spec: str) -> list[tuple[str, float]]:
 class PPOConfig:
     """PPO against the reward model: the project's own trainer (loop/ppo.py)."""
 
-    steps: int = _f(24, "rollout batches; each is generated, scored, then optimised on")
+    steps: int = _f(16, "rollout batches; each is generated, scored, then optimised on")
     rollout_batch: int = _f(32, "prompts per rollout batch (from live traffic; labels not needed)")
     ppo_epochs: int = _f(4, "optimisation passes over each rollout batch")
     minibatch: int = _f(8, "rollouts per gradient step")
-    learning_rate: float = _f(3e-3, "learning rate of the LoRA weights and the value head")
+    learning_rate: float = _f(1e-3, "learning rate of the LoRA weights and the value head (annealed to 0)")
     max_new_tokens: int = _f(48, "longest sampled answer in tokens")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
-    kl_coef: float = _f(0.05, "initial coefficient of the per-token KL penalty to the reference")
+    kl_coef: float = _f(0.2, "initial coefficient of the per-token KL penalty to the reference")
     kl_target: float = _f(0.0, "adaptive KL: target KL per answer in nats (0: fixed kl_coef)")
     kl_horizon: float = _f(1000.0, "adaptive KL: how fast kl_coef follows the target (in rollouts)")
     clip_range: float = _f(0.2, "policy ratio clipping (epsilon)")
@@ -198,7 +198,7 @@ class PPOConfig:
     vf_coef: float = _f(0.1, "weight of the value loss")
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE lambda")
-    missing_eos_penalty: float = _f(-1.0, "score of an answer cut off before its end token (against length hacking)")
+    missing_eos_penalty: float = _f(-1.0, "score of an answer cut off before its end token (against length hacking; 0: off)")
     whiten_rewards: bool = _f(False, "whiten the scores of each rollout batch before adding the KL penalty")
 
     def __post_init__(self) -> None:
@@ -225,8 +225,10 @@ class KTOConfig:
     heldout_share: float = _f(0.1, "share of the feedback held out for evaluation")
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0 or self.epochs <= 0 or self.beta <= 0 or self.batch_size < 1:
-            raise ValueError("learning_rate, epochs and beta must be positive, batch_size at least 1")
+        if self.learning_rate <= 0 or self.epochs <= 0 or self.beta <= 0:
+            raise ValueError("learning_rate, epochs and beta must be positive")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (KTO estimates its KL reference point within a batch)")
         if not 0.0 <= self.heldout_share < 1.0:
             raise ValueError("heldout_share must be in [0, 1)")
 
@@ -235,7 +237,7 @@ class KTOConfig:
 class GateConfig:
     """Evaluation and the promotion gate."""
 
-    judge: str = _f("demo", "who judges win rate: 'demo' (the demo judge's rule) or an OpenAI-compatible URL")
+    judge: str = _f("demo", "who judges win rate: 'demo' (the demo judge's rule), 'reward' (the newest reward model) or an OpenAI-compatible URL")
     judge_model: str = _f("", "model name at the judge URL (LLM-as-judge, i.e. RLAIF)")
     margin: float = _f(0.05, "promote only if the candidate's win rate over what serves is above 0.5 + margin")
     kl_budget: float = _f(20.0, "reject a candidate whose KL to the base (nats per answer) is above this")

@@ -141,10 +141,12 @@ def _metrics_callback_class():
 
     class MetricsWriter(TrainerCallback):
         """Appends every logged number to `metrics.jsonl` as {"step", "name", "value"}, flushed at
-        each logging step (rank 0 only), and stops training on a NaN/inf loss or gradient norm."""
+        each logging step (rank 0 only), and stops training on a NaN/inf loss or gradient norm.
+        `prefix` goes before every name (e.g. "reward/" for the reward model a PPO run fits first)."""
 
-        def __init__(self, path: str | os.PathLike[str] | None):
+        def __init__(self, path: str | os.PathLike[str] | None, prefix: str = ""):
             self.path = Path(path) if path else None
+            self.prefix = prefix
             self.failure: str | None = None
             hook = os.environ.get(NAN_HOOK_ENV, "").strip()
             self.nan_at_step = int(hook) if hook else None
@@ -169,7 +171,7 @@ def _metrics_callback_class():
             if self.path is None or not state.is_world_process_zero:
                 return
             lines = [
-                json.dumps({"step": int(state.global_step), "name": k, "value": float(v)})
+                json.dumps({"step": int(state.global_step), "name": self.prefix + k, "value": float(v)})
                 for k, v in logs.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             ]

@@ -2,8 +2,8 @@
 
 Win rate: both versions answer the same held-out prompts with the same sampling seeds (through the
 gateway's `/api/generate`, i.e. the real engine), and the judge picks the better answer of each
-pair; ties count half. The judge is the demo judge's rule (`loop.judge`), or an OpenAI-compatible
-LLM asked which answer is better (RLAIF).
+pair; ties count half. The judge is the demo judge's rule (`loop.judge`), the newest reward model
+(`gate.judge = "reward"`), or an OpenAI-compatible LLM asked which answer is better (RLAIF).
 """
 
 from __future__ import annotations
@@ -46,9 +46,27 @@ def llm_judge(url: str, model: str, timeout: float = 60.0) -> Judge:
     return prefer
 
 
-def make_judge(cfg: GateConfig) -> Judge:
+def reward_judge(path: str) -> Judge:
+    """A reward model as judge: the answer it scores higher wins (equal scores tie)."""
+    from loop.reward import RewardModel
+
+    model = RewardModel.load(path)
+
+    def prefer(prompt: str, a: str, b: str) -> str:
+        sa, sb = model.score([[{"role": "user", "content": prompt}]] * 2, [a, b]).tolist()
+        return "a" if sa > sb else "b" if sb > sa else "tie"
+
+    return prefer
+
+
+def make_judge(cfg: GateConfig, reward_model: str | None = None) -> Judge:
+    """The configured judge; `reward_model` is the newest reward model's directory (for judge = "reward")."""
     if cfg.judge == "demo":
         return demo_judge.prefer
+    if cfg.judge == "reward":
+        if not reward_model:
+            raise ValueError("gate.judge = \"reward\" but no reward model exists yet: run a PPO cycle first")
+        return reward_judge(reward_model)
     return llm_judge(cfg.judge, cfg.judge_model)
 
 

@@ -40,6 +40,7 @@ from loop.versions import VersionError, Versions
 from store import export
 from store.database import Exchange, Store, StoreError
 from store.labelling import LabelConflict, LabelQueue
+from store.reward_models import RewardModels
 from store.runs import RunBusy, Runs
 
 DEFAULT_GUIDELINES = """\
@@ -87,6 +88,7 @@ class Gateway:
         self.pairs = PairMaker(self.router, self.http, self.writer.put, lambda: self.in_flight, g.pair_share)
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
         self.runs = Runs(self.store)
+        self.reward_models = RewardModels(self.store)
         self._token_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -387,6 +389,15 @@ class RunFinish(BaseModel):
     snapshot_hash: str | None = None
 
 
+class RewardModelIn(BaseModel):
+    path: str
+    run_id: int | None = None
+    base_model: str | None = None
+    snapshot_hash: str | None = None
+    accuracy: float | None = None
+    metrics: dict | None = None
+
+
 class GenerateRequest(BaseModel):
     model: str
     prompts: list[list[dict[str, str]]] = Field(min_length=1, max_length=2048)
@@ -629,6 +640,14 @@ def create_app(gw: Gateway) -> FastAPI:
             return await asyncio.to_thread(gw.runs.finish, run_id, **body.model_dump())
         except StoreError as e:
             raise HTTPProblem(409, str(e)) from None
+
+    @app.post("/api/reward_models")
+    async def add_reward_model(body: RewardModelIn, who=Depends(admin)) -> dict[str, Any]:
+        return await asyncio.to_thread(gw.reward_models.add, **body.model_dump())
+
+    @app.get("/api/reward_models")
+    async def list_reward_models(who=Depends(admin)) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(gw.reward_models.list)
 
     @app.post("/api/retrain")
     async def retrain(body: RetrainRequest, who=Depends(admin)) -> dict[str, Any]:

@@ -97,6 +97,11 @@ def heldout_prompts(snapshot_dir: Path, limit: int) -> list[list[dict[str, str]]
     return out
 
 
+def latest_reward_model(client: GatewayClient) -> str | None:
+    rows = client.call("GET", "/api/reward_models")
+    return rows[0]["path"] if rows else None
+
+
 def evaluate(cfg: Config, client: GatewayClient, candidate: str, serving: str,
              prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
     g = cfg.gate
@@ -104,7 +109,7 @@ def evaluate(cfg: Config, client: GatewayClient, candidate: str, serving: str,
     cand = client.call("POST", "/api/generate", json={"model": candidate, **body})["answers"]
     serv = client.call("POST", "/api/generate", json={"model": serving, **body})["answers"]
     texts = [p[-1]["content"] for p in prompts]
-    result = win_rate(texts, [a["text"] for a in cand], [a["text"] for a in serv], make_judge(g))
+    result = win_rate(texts, [a["text"] for a in cand], [a["text"] for a in serv], make_judge(g, latest_reward_model(client)))
     result["eval_prompts"] = len(prompts)
     result["mean_tokens_candidate"] = sum(a["completion_tokens"] for a in cand) / len(cand)
     result["mean_tokens_serving"] = sum(a["completion_tokens"] for a in serv) / len(serv)
@@ -138,39 +143,58 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
     return result
 
 
+def training_data(manifest: dict[str, Any], method: str) -> tuple[str, int, str]:
+    """(hash, count, noun) of what `method` learns from: labelled pairs (DPO; PPO's reward model, plus
+    the prompts PPO rolls out on) or thumbs (KTO)."""
+    counts, hashes = manifest["counts"], manifest["content_hash"]
+    if method == "kto":
+        return hashes["feedback"], counts["feedback"], "feedback (thumbs up/down)"
+    train_pairs = counts["pairs"] - counts["heldout"]
+    if method == "ppo":
+        return f"{hashes['pairs']}+{hashes['prompts']}", train_pairs, "labelled pairs"
+    return hashes["pairs"], train_pairs, "labelled pairs"
+
+
 def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str, force: bool, log) -> dict[str, Any]:
     run_id = run["id"]
     snap = client.call("POST", "/api/snapshot")
     manifest = snap["manifest"]
-    snapshot_hash = manifest["content_hash"]["pairs"]
-    train_pairs = manifest["counts"]["pairs"] - manifest["counts"]["heldout"]
+    snapshot_hash, count, noun = training_data(manifest, method)
     log(f"run {run_id}: snapshot {snap['dir']}: {manifest['counts']}")
     previous = [r for r in client.call("GET", "/api/runs") if r["id"] != run_id and r["status"] == "promoted"]
     if not force and previous and previous[0]["snapshot_hash"] == snapshot_hash:
-        return {"status": "skipped", "reason": f"no new labelled pairs since run {previous[0]['id']}",
+        return {"status": "skipped", "reason": f"no new {noun} since run {previous[0]['id']}",
                 "snapshot_hash": snapshot_hash}
-    if train_pairs == 0:
-        return {"status": "skipped", "reason": "no labelled pairs to train on", "snapshot_hash": snapshot_hash}
+    if count == 0:
+        return {"status": "skipped", "reason": f"no {noun} to train on", "snapshot_hash": snapshot_hash}
+    prompts = heldout_prompts(Path(snap["dir"]), cfg.gate.eval_prompts)
+    if not prompts:
+        return {"status": "skipped", "reason": "no held-out prompts to evaluate on", "snapshot_hash": snapshot_hash}
     status = client.call("GET", "/api/status")
     serving_id = status["serving"]
     versions = {v["id"]: v for v in client.call("GET", "/api/versions")}
     init_adapter = versions[serving_id]["adapter_path"] if cfg.train.from_serving and serving_id else None
     run_dir = cfg.data_dir / "runs" / f"run-{run_id}"
     job = {"method": method, "snapshot": snap["dir"], "base_model": str(cfg.base_model_dir),
-           "init_adapter": init_adapter, "output_adapter": str(run_dir / "adapter"), "train": asdict(cfg.train)}
+           "init_adapter": init_adapter, "output_adapter": str(run_dir / "adapter"), "train": asdict(cfg.train),
+           "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts}
     started = time.monotonic()
     trained = train(cfg, client, run_id, run_dir, job)
     train_seconds = time.monotonic() - started
     log(f"run {run_id}: trained in {train_seconds:.0f} s: {trained['metrics']}")
+    reward_model = None
+    if trained.get("reward_model"):
+        rm = trained["reward_model"]
+        reward_model = client.call("POST", "/api/reward_models", json={
+            "path": rm["path"], "run_id": run_id, "base_model": str(cfg.base_model_dir),
+            "snapshot_hash": manifest["content_hash"]["pairs"], "accuracy": rm["accuracy"], "metrics": rm["metrics"]})
+        log(f"run {run_id}: reward model {reward_model['id']}: held-out accuracy {rm['accuracy']}")
     candidate = client.call("POST", "/api/versions", json={
         "adapter_path": trained["adapter"], "method": method, "parent_id": serving_id,
         "snapshot_hash": snapshot_hash, "config": to_dict(cfg), "metrics": trained["metrics"]})
-    prompts = heldout_prompts(Path(snap["dir"]), cfg.gate.eval_prompts)
-    if not prompts:
-        raise RunFailed("no held-out prompts to evaluate on")
     evaluation = evaluate(cfg, client, candidate["name"], versions[serving_id]["name"], prompts)
-    metrics = {**trained["metrics"], **evaluation, "train_seconds": train_seconds,
-               "serving_version": serving_id, "train_pairs": train_pairs}
+    metrics = {**trained["metrics"], **evaluation, "train_seconds": train_seconds, "serving_version": serving_id,
+               "train_examples": count, "reward_model_id": reward_model["id"] if reward_model else None}
     ok, reason = gate(metrics, cfg.gate)
     log(f"run {run_id}: {candidate['name']} vs {versions[serving_id]['name']}: {reason}")
     common = {"metrics": metrics, "candidate_version_id": candidate["id"], "snapshot_hash": snapshot_hash}

@@ -1,6 +1,7 @@
 """The scheduler: retrains by a cron rule (nightly by default) and/or once enough new labels came.
 
-APScheduler runs the triggers; each calls `run_cycle` in its own thread. One run at a time: a
+APScheduler runs the triggers; each calls `run_cycle` in its own thread, with `train.method` or,
+when `schedule.alternate` lists several ("dpo,ppo"), the next one in turn after the last run's. One run at a time: a
 trigger that fires while a run is going is skipped and logged (here, and by the gateway, which
 refuses a second running run, so two scheduler processes cannot overlap either).
 """
@@ -16,6 +17,13 @@ from loop.config import Config
 from loop.retrain import run_cycle
 
 
+def next_in_turn(methods: list[str], last: str | None) -> str:
+    """The method after `last` in `methods`, wrapping round; the first when `last` is not in it."""
+    if last not in methods:
+        return methods[0]
+    return methods[(methods.index(last) + 1) % len(methods)]
+
+
 class Scheduler:
     def __init__(self, cfg: Config, log=print) -> None:
         self.cfg, self.log = cfg, log
@@ -28,12 +36,24 @@ class Scheduler:
             self.log(f"{datetime.now():%H:%M:%S} scheduler: {reason} trigger skipped: a run is going")
             return None
         try:
-            return run_cycle(self.cfg, trigger=reason, log=self.log)
+            return run_cycle(self.cfg, method=self.next_method(), trigger=reason, log=self.log)
         except Exception as e:  # a broken cycle must not stop the scheduler
             self.log(f"{datetime.now():%H:%M:%S} scheduler: {reason} run failed to start: {e}")
             return None
         finally:
             self._busy.release()
+
+    def next_method(self) -> str:
+        """train.method, or with [schedule] alternate the method after the last run's in that list."""
+        methods = self.cfg.schedule.methods()
+        if not methods:
+            return self.cfg.train.method
+        client = GatewayClient(self.cfg)
+        try:
+            runs = client.call("GET", "/api/runs")
+        finally:
+            client.close()
+        return next_in_turn(methods, runs[0]["method"] if runs else None)
 
     def enough_new_labels(self) -> bool:
         need = self.cfg.schedule.min_new_labels

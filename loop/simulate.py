@@ -2,8 +2,10 @@
 the same HTTP API people use (the OpenAI endpoint, sign-in tokens, the labelling queue).
 
 Users ask the demo domain's training prompts; the gateway makes pairs from that traffic in the
-background. Labellers take pairs from the queue and choose with the demo judge's rule (or against
-it with `flip`, to see the gate reject what bad labels train).
+background. A share of users (`feedback_share`) rate the answer they got with a thumb, up when the
+demo judge calls it good, else down (`POST /v1/feedback`: what KTO trains on). Labellers take pairs
+from the queue and choose with the demo judge's rule (or against it with `flip`, to see the gate
+reject what bad labels train; thumbs stay honest).
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ FLIPPED = {"a": "second", "b": "first", "tie": "tie"}
 
 
 def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst: int = 16,
-            max_tokens: int = 64, timeout_s: float = 900, log=print) -> int:
-    """Send demo prompts in bursts until the store holds `pairs` pairs; returns requests sent."""
+            max_tokens: int = 64, timeout_s: float = 900, feedback_share: float = 0.5, log=print) -> int:
+    """Send demo prompts in bursts until the store holds `pairs` pairs; returns requests sent.
+
+    After a share `feedback_share` of the answers, the user sends a thumb on it (up when the demo
+    judge calls it good, else down), with the response id the gateway returned."""
+    if not 0.0 <= feedback_share <= 1.0:
+        raise ValueError(f"feedback_share must be in [0, 1], got {feedback_share}")
     rng = random.Random(seed)
+    rates = random.Random(f"feedback:{seed}")  # its own stream: the prompts drawn stay as they were
     prompts = demo_corpus.prompts("train")
-    sent, deadline = 0, time.monotonic() + timeout_s
+    sent, thumbs, deadline = 0, 0, time.monotonic() + timeout_s
     with httpx.Client(base_url=client.url, timeout=120) as http:
         while time.monotonic() < deadline:
             status = client.call("GET", "/api/status")
@@ -38,9 +46,10 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
                 time.sleep(0.5)
                 continue
 
-            def ask(i: int) -> None:
-                body = {"model": alias, "max_tokens": max_tokens, "temperature": 1.0, "seed": rng.randrange(2**31),
-                        "messages": [{"role": "user", "content": rng.choice(prompts)}]}
+            def ask(rate: bool) -> bool:
+                sampling_seed, prompt = rng.randrange(2**31), rng.choice(prompts)
+                body = {"model": alias, "max_tokens": max_tokens, "temperature": 1.0, "seed": sampling_seed,
+                        "messages": [{"role": "user", "content": prompt}]}
                 for attempt in range(5):  # as OpenAI's clients do: a 503 or a dropped connection is retried
                     try:
                         r = http.post("/v1/chat/completions", json=body)
@@ -55,11 +64,23 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
                     log(f"simulate: 503 ({r.json()['error']['message']}); retrying")
                     time.sleep(min(float(r.headers.get("Retry-After", 1)), 10))
                 r.raise_for_status()
+                if not rate:
+                    return False
+                answer = r.json()
+                choice = answer["choices"][0]
+                text = choice["message"].get("content") or ""
+                thumb = "up" if judge.is_good(prompt, text) else "down"
+                f = http.post("/v1/feedback", json={"id": answer["id"], "choice": choice["index"], "thumbs": thumb})
+                f.raise_for_status()
+                return True
 
+            rate = [rates.random() < feedback_share for _ in range(burst)]
             with ThreadPoolExecutor(8) as pool:
-                list(pool.map(ask, range(burst)))
+                thumbs += sum(pool.map(ask, rate))
             sent += burst
-        log(f"simulate: {sent} requests, {client.call('GET', '/api/status')['counts']['pairs']} pairs in the store")
+        counts = client.call("GET", "/api/status")["counts"]
+        log(f"simulate: {sent} requests, {thumbs} thumbs sent; {counts['pairs']} pairs, "
+            f"{counts.get('feedback', 0)} feedback in the store")
     return sent
 
 
@@ -99,7 +120,7 @@ def label(client: GatewayClient, labellers: int, flip: bool = False, limit: int 
 
 
 def simulate(client: GatewayClient, alias: str, labellers: int, pairs: int, flip: bool = False,
-             seed: int = 0, log=print) -> dict[str, Any]:
-    sent = traffic(client, alias, pairs, seed=seed, log=log)
+             seed: int = 0, feedback_share: float = 0.5, log=print) -> dict[str, Any]:
+    sent = traffic(client, alias, pairs, seed=seed, feedback_share=feedback_share, log=log)
     given = label(client, labellers, flip=flip, log=log)
     return {"requests": sent, "labels": given, "counts": client.call("GET", "/api/status")["counts"]}

@@ -8,25 +8,28 @@ or, one process, without the launcher: `python -m loop.train RUN_DIR`.
 
 RUN_DIR/job.json:
 
-    {"method": "dpo", "snapshot": "/abs/snapshot_dir", "base_model": "/abs/model_dir",
+    {"method": "dpo" | "ppo" | "kto", "snapshot": "/abs/snapshot_dir", "base_model": "/abs/model_dir",
      "init_adapter": null | "/abs/adapter_dir", "output_adapter": "/abs/RUN_DIR/adapter",
-     "train": {...every [train] field of loop.config.TrainConfig...}}
+     "train": {...[train]...}, "reward": {...}, "ppo": {...}, "kto": {...} (the config's sections),
+     "eval_prompts": [prompt messages the gate will judge on: PPO does not roll out on them]}
 
 What it writes (only the main process writes):
 
 - RUN_DIR/metrics.jsonl: one {"step", "name", "value"} line per logged number, flushed at every step
   (loss, rewards/margins, rewards/accuracies, learning_rate, epoch, grad_norm, ...; TRL's names);
 - on success: the LoRA adapter (PEFT format) at output_adapter, and RUN_DIR/result.json
-  {"adapter": path, "metrics": {"eval_rewards/accuracies", "eval_loss", "kl_to_base", "train_pairs",
-  "heldout_pairs", "train_seconds", ...}};
+  {"adapter": path, "metrics": {"kl_to_base", "train_seconds", ... the method's own}}; a PPO run also
+  leaves its refreshed reward model in RUN_DIR/reward-model and adds "reward_model": {"path",
+  "accuracy", "metrics"};
 - on failure: RUN_DIR/error.txt with the reason, no adapter, and exit status
-  2 = no training pairs, 3 = NaN/inf loss, 1 = anything else.
+  2 = no training data (pairs, or both kinds of feedback for KTO), 3 = NaN/inf loss, 1 = anything else.
 
 Note: `accelerate launch` reports any nonzero status of its child as 1 (it raises
 CalledProcessError, or torchrun's ChildFailedError), so behind the launcher error.txt tells the
 cases apart; `python -m loop.train` returns the status itself.
 
-The method's code lives in its own module (`loop.dpo`); this file only dispatches and reports.
+Each method's code lives in its own module (`loop.dpo`, `loop.reward` + `loop.ppo`, `loop.kto`);
+this file only dispatches and reports.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _peak_gpu_mb() -> float | None:
+    """Peak GPU memory this process allocated (torch's count), or None without CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def read_job(run_dir: Path) -> dict[str, Any]:
     job = json.loads((run_dir / "job.json").read_text(encoding="utf-8"))
     missing = [k for k in ("method", "snapshot", "base_model", "output_adapter", "train") if k not in job]
@@ -71,28 +82,68 @@ def train_dpo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
     cfg = TrainConfig(**job["train"])
     train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
-    metrics, _ = dpo.run(
-        train_pairs,
-        heldout_pairs,
-        base_model=job["base_model"],
-        output_adapter=job["output_adapter"],
-        cfg=cfg,
-        work_dir=run_dir,
-        init_adapter=job.get("init_adapter"),
-        metrics_path=run_dir / "metrics.jsonl",
-    )
+    metrics, _ = dpo.run(train_pairs, heldout_pairs, base_model=job["base_model"],
+                         output_adapter=job["output_adapter"], cfg=cfg, work_dir=run_dir,
+                         init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl")
     return {"adapter": str(job["output_adapter"]), "metrics": metrics}
+
+
+def train_kto(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    from loop import kto
+    from loop.config import KTOConfig, TrainConfig
+
+    cfg = KTOConfig(**job["kto"])
+    train_rows, heldout_rows = kto.load_feedback(job["snapshot"], cfg.heldout_share)
+    metrics, _ = kto.run(train_rows, heldout_rows, base_model=job["base_model"], output_adapter=job["output_adapter"],
+                         cfg=cfg, train_cfg=TrainConfig(**job["train"]), work_dir=run_dir,
+                         init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl")
+    return {"adapter": str(job["output_adapter"]), "metrics": metrics}
+
+
+def rollout_prompts(snapshot: str | os.PathLike[str], exclude: list[Any]) -> list[list[dict[str, str]]]:
+    """Every prompt from traffic (and imports) in the snapshot, less those the gate will judge on."""
+    import pyarrow.parquet as pq
+
+    skip = {json.dumps(p, sort_keys=True) for p in exclude}
+    rows = pq.read_table(Path(snapshot) / "prompts.parquet").to_pylist()
+    return [r["prompt"] for r in rows if json.dumps(r["prompt"], sort_keys=True) not in skip]
+
+
+def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Refresh the reward model on every labelled pair, then PPO against it (and [reward] extra)."""
+    from loop import dpo, ppo, reward
+    from loop.config import PPOConfig, RewardConfig, TrainConfig
+
+    train_cfg, reward_cfg = TrainConfig(**job["train"]), RewardConfig(**job["reward"])
+    if train_cfg.num_processes > 1:
+        raise ValueError("PPO runs in one process (its rollouts are not sharded); set train.num_processes = 1")
+    train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
+    reward_dir = run_dir / "reward-model"
+    rm = reward.train(train_pairs, heldout_pairs, job["base_model"], reward_dir, reward_cfg, train_cfg,
+                      work_dir=run_dir, metrics_path=run_dir / "metrics.jsonl")
+    scorer = reward.CombinedReward.load(reward_dir if reward_cfg.weight else None, reward_cfg.weight,
+                                        reward_cfg.extra)
+    exclude = job.get("eval_prompts") or []
+    prompts = rollout_prompts(job["snapshot"], exclude)
+    metrics, _ = ppo.run(prompts, scorer, job["base_model"], job["output_adapter"], PPOConfig(**job["ppo"]),
+                         train_cfg, init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl",
+                         heldout_prompts=exclude or [p["prompt"] for p in heldout_pairs],
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    metrics.update({f"reward_model_{k}": v for k, v in rm.items()})
+    return {"adapter": str(job["output_adapter"]), "metrics": metrics,
+            "reward_model": {"path": str(reward_dir), "accuracy": rm.get("accuracy"), "metrics": rm}}
+
+
+METHODS = {"dpo": train_dpo, "ppo": train_ppo, "kto": train_kto}
 
 
 def run(run_dir: Path) -> dict[str, Any]:
     """Run the job in `run_dir`; returns what goes into result.json."""
     job = read_job(run_dir)
     method = job["method"]
-    if method == "dpo":
-        return train_dpo(job, run_dir)
-    if method in ("ppo", "kto"):
-        raise NotImplementedError(f"train method {method!r} is not implemented yet; use method = \"dpo\"")
-    raise ValueError(f"unknown train method {method!r}; expected dpo, ppo or kto")
+    if method not in METHODS:
+        raise ValueError(f"unknown train method {method!r}; expected {', '.join(METHODS)}")
+    return METHODS[method](job, run_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"loop.train: {reason}", file=sys.stderr)
         return code
     if main_process:
+        result["metrics"]["peak_gpu_mb"] = _peak_gpu_mb()
         _write_json(run_dir / "result.json", result)
         print(f"loop.train: adapter saved to {result['adapter']}", file=sys.stderr)
     return 0

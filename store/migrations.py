@@ -161,8 +161,25 @@ def m001_initial(db: duckdb.DuckDBPyConnection) -> None:
     db.execute("CREATE INDEX responses_exchange ON responses (exchange_id)")
 
 
+def m002_reward_models(db: duckdb.DuckDBPyConnection) -> None:
+    """Reward models, one per refresh (a PPO run fits one on every labelled pair so far)."""
+    db.execute("CREATE SEQUENCE reward_models_id_seq START 1")
+    db.execute("""
+        CREATE TABLE reward_models (
+            id BIGINT PRIMARY KEY DEFAULT nextval('reward_models_id_seq'),
+            run_id BIGINT,                        -- the run that fitted it; NULL if registered by hand
+            path VARCHAR NOT NULL,                -- directory (see loop/reward.py)
+            base_model VARCHAR,
+            snapshot_hash VARCHAR,                -- the labelled pairs it was fitted on
+            accuracy DOUBLE,                      -- held-out preference accuracy
+            metrics VARCHAR,                      -- JSON
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial,
+    m002_reward_models,
 ]
 
 

@@ -63,3 +63,36 @@ def test_win_rate_counts_ties_half():
 
     result = win_rate(["p"] * 4, ["b", "a", "c", "a"], ["a", "b", "c", "a"], judge)
     assert result == {"win_rate": (1 + 0.5 * 2) / 4, "wins": 1, "losses": 1, "ties": 2}
+
+
+def test_the_scheduler_takes_the_methods_in_turn():
+    from loop.scheduler import next_in_turn
+
+    assert next_in_turn(["dpo", "ppo"], None) == "dpo"
+    assert next_in_turn(["dpo", "ppo"], "dpo") == "ppo"
+    assert next_in_turn(["dpo", "ppo"], "ppo") == "dpo"
+    assert next_in_turn(["dpo", "ppo", "kto"], "kto") == "dpo"
+    assert next_in_turn(["ppo"], "dpo") == "ppo"
+    with pytest.raises(ValueError, match="unknown method"):
+        configuration.ScheduleConfig(alternate="dpo,grpo")
+
+
+def test_retrain_learns_from_the_methods_own_data():
+    from loop.retrain import training_data
+
+    manifest = {"counts": {"pairs": 10, "heldout": 2, "feedback": 5, "prompts": 40},
+                "content_hash": {"pairs": "P", "feedback": "F", "prompts": "Q"}}
+    assert training_data(manifest, "dpo") == ("P", 8, "labelled pairs")
+    assert training_data(manifest, "ppo") == ("P+Q", 8, "labelled pairs")  # new prompts alone are new data
+    assert training_data(manifest, "kto") == ("F", 5, "feedback (thumbs up/down)")
+
+
+def test_a_reward_model_is_recorded_with_its_accuracy(store):
+    from store.reward_models import RewardModels
+
+    rms = RewardModels(store)
+    assert rms.latest() is None
+    first = rms.add("/rm/1", run_id=1, snapshot_hash="h1", accuracy=0.81, metrics={"steps": 3})
+    second = rms.add("/rm/2", run_id=2, snapshot_hash="h2", accuracy=0.9)
+    assert rms.latest()["id"] == second["id"] and [r["path"] for r in rms.list()] == ["/rm/2", "/rm/1"]
+    assert first["accuracy"] == pytest.approx(0.81)

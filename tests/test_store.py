@@ -29,6 +29,8 @@ EXPECTED_SCHEMA = {
                   "version_id BIGINT", "sampling VARCHAR", "latency_ms DOUBLE", "prompt_tokens INTEGER",
                   "completion_tokens INTEGER", "finish_reason VARCHAR", "source VARCHAR", "created_at TIMESTAMP"],
     "run_metrics": ["run_id BIGINT", "step INTEGER", "name VARCHAR", "value DOUBLE", "created_at TIMESTAMP"],
+    "reward_models": ["id BIGINT", "run_id BIGINT", "path VARCHAR", "base_model VARCHAR", "snapshot_hash VARCHAR",
+                      "accuracy DOUBLE", "metrics VARCHAR", "created_at TIMESTAMP"],
     "runs": ["id BIGINT", "method VARCHAR", "trigger VARCHAR", "status VARCHAR", "snapshot_hash VARCHAR",
              "candidate_version_id BIGINT", "config VARCHAR", "metrics VARCHAR", "reason VARCHAR",
              "labels_at_start BIGINT", "started_at TIMESTAMP", "heartbeat_at TIMESTAMP", "finished_at TIMESTAMP"],

@@ -190,14 +190,14 @@ def test_failures_behind_the_launcher_leave_error_txt(tiny_model, tmp_path):
     assert (run_dir / "error.txt").read_text().strip() == "no training pairs"
 
 
-def test_methods_not_yet_implemented_say_so(tmp_path, snapshot, tiny_model):
+def test_an_unknown_method_is_refused_by_name(tmp_path, snapshot, tiny_model):
     run_dir = write_job(tmp_path / "run", snapshot, tiny_model)
     job = json.loads((run_dir / "job.json").read_text())
-    (run_dir / "job.json").write_text(json.dumps({**job, "method": "kto"}))
+    (run_dir / "job.json").write_text(json.dumps({**job, "method": "rloo"}))
     from loop.train import main
 
     assert main([str(run_dir)]) == 1
-    assert "'kto' is not implemented yet" in (run_dir / "error.txt").read_text()
+    assert "unknown train method 'rloo'" in (run_dir / "error.txt").read_text()
 
 
 def test_dpo_config_follows_train_section(tmp_path):

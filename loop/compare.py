@@ -1,0 +1,257 @@
+"""`alignloop compare`: DPO and RLHF (reward model + PPO) from the same base on the same labelled
+pairs, side by side, measured instead of claimed.
+
+For each method and seed, the trainer child (`python -m loop.train RUN_DIR`, the code a retrain
+runs) trains on one snapshot; this process measures its wall time and peak memory (the child's
+maximum resident set, from `wait4`; GPU memory the child reports where there is CUDA), then lets
+base and candidate answer the snapshot's held-out prompts (HF `generate`, the gate's temperature
+and length, `samples` answers per prompt) and the configured judge compare them. Nothing here
+touches what serves.
+
+The report: per method, peak memory, wall time, copies of the base weights held in memory, its
+number of knobs (config fields of its own), the final judged win rate over the base (mean of the
+seeds) and its run-to-run spread; as a Markdown table (`report.md`), every number (`trials.jsonl`),
+and plots (`compare.png`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from loop.config import Config, KTOConfig, PPOConfig, RewardConfig
+
+# What each method holds while it trains (by construction of loop.dpo, loop.ppo, loop.reward):
+MODELS_IN_MEMORY = {
+    "dpo": ("policy (base + LoRA) and reference (the same weights, adapter off)", 1),
+    "ppo": ("policy (base + LoRA), reference (adapter off), value head, reward model (base + LoRA + head)", 2),
+    "kto": ("policy (base + LoRA) and reference (the same weights, adapter off)", 1),
+}
+DPO_KNOBS = ("learning_rate", "epochs", "batch_size", "beta", "loss_type")  # of [train]; LoRA fields are shared
+
+
+def knobs(method: str) -> int:
+    """Config fields that belong to the method alone (LoRA, max_length and seed are shared by all)."""
+    if method == "ppo":
+        rm = [f for f in dataclasses.fields(RewardConfig) if f.name not in ("lora", "weight", "extra")]
+        return len(rm) + len(dataclasses.fields(PPOConfig))
+    if method == "kto":
+        return len(dataclasses.fields(KTOConfig)) - 1  # heldout_share is not a training knob
+    return len(DPO_KNOBS)
+
+
+def run_trainer(job: dict[str, Any], run_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """The trainer child on `job`; its result.json plus wall_s and peak_rss_mb (or an error)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(json.dumps(job, indent=2))
+    started = time.perf_counter()
+    with (run_dir / "train.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "loop.train", str(run_dir)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = started + timeout_s
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out = {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+           "exit": proc.returncode}
+    if proc.returncode != 0:
+        error = run_dir / "error.txt"
+        return {**out, "error": error.read_text().strip() if error.exists() else f"exit {proc.returncode}"}
+    return {**out, **json.loads((run_dir / "result.json").read_text())}
+
+
+def sample(model, tok, prompts: list[list[dict[str, str]]], temperature: float, max_new_tokens: int,
+           seed: int) -> list[str]:
+    """One answer per prompt from a loaded model (HF generate, left padding)."""
+    import torch
+
+    tok.padding_side = "left"
+    out: list[str] = []
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), 32):
+            texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts[i: i + 32]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+            out.extend(t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def judge_against_base(cfg: Config, adapter: str, prompts: list[list[dict[str, str]]], samples: int,
+                       seed: int, judge) -> dict[str, float]:
+    """The candidate's judged win rate over the base (ties half) on `prompts` x `samples`."""
+    from peft import PeftModel
+
+    from loop.dpo import load_policy
+    from loop.evaluate import win_rate
+
+    base, tok = load_policy(cfg.base_model_dir, None)
+    model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    asked = prompts * samples
+    g = cfg.gate
+    cand = sample(model, tok, asked, g.temperature, g.max_tokens, seed=10_000 + seed)
+    with model.disable_adapter():
+        serv = sample(model, tok, asked, g.temperature, g.max_tokens, seed=20_000 + seed)
+    return win_rate([p[-1]["content"] for p in asked], cand, serv, judge)
+
+
+def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_prompts: list, samples: int,
+          judge, log=print) -> dict[str, Any]:
+    train = dataclasses.replace(cfg.train, seed=seed, num_processes=1)
+    run_dir = work / f"{method}-seed{seed}"
+    job = {"method": method, "snapshot": str(snapshot), "base_model": str(cfg.base_model_dir), "init_adapter": None,
+           "output_adapter": str(run_dir / "adapter"), "train": dataclasses.asdict(train),
+           "reward": dataclasses.asdict(cfg.reward), "ppo": dataclasses.asdict(cfg.ppo),
+           "kto": dataclasses.asdict(cfg.kto), "eval_prompts": eval_prompts}
+    log(f"compare: {method} seed {seed}: training ({run_dir})")
+    done = run_trainer(job, run_dir, cfg.train.timeout_s)
+    row: dict[str, Any] = {"method": method, "seed": seed, "wall_s": done["wall_s"], "peak_rss_mb": done["peak_rss_mb"]}
+    if "error" in done:
+        log(f"compare: {method} seed {seed}: failed: {done['error']}")
+        return {**row, "error": done["error"]}
+    m = done["metrics"]
+    row.update({"kl_to_base": m.get("kl_to_base"), "peak_gpu_mb": m.get("peak_gpu_mb"),
+                "reward_model_accuracy": m.get("reward_model_accuracy")})
+    row.update(judge_against_base(cfg, done["adapter"], eval_prompts, samples, seed, judge))
+    log(f"compare: {method} seed {seed}: win rate {row['win_rate']:.3f}, {row['wall_s']} s, "
+        f"peak RSS {row['peak_rss_mb']} MB")
+    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per method: means, spread (population std and range) of the win rate over seeds."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ok = [r for r in rows if r["method"] == method and "error" not in r]
+        failed = sum(1 for r in rows if r["method"] == method and "error" in r)
+        wins = [r["win_rate"] for r in ok]
+        line = {"method": method, "seeds": len(ok), "failed": failed,
+                "models_in_memory": MODELS_IN_MEMORY[method][0], "base_copies": MODELS_IN_MEMORY[method][1],
+                "knobs": knobs(method)}
+        if ok:
+            line.update({
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+                "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in ok) or None,
+                "wall_s": statistics.mean(r["wall_s"] for r in ok),
+                "win_rate": statistics.mean(wins), "win_rate_std": statistics.pstdev(wins),
+                "win_rate_min": min(wins), "win_rate_max": max(wins),
+                "kl_to_base": statistics.mean(r["kl_to_base"] for r in ok if r["kl_to_base"] is not None)
+                if any(r["kl_to_base"] is not None for r in ok) else None,
+            })
+        out.append(line)
+    return out
+
+
+def markdown(summary: list[dict[str, Any]], base_rss_mb: float | None = None) -> str:
+    """The comparison table."""
+    head = ("| method | peak memory (RSS) | x base model | wall time | models in memory | knobs "
+            "| win rate over base (mean of seeds) | spread (std; min-max) | KL to base |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summary:
+        if not s["seeds"]:
+            lines.append(f"| {s['method']} | failed ({s['failed']} runs) | | | | | | | |")
+            continue
+        ratio = f"{s['peak_rss_mb'] / base_rss_mb:.1f}x" if base_rss_mb else ""
+        gpu = f" (GPU {s['peak_gpu_mb']:.0f} MB)" if s.get("peak_gpu_mb") else ""
+        kl = f"{s['kl_to_base']:.2f}" if s["kl_to_base"] is not None else ""
+        lines.append(
+            f"| {s['method']} | {s['peak_rss_mb']:.0f} MB{gpu} | {ratio} | {s['wall_s']:.0f} s | "
+            f"{s['models_in_memory']} ({s['base_copies']} copy{'ies' if s['base_copies'] > 1 else ''} of the base) | "
+            f"{s['knobs']} | **{s['win_rate']:.3f}** ({s['seeds']} seeds) | {s['win_rate_std']:.3f}; "
+            f"{s['win_rate_min']:.3f}-{s['win_rate_max']:.3f} | {kl} |")
+    return "\n".join(lines).replace("copyies", "copies") + "\n"
+
+
+def base_rss_mb(cfg: Config) -> float:
+    """Peak RSS of a process that only loads the base model and runs one forward pass: the unit of
+    "x base model" (the Python, torch and library overhead included, as in every training child)."""
+    code = ("import resource, sys, torch; from loop.dpo import load_policy; "
+            "m, t = load_policy(sys.argv[1], None); m(**t('hello', return_tensors='pt')); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(cfg.base_model_dir)], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def plot(rows: list[dict[str, Any]], work: Path, path: Path) -> Path:
+    """Win rate per seed and peak memory per method, and PPO's reward/KL curves beside DPO's loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for i, m in enumerate(methods):
+        wins = [r["win_rate"] for r in ok if r["method"] == m]
+        ax[0].scatter([i] * len(wins), wins, label=m)
+        ax[1].bar(i, max(r["peak_rss_mb"] for r in ok if r["method"] == m))
+    for a, title in ((ax[0], "judged win rate over the base (per seed)"), (ax[1], "peak memory (RSS, MB)")):
+        a.set_xticks(range(len(methods)), methods)
+        a.set_title(title)
+    ax[0].axhline(0.5, color="grey", lw=0.5)
+    for r in ok:
+        metrics = work / f"{r['method']}-seed{r['seed']}" / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        points = [json.loads(line) for line in metrics.read_text().splitlines()]
+        name = {"dpo": "rewards/margins", "ppo": "reward", "kto": "rewards/margins"}.get(r["method"])
+        series = [(p["step"], p["value"]) for p in points if p["name"] == name]
+        if series:
+            ax[2].plot(*zip(*series), label=f"{r['method']} {name} (seed {r['seed']})", lw=1)
+    ax[2].set_title("training signal per step")
+    ax[2].set_xlabel("step")
+    ax[2].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(cfg: Config, snapshot: Path, out: Path, methods: list[str], seeds: list[int], samples: int = 2,
+            judge=None, log=print) -> dict[str, Any]:
+    """Train every method with every seed on `snapshot`; write report.md, trials.jsonl, compare.png to `out`."""
+    from loop.evaluate import make_judge
+    from loop.retrain import heldout_prompts
+
+    out.mkdir(parents=True, exist_ok=True)
+    eval_prompts = heldout_prompts(snapshot, cfg.gate.eval_prompts)
+    if not eval_prompts:
+        raise ValueError(f"{snapshot} has no held-out prompts to judge on")
+    judge = judge or make_judge(cfg.gate)
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            row = trial(cfg, snapshot, method, seed, out, eval_prompts, samples, judge, log)
+            rows.append(row)
+            with (out / "trials.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    summary = summarise(rows)
+    base = base_rss_mb(cfg)
+    table = markdown(summary, base)
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    header = (f"Snapshot {snapshot} ({manifest['counts']}); {len(eval_prompts)} held-out prompts x {samples} "
+              f"answers per seed, judge {cfg.gate.judge!r} at temperature {cfg.gate.temperature}; base model alone: "
+              f"{base:.0f} MB RSS.\n\n")
+    (out / "report.md").write_text(header + table, encoding="utf-8")
+    plot(rows, out, out / "compare.png")
+    return {"rows": rows, "summary": summary, "table": table, "report": str(out / "report.md"),
+            "plot": str(out / "compare.png")}

@@ -1,0 +1,218 @@
+"""KTO with LoRA on a snapshot's thumbs-up/down feedback (TRL `KTOTrainer`), and the held-out evaluation.
+
+What a run does, top to bottom (`load_feedback(...)`, then `run(...)`):
+
+1. read `feedback.parquet` of a snapshot: one answer per row, `label` True for thumbs up (or a score
+   above 0.5), False for thumbs down (TRL's conversational unpaired-preference format). A stable hash
+   of the feedback id (`store.export.split_of`) holds out a share `[kto] heldout_share`, never trained on;
+2. refuse to train (`NoFeedback`) without training rows, or when they are all up or all down: KTO
+   pushes desirable answers above, and undesirable ones below, a reference point estimated from the
+   batch, and with one side only it has nothing to contrast;
+3. load the base model; start a fresh LoRA adapter (`peft_config` from [train] lora_r, lora_alpha,
+   lora_dropout, target_modules), or continue from the serving adapter (its own rank and targets win),
+   exactly as `loop.dpo` does;
+4. train with TRL's `KTOTrainer`, `ref_model=None`: the reference log-probs come from the same weights
+   with the adapter disabled (fresh adapter: the base) or from TRL's frozen "ref" copy of the starting
+   adapter. KTO's reference point (its KL term) is estimated in each batch from mismatched (prompt,
+   answer) pairs, the answers rotated by one within the batch, so a batch needs at least 2 answers and
+   the data is read in order (TRL's "sequential" sampler; the rows are shuffled once, with the run's
+   seed, beforehand). Every logging step goes to `metrics.jsonl` (rank 0 only);
+5. stop at once on a NaN/inf loss or gradient norm (`NonFiniteLoss`; nothing is saved);
+6. evaluate on the held-out feedback (`eval_loss`, `eval_rewards/chosen`, `eval_rewards/rejected`,
+   `eval_rewards/margins`, `eval_kl`, ...: TRL's names; "chosen" means thumbs up) and estimate
+   `kl_to_base`, KL(policy || base) in nats per answer, by sampling answers from the policy on the
+   held-out prompts (`loop.dpo.kl_to_base`);
+7. save the adapter (PEFT format, the trained adapter only) to `output_adapter`.
+
+This module is what `python -m loop.train RUN_DIR` (under `accelerate launch`) runs for
+`method = "kto"`. The model, adapter, metrics and KL helpers are `loop.dpo`'s, as is the test hook
+`ALIGNLOOP_TEST_NAN_AT_STEP`. Heavy imports (torch, transformers, trl, peft) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from loop import dpo
+from loop.config import KTOConfig, TrainConfig
+
+FIELDS = ("prompt", "completion", "label")
+
+
+class NoFeedback(dpo.NoTrainingPairs):
+    """No training feedback, or only one kind (all thumbs up or all thumbs down): KTO needs both.
+    A `ValueError`; a subclass of `loop.dpo.NoTrainingPairs`, so `loop.train` reports it as "no
+    training data" (exit status 2) like an empty DPO snapshot."""
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def load_feedback(snapshot: str | os.PathLike[str],
+                  heldout_share: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, heldout) feedback of a snapshot, each row {"prompt", "completion", "label"} in TRL's
+    conversational unpaired-preference format. A row is held out by a stable hash of its feedback id,
+    so the held-out set of an id never changes between snapshots."""
+    import pyarrow.parquet as pq
+
+    from store.export import split_of
+
+    rows = pq.read_table(Path(snapshot) / "feedback.parquet").to_pylist()
+    train, heldout = [], []
+    for r in rows:
+        row = {k: r[k] for k in FIELDS}
+        row["label"] = bool(row["label"])
+        (heldout if split_of(str(r["id"]), heldout_share) == "heldout" else train).append(row)
+    return train, heldout
+
+
+def check_feedback(train_rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """(desirable, undesirable) counts of the training rows; `NoFeedback` unless both are positive."""
+    desirable = sum(bool(r["label"]) for r in train_rows)
+    undesirable = len(train_rows) - desirable
+    if not train_rows:
+        raise NoFeedback("no training feedback")
+    if not desirable or not undesirable:
+        raise NoFeedback(f"KTO needs both thumbs up and thumbs down to train on; the training feedback has "
+                         f"{desirable} up and {undesirable} down")
+    return desirable, undesirable
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
+    """TRL's `KTOConfig` from the [kto] section (learning rate, epochs, batch size, beta, the
+    desirable/undesirable weights) and [train]'s max_length, seed and LoRA dropout. The same trainer
+    settings as `loop.dpo.dpo_config`: logs every step, saves no checkpoints, reports to nobody; on a
+    machine without CUDA: CPU, fp32."""
+    import torch
+    from trl import KTOConfig as TRLKTOConfig
+
+    if cfg.batch_size < 2:
+        raise ValueError(f"kto.batch_size must be at least 2, got {cfg.batch_size}: KTO estimates its KL "
+                         "reference point from the other answers in the same batch")
+    gpu = dpo._on_gpu()
+    return TRLKTOConfig(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        # the held-out set's KL answers are rotated in blocks of the train batch size: evaluate in the same blocks
+        per_device_eval_batch_size=cfg.batch_size,
+        beta=cfg.beta,
+        desirable_weight=cfg.desirable_weight,
+        undesirable_weight=cfg.undesirable_weight,
+        loss_type="kto",
+        max_length=train.max_length,
+        seed=train.seed,
+        # the KL term pairs each answer with its neighbour in a fixed-order batch (TRL's default, required)
+        train_sampling_strategy="sequential",
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,  # a float below 1 is a share of the steps
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the Trainer would otherwise hide a NaN loss behind the running mean
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=False,
+        # fp32 on CPU (TRL defaults to bf16); bf16 on GPUs that have it
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        # checkpointing saves GPU memory on big models; on CPU it only costs time
+        gradient_checkpointing=gpu,
+        # TRL zeroes every dropout by default, LoRA's included; lora_dropout > 0 keeps dropout on
+        disable_dropout=train.lora_dropout == 0,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def run(
+    train_rows: list[dict[str, Any]],
+    heldout_rows: list[dict[str, Any]],
+    base_model: str | os.PathLike[str],
+    output_adapter: str | os.PathLike[str] | None,
+    cfg: KTOConfig,
+    train_cfg: TrainConfig,
+    work_dir: str | os.PathLike[str],
+    init_adapter: str | os.PathLike[str] | None = None,
+    metrics_path: str | os.PathLike[str] | None = None,
+    kl_prompts: int = dpo.KL_PROMPTS,
+) -> tuple[dict[str, Any], Any]:
+    """Train, evaluate on the held-out feedback, save the adapter (when `output_adapter` is given).
+
+    Returns (metrics, model); metrics holds `eval_*` (TRL's names, e.g. `eval_loss`,
+    `eval_rewards/chosen`, `eval_rewards/rejected`, `eval_rewards/margins`, `eval_kl`), `kl_to_base`,
+    `train_feedback`, `heldout_feedback`, `desirable`, `undesirable` (training rows up / down),
+    `train_seconds`, `train_loss`, `steps`. Raises `NoFeedback` or `NonFiniteLoss`. Every process of
+    a distributed run calls this; only the main one writes metrics, estimates KL and saves.
+    """
+    from datasets import Dataset
+    from trl import KTOTrainer
+
+    desirable, undesirable = check_feedback(train_rows)
+    args = kto_config(cfg, train_cfg, Path(work_dir) / "trainer")
+    # read in a fixed order (see the module docstring): shuffle once so that batches mix old and new
+    # feedback, ups and downs, the same way in every process
+    rows = [{k: r[k] for k in FIELDS} for r in train_rows]
+    random.Random(train_cfg.seed).shuffle(rows)
+    heldout = [{k: r[k] for k in FIELDS} for r in heldout_rows]
+
+    model, tok = dpo.load_policy(base_model, init_adapter)
+    callback = dpo._metrics_callback_class()(metrics_path)
+    trainer = KTOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(heldout) if heldout else None,
+        processing_class=tok,
+        peft_config=None if init_adapter else dpo.lora_config(train_cfg),
+        callbacks=[callback],
+    )
+    if len(trainer.train_dataset) == 0:  # TRL drops the rows whose prompt alone fills max_length
+        raise NoFeedback(f"no training feedback fits in train.max_length = {train_cfg.max_length} tokens")
+    t0 = time.perf_counter()
+    out = trainer.train()
+    train_seconds = time.perf_counter() - t0
+    if callback.failure:
+        raise dpo.NonFiniteLoss(callback.failure)
+
+    metrics: dict[str, Any] = {
+        "train_feedback": len(train_rows),
+        "heldout_feedback": len(heldout_rows),
+        "desirable": desirable,
+        "undesirable": undesirable,
+        "train_seconds": round(train_seconds, 2),
+        "train_loss": out.training_loss,
+        "steps": trainer.state.global_step,
+    }
+    if heldout:
+        ev = trainer.evaluate()
+        metrics.update({k: v for k, v in ev.items() if k.startswith("eval_") and "runtime" not in k
+                        and "per_second" not in k})
+    else:
+        metrics.update({"eval_loss": None, "eval_rewards/chosen": None, "eval_rewards/rejected": None,
+                        "eval_rewards/margins": None})
+
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    metrics["kl_to_base"] = None
+    if trainer.accelerator.is_main_process:
+        if heldout:
+            prompts = [r["prompt"] for r in heldout[:kl_prompts]]
+            metrics["kl_to_base"] = round(dpo.kl_to_base(policy, tok, prompts, seed=train_cfg.seed), 4)
+        if output_adapter is not None:
+            dpo.save_adapter(policy, output_adapter)
+    trainer.accelerator.wait_for_everyone()
+    return metrics, policy

@@ -1,0 +1,200 @@
+"""PPO against a reward model: the project's own trainer (TRL 1.16 has none), small on purpose.
+
+Models in memory: the policy (the base + a LoRA adapter), the reference (the same weights with the
+adapter disabled: no second copy), a value head (one linear layer on the policy's last hidden
+state), and the reward model(s) (`loop.reward`). The math is in `loop.ppo_math`.
+
+One step (`cfg.steps` of them), after Ziegler et al. 2019 and Huang et al., "The N Implementation
+Details of RLHF with PPO" (2024); the numbers refer to the details in that write-up we follow:
+
+1. rollouts: `rollout_batch` prompts drawn from live traffic (no labels needed), one answer each,
+   sampled from the policy with HF `generate` at `temperature`, top-k/top-p off;
+2. scores: the reward model scores prompt + answer; an answer cut off before its end token scores
+   `missing_eos_penalty` instead (the EOS trick against length hacking; 0 turns it off); optionally whitened
+   (`whiten_rewards`);
+3. per-token reward: -kl_coef * (log pi - log pi_ref) at every answer token, plus the score at the
+   last one; logits are divided by the sampling temperature before taking log-probs (so the
+   old log-probs are those of the distribution that sampled);
+4. GAE (gamma, lam) on the value head's estimates, advantages whitened over the batch;
+5. `ppo_epochs` passes over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss,
+   Adam (eps 1e-5), gradient norm clipped at 1, learning rate annealed linearly to 0;
+6. the KL coefficient follows the adaptive controller when `kl_target` > 0, else stays fixed.
+
+Per step, `metrics.jsonl` gets reward (mean raw score), kl (per answer, nats), entropy, clipfrac,
+value_loss, policy_loss, approx_kl, kl_coef, length and eos_share. A NaN/inf loss stops the run
+(`NonFiniteLoss`); nothing is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from loop import ppo_math as pm
+from loop.config import PPOConfig, TrainConfig
+from loop.dpo import NonFiniteLoss, NoTrainingPairs, kl_to_base, load_policy, lora_config, save_adapter
+
+Messages = list[dict[str, str]]
+
+
+class NoPrompts(NoTrainingPairs):
+    """No prompt to roll out on (exit status 2, like no pairs)."""
+
+
+def value_head(hidden_size: int):
+    """One linear layer from the last hidden state to a value; starts at 0 (no opinion)."""
+    import torch
+
+    head = torch.nn.Linear(hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def forward(model, head, seq, attention_mask, width: int, temperature: float):
+    """(logits / temperature, values) at the positions that predict each answer token."""
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=seq, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True)
+    logits = out.logits[:, width - 1: -1].float() / temperature
+    values = head(out.hidden_states[-1][:, width - 1: -1].float().detach()).squeeze(-1)
+    return logits, values
+
+
+def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator_seed: int) -> dict[str, Any]:
+    """Sample one answer per prompt; the tensors PPO needs (no gradients)."""
+    import torch
+
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = enc["input_ids"].shape[1]
+    model.eval()
+    with torch.no_grad():  # not inference_mode: these tensors take part in the loss later
+        torch.manual_seed(generator_seed)
+        seq = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        answer = seq[:, width:]
+        is_eos = (answer == tok.eos_token_id).long()
+        mask = ((is_eos.cumsum(dim=1) - is_eos) == 0).float()  # up to and including the first EOS
+        attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
+        logits, values = forward(model, head, seq, attention, width, cfg.temperature)
+        logprobs = pm.logprobs_from_logits(logits, answer)
+        with model.disable_adapter():
+            ref_logits, _ = forward(model, head, seq, attention, width, cfg.temperature)
+        ref_logprobs = pm.logprobs_from_logits(ref_logits, answer)
+    answers = [t.strip() for t in tok.batch_decode(answer, skip_special_tokens=True)]
+    return {"seq": seq, "attention": attention, "width": width, "answer": answer, "mask": mask,
+            "has_eos": is_eos.sum(dim=1) > 0, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
+            "values": values, "answers": answers}
+
+
+def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
+        output_adapter: str | os.PathLike[str] | None, cfg: PPOConfig, train_cfg: TrainConfig,
+        init_adapter: str | os.PathLike[str] | None = None, metrics_path: str | os.PathLike[str] | None = None,
+        heldout_prompts: list[Messages] | None = None, log=print) -> tuple[dict[str, Any], Any]:
+    """Train the policy with PPO on `prompts` against `reward` (anything with `.score(prompts,
+    answers)`, e.g. `loop.reward.CombinedReward`); save the adapter; returns (metrics, policy)."""
+    import torch
+    from peft import get_peft_model
+
+    if not prompts:
+        raise NoPrompts("no prompts from live traffic to roll out on")
+    torch.manual_seed(train_cfg.seed)
+    rng = random.Random(train_cfg.seed)
+    model, tok = load_policy(base_model, init_adapter)
+    if not init_adapter:
+        model = get_peft_model(model, lora_config(train_cfg))
+    head = value_head(model.config.hidden_size)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
+    updates = cfg.steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / updates))
+    kl_ctl = pm.kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    metrics_file = Path(metrics_path).open("a", encoding="utf-8") if metrics_path else None
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    try:
+        for step in range(1, cfg.steps + 1):
+            batch = [rng.choice(prompts) for _ in range(cfg.rollout_batch)]
+            r = rollout(model, head, tok, batch, cfg, generator_seed=train_cfg.seed * 100_003 + step)
+            raw = reward.score(batch, r["answers"]).float()
+            scores = raw
+            if cfg.missing_eos_penalty:
+                scores = pm.apply_eos_penalty(raw, r["has_eos"], cfg.missing_eos_penalty)
+            if cfg.whiten_rewards:
+                scores = pm.masked_whiten(scores, torch.ones_like(scores), shift_mean=False)
+            mask = r["mask"]
+            rewards, kl = pm.per_token_rewards(scores, r["logprobs"], r["ref_logprobs"], mask, kl_ctl.value)
+            advantages, returns = pm.gae(rewards, r["values"], mask, cfg.gamma, cfg.lam)
+            advantages = pm.masked_whiten(advantages, mask)
+            stats = optimise(model, head, optimizer, schedule, params, r, advantages, returns, cfg)
+            kl_per_answer = float(kl.sum(dim=1).mean())
+            kl_ctl.update(kl_per_answer, cfg.rollout_batch)
+            row = {"reward": float(raw.mean()), "score": float(scores.mean()), "kl": kl_per_answer,
+                   "kl_coef": kl_ctl.value, "length": float(mask.sum(dim=1).mean()),
+                   "eos_share": float(r["has_eos"].float().mean()), **stats}
+            history.append(row)
+            bad = [k for k in ("policy_loss", "value_loss") if not math.isfinite(row[k])]
+            if bad:
+                raise NonFiniteLoss(f"NaN/inf {bad[0]} at PPO step {step}; training stopped")
+            if metrics_file:
+                metrics_file.writelines(json.dumps({"step": step, "name": k, "value": v}) + "\n"
+                                        for k, v in row.items() if math.isfinite(v))
+                metrics_file.flush()
+            log(f"ppo step {step}/{cfg.steps}: reward {row['reward']:.3f} kl {row['kl']:.3f} "
+                f"entropy {row['entropy']:.3f} clipfrac {row['clipfrac']:.3f}")
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    train_seconds = time.perf_counter() - t0
+    first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
+    metrics: dict[str, Any] = {
+        "train_prompts": len(prompts), "steps": cfg.steps, "rollouts": cfg.steps * cfg.rollout_batch,
+        "train_seconds": round(train_seconds, 2),
+        "reward_first": sum(h["reward"] for h in first) / len(first),
+        "reward_last": sum(h["reward"] for h in last) / len(last),
+        "kl_last": sum(h["kl"] for h in last) / len(last),
+        "kl_to_base": None,
+    }
+    if heldout_prompts:
+        metrics["kl_to_base"] = round(kl_to_base(model, tok, heldout_prompts[:64], seed=train_cfg.seed), 4)
+    if output_adapter is not None:
+        save_adapter(model, output_adapter)
+    return metrics, model
+
+
+def optimise(model, head, optimizer, schedule, params, r: dict[str, Any], advantages, returns,
+             cfg: PPOConfig) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy + value updates over shuffled minibatches."""
+    import torch
+
+    model.train()
+    n = r["seq"].shape[0]
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(n).split(cfg.minibatch):
+            logits, values = forward(model, head, r["seq"][idx], r["attention"][idx], r["width"], cfg.temperature)
+            mask = r["mask"][idx]
+            logprobs = pm.logprobs_from_logits(logits, r["answer"][idx])
+            pg_loss, pg_stats = pm.policy_loss(logprobs, r["logprobs"][idx], advantages[idx], mask, cfg.clip_range)
+            vf_loss, vf_stats = pm.value_loss(values, r["values"][idx], returns[idx], mask, cfg.clip_range_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                entropy = pm.masked_mean(pm.entropy_from_logits(logits), mask)
+            for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy,
+                         **pg_stats, **vf_stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+    return {k: v / count for k, v in sums.items()}

@@ -1,0 +1,102 @@
+"""PPO (loop.ppo) on real tiny models, and the PPO job of the trainer child: the reward model is
+refreshed on the snapshot's pairs, then PPO trains against it. The PPO math itself is unit-tested
+in test_ppo_math.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from loop import demo_corpus
+from loop.config import PPOConfig, RewardConfig, TrainConfig
+from tests.test_train import FAST, write_job, write_snapshot
+
+PROMPTS = [[{"role": "user", "content": p}] for p in demo_corpus.prompts("train")]
+
+
+class ShareOfE:
+    """A known toy reward: ten times the share of the letter e in the answer. Learnable by a model
+    that samples almost at random, with no reward model in the way."""
+
+    def score(self, prompts, answers):
+        return torch.tensor([10 * a.count("e") / max(len(a), 1) for a in answers])
+
+
+def toy_run(model, kl_coef: float, tmp_path):
+    from loop import ppo
+
+    cfg = PPOConfig(steps=24, rollout_batch=32, minibatch=8, max_new_tokens=16, learning_rate=1e-2,
+                    kl_coef=kl_coef, missing_eos_penalty=0.0)
+    metrics_path = tmp_path / f"metrics-{kl_coef}.jsonl"
+    metrics, _ = ppo.run(PROMPTS, ShareOfE(), model, None, cfg, TrainConfig(), metrics_path=metrics_path,
+                         log=lambda m: None)
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return metrics, rows
+
+
+def test_ppo_raises_a_toy_reward_while_the_kl_penalty_bounds_the_drift(tiny_model, tmp_path):
+    weak, rows = toy_run(tiny_model, 0.02, tmp_path)
+    assert weak["reward_last"] > weak["reward_first"] + 0.15, weak
+    assert weak["kl_last"] < 15, weak  # nats per 16-token answer
+    names = {r["name"] for r in rows}
+    assert {"reward", "kl", "entropy", "clipfrac", "value_loss", "policy_loss", "approx_kl", "kl_coef"} <= names
+    assert max(r["step"] for r in rows) == 24
+    strong, _ = toy_run(tiny_model, 5.0, tmp_path)
+    assert strong["kl_last"] < weak["kl_last"] / 2, (strong, weak)  # the penalty is what holds it back
+
+
+def ppo_job(run_dir, snapshot, model):
+    write_job(run_dir, snapshot, model)
+    job = json.loads((run_dir / "job.json").read_text())
+    job.update(method="ppo",
+               reward=dataclasses.asdict(RewardConfig(epochs=2, batch_size=8)),
+               ppo=dataclasses.asdict(PPOConfig(steps=2, rollout_batch=8, minibatch=4, max_new_tokens=8)),
+               eval_prompts=[[{"role": "user", "content": "a held-out prompt"}]])
+    (run_dir / "job.json").write_text(json.dumps(job))
+    return run_dir
+
+
+def test_ppo_job_refreshes_the_reward_model_then_trains_the_policy(tiny_model, tmp_path):
+    from peft import PeftConfig
+
+    from loop.reward import CombinedReward, RewardModel
+    from loop.train import main
+
+    snapshot = write_snapshot(tmp_path / "snap")
+    run_dir = ppo_job(tmp_path / "run", snapshot, tiny_model)
+    assert main([str(run_dir)]) == 0, (run_dir / "error.txt").read_text()
+    result = json.loads((run_dir / "result.json").read_text())
+    rm = result["reward_model"]
+    assert rm["metrics"]["train_pairs"] == 32 and rm["metrics"]["heldout_pairs"] == 8
+    assert 0.0 <= rm["accuracy"] <= 1.0
+    assert PeftConfig.from_pretrained(result["adapter"]).r == FAST["lora_r"]
+    names = {json.loads(line)["name"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert {"reward/loss", "reward/accuracy", "reward", "kl", "clipfrac"} <= names
+    assert result["metrics"]["reward_model_accuracy"] == rm["accuracy"]
+    assert result["metrics"]["kl_to_base"] >= 0
+
+    # the saved reward model scores, and several combine with weights (multi-objective)
+    prompts, answers = PROMPTS[:3], ["Thanks for asking! Water basil often.", "ugh", ""]
+    one = RewardModel.load(rm["path"]).score(prompts, answers)
+    assert one.shape == (3,) and torch.isfinite(one).all()
+    combined = CombinedReward.load(rm["path"], 1.0, f"{rm['path']}=-0.25").score(prompts, answers)
+    assert torch.allclose(combined, 0.75 * one, atol=1e-5)
+
+
+def test_ppo_job_with_no_prompts_or_pairs_fails_clearly(tiny_model, tmp_path):
+    from loop.train import EXIT_NO_PAIRS, main
+
+    run_dir = ppo_job(tmp_path / "run", write_snapshot(tmp_path / "snap", n_train=0, n_heldout=0), tiny_model)
+    assert main([str(run_dir)]) == EXIT_NO_PAIRS
+    assert "no labelled pairs" in (run_dir / "error.txt").read_text()
+
+
+def test_reward_config_rejects_a_bad_extra_spec():
+    with pytest.raises(ValueError, match="DIR=weight"):
+        RewardConfig(extra="some/dir")
+    with pytest.raises(ValueError, match="DIR=weight"):
+        RewardConfig(extra="a=b=heavy")
+    assert RewardConfig(extra="x=0.5, y=-1").extra
