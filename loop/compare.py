@@ -8,7 +8,8 @@ base and candidate answer the snapshot's held-out prompts (HF `generate`, the ga
 and length, `samples` answers per prompt) and the configured judge compare them. Nothing here
 touches what serves.
 
-The report: per method, peak memory, wall time, copies of the base weights held in memory, its
+The report: per method, the weights it holds (parameters and buffers of every model, counted in
+the child), peak memory, wall time, copies of the base weights held in memory, its
 number of knobs (config fields of its own), the final judged win rate over the base (mean of the
 seeds) and its run-to-run spread; as a Markdown table (`report.md`), every number (`trials.jsonl`),
 and plots (`compare.png`).
@@ -127,7 +128,7 @@ def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_
         log(f"compare: {method} seed {seed}: failed: {done['error']}")
         return {**row, "error": done["error"]}
     m = done["metrics"]
-    row.update({"kl_to_base": m.get("kl_to_base"), "peak_gpu_mb": m.get("peak_gpu_mb"),
+    row.update({"kl_to_base": m.get("kl_to_base"), "peak_gpu_mb": m.get("peak_gpu_mb"), "weights_mb": m.get("weights_mb"),
                 "reward_model_accuracy": m.get("reward_model_accuracy")})
     row.update(judge_against_base(cfg, done["adapter"], eval_prompts, samples, seed, judge))
     log(f"compare: {method} seed {seed}: win rate {row['win_rate']:.3f}, {row['wall_s']} s, "
@@ -148,6 +149,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ok:
             line.update({
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+                "weights_mb": max((r.get("weights_mb") or 0) for r in ok) or None,
                 "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in ok) or None,
                 "wall_s": statistics.mean(r["wall_s"] for r in ok),
                 "win_rate": statistics.mean(wins), "win_rate_std": statistics.pstdev(wins),
@@ -159,35 +161,41 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(summary: list[dict[str, Any]], base_rss_mb: float | None = None) -> str:
-    """The comparison table."""
-    head = ("| method | peak memory (RSS) | x base model | wall time | models in memory | knobs "
+def markdown(summary: list[dict[str, Any]], base: dict[str, float] | None = None) -> str:
+    """The comparison table; `base` = {"rss_mb", "weights_mb"} of a process holding only the base model."""
+    head = ("| method | weights in memory | peak RSS | wall time | models in memory | knobs "
             "| win rate over base (mean of seeds) | spread (std; min-max) | KL to base |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         if not s["seeds"]:
             lines.append(f"| {s['method']} | failed ({s['failed']} runs) | | | | | | | |")
             continue
-        ratio = f"{s['peak_rss_mb'] / base_rss_mb:.1f}x" if base_rss_mb else ""
-        gpu = f" (GPU {s['peak_gpu_mb']:.0f} MB)" if s.get("peak_gpu_mb") else ""
+        weights = f"{s['weights_mb']:.1f} MB" if s.get("weights_mb") else "?"
+        rss = f"{s['peak_rss_mb']:.0f} MB"
+        if base:
+            weights += f" ({s['weights_mb'] / base['weights_mb']:.2f}x base)" if s.get("weights_mb") else ""
+            rss += f" ({s['peak_rss_mb'] / base['rss_mb']:.1f}x)"
+        gpu = f", GPU {s['peak_gpu_mb']:.0f} MB" if s.get("peak_gpu_mb") else ""
         kl = f"{s['kl_to_base']:.2f}" if s["kl_to_base"] is not None else ""
+        copies = f"{s['base_copies']} cop{'ies' if s['base_copies'] > 1 else 'y'} of the base"
         lines.append(
-            f"| {s['method']} | {s['peak_rss_mb']:.0f} MB{gpu} | {ratio} | {s['wall_s']:.0f} s | "
-            f"{s['models_in_memory']} ({s['base_copies']} copy{'ies' if s['base_copies'] > 1 else ''} of the base) | "
+            f"| {s['method']} | {weights} | {rss}{gpu} | {s['wall_s']:.0f} s | {s['models_in_memory']} ({copies}) | "
             f"{s['knobs']} | **{s['win_rate']:.3f}** ({s['seeds']} seeds) | {s['win_rate_std']:.3f}; "
             f"{s['win_rate_min']:.3f}-{s['win_rate_max']:.3f} | {kl} |")
-    return "\n".join(lines).replace("copyies", "copies") + "\n"
+    return "\n".join(lines) + "\n"
 
 
-def base_rss_mb(cfg: Config) -> float:
-    """Peak RSS of a process that only loads the base model and runs one forward pass: the unit of
-    "x base model" (the Python, torch and library overhead included, as in every training child)."""
-    code = ("import resource, sys, torch; from loop.dpo import load_policy; "
+def base_footprint(cfg: Config) -> dict[str, float]:
+    """Peak RSS and weights of a process that only loads the base model and runs one forward pass:
+    the unit of the "x base" figures (Python, torch and the libraries included in the RSS, as in
+    every training child)."""
+    code = ("import resource, sys, torch; from loop.dpo import load_policy, weights_mb; "
             "m, t = load_policy(sys.argv[1], None); m(**t('hello', return_tensors='pt')); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, weights_mb(m))")
     out = subprocess.run([sys.executable, "-c", code, str(cfg.base_model_dir)], capture_output=True, text=True,
                          check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    rss, weights = out.stdout.strip().splitlines()[-1].split()
+    return {"rss_mb": float(rss), "weights_mb": float(weights)}
 
 
 def plot(rows: list[dict[str, Any]], work: Path, path: Path) -> Path:
@@ -245,12 +253,12 @@ def compare(cfg: Config, snapshot: Path, out: Path, methods: list[str], seeds: l
             with (out / "trials.jsonl").open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
     summary = summarise(rows)
-    base = base_rss_mb(cfg)
+    base = base_footprint(cfg)
     table = markdown(summary, base)
     manifest = json.loads((snapshot / "manifest.json").read_text())
     header = (f"Snapshot {snapshot} ({manifest['counts']}); {len(eval_prompts)} held-out prompts x {samples} "
-              f"answers per seed, judge {cfg.gate.judge!r} at temperature {cfg.gate.temperature}; base model alone: "
-              f"{base:.0f} MB RSS.\n\n")
+              f"answers per seed, judge {cfg.gate.judge!r} at temperature {cfg.gate.temperature}; a process holding only "
+              f"the base model: {base['weights_mb']:.1f} MB of weights, {base['rss_mb']:.0f} MB RSS.\n\n")
     (out / "report.md").write_text(header + table, encoding="utf-8")
     plot(rows, out, out / "compare.png")
     return {"rows": rows, "summary": summary, "table": table, "report": str(out / "report.md"),

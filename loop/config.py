@@ -152,7 +152,7 @@ class RewardConfig:
     """The reward model PPO trains against, refreshed on every labelled pair (TRL `RewardTrainer`)."""
 
     learning_rate: float = _f(3e-3, "peak learning rate (LoRA weights and the score head)")
-    epochs: float = _f(3.0, "passes over the labelled pairs")
+    epochs: float = _f(6.0, "passes over the labelled pairs")
     batch_size: int = _f(16, "pairs per optimiser step")
     center_rewards_coefficient: float = _f(0.01, "pulls the mean reward towards 0 (0: off)")
     lora: bool = _f(True, "train LoRA + the score head (false: every weight)")
@@ -216,10 +216,10 @@ class PPOConfig:
 class KTOConfig:
     """KTO on thumbs-up/down feedback from live users (TRL `KTOTrainer`); LoRA as [train]."""
 
-    learning_rate: float = _f(3e-3, "peak learning rate of the LoRA weights")
+    learning_rate: float = _f(1e-3, "peak learning rate of the LoRA weights")
     epochs: float = _f(4.0, "passes over the feedback")
     batch_size: int = _f(16, "answers per optimiser step")
-    beta: float = _f(0.5, "KTO beta: how far the policy may move from the reference")
+    beta: float = _f(1.0, "KTO beta: how far the policy may move from the reference")
     desirable_weight: float = _f(1.0, "loss weight of thumbs-up answers")
     undesirable_weight: float = _f(1.0, "loss weight of thumbs-down answers")
     heldout_share: float = _f(0.1, "share of the feedback held out for evaluation")

@@ -254,6 +254,17 @@ def kl_to_base(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: 
     return total / count
 
 
+def weights_mb(*models) -> float:
+    """MB of parameters and buffers the given models hold (a tensor shared by two counts once)."""
+    seen, total = set(), 0
+    for m in models:
+        for t in [*m.parameters(), *m.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return round(total / 2**20, 2)
+
+
 def save_adapter(model, output_adapter: str | os.PathLike[str]) -> Path:
     """Save the trained adapter ("default"; not TRL's frozen "ref" copy) in PEFT format, atomically:
     written beside the target and renamed into place."""
@@ -328,6 +339,7 @@ def run(
         metrics.update({"eval_loss": None, "eval_rewards/accuracies": None})
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
+    metrics["weights_mb"] = weights_mb(policy)  # the reference is the same weights, adapter off
     metrics["kl_to_base"] = None
     if trainer.accelerator.is_main_process:
         if heldout_pairs:

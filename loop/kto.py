@@ -207,6 +207,7 @@ def run(
                         "eval_rewards/margins": None})
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
+    metrics["weights_mb"] = dpo.weights_mb(policy)  # the reference is the same weights, adapter off
     metrics["kl_to_base"] = None
     if trainer.accelerator.is_main_process:
         if heldout:

@@ -37,7 +37,7 @@ from typing import Any
 
 from loop import ppo_math as pm
 from loop.config import PPOConfig, TrainConfig
-from loop.dpo import NonFiniteLoss, NoTrainingPairs, kl_to_base, load_policy, lora_config, save_adapter
+from loop.dpo import NonFiniteLoss, NoTrainingPairs, kl_to_base, load_policy, lora_config, save_adapter, weights_mb
 
 Messages = list[dict[str, str]]
 
@@ -161,6 +161,8 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         "reward_last": sum(h["reward"] for h in last) / len(last),
         "kl_last": sum(h["kl"] for h in last) / len(last),
         "kl_to_base": None,
+        # policy (the reference is the same weights, adapter off) + value head + reward model(s)
+        "weights_mb": weights_mb(model, head, *[m.model for m, _ in getattr(reward, "parts", [])]),
     }
     if heldout_prompts:
         metrics["kl_to_base"] = round(kl_to_base(model, tok, heldout_prompts[:64], seed=train_cfg.seed), 4)

@@ -70,12 +70,14 @@ def train(train_pairs: list[dict[str, Any]], heldout_pairs: list[dict[str, Any]]
           work_dir: str | os.PathLike[str], metrics_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Fit a reward model on the pairs, measure it on the held-out ones, save it; returns its metrics."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import RewardTrainer
 
     from loop.dpo import NonFiniteLoss, NoTrainingPairs, _metrics_callback_class
 
     if not train_pairs:
         raise NoTrainingPairs("no labelled pairs to fit the reward model on")
+    set_seed(train_cfg.seed)  # before the new head is drawn
     model, tok = load_classifier(base_model)
     callback = _metrics_callback_class()(metrics_path, prefix="reward/")
     trainer = RewardTrainer(model=model, args=trainer_config(cfg, train_cfg, Path(work_dir) / "reward-trainer"),

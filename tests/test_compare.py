@@ -14,9 +14,9 @@ from tests.test_train import write_snapshot
 
 def test_summary_gives_mean_and_spread_per_method_and_keeps_failures_apart():
     rows = [{"method": "dpo", "seed": s, "win_rate": w, "wall_s": 10.0 + s, "peak_rss_mb": 900.0 + s,
-             "kl_to_base": 1.0, "peak_gpu_mb": None} for s, w in enumerate([0.7, 0.8, 0.75])]
+             "kl_to_base": 1.0, "peak_gpu_mb": None, "weights_mb": 4.1} for s, w in enumerate([0.7, 0.8, 0.75])]
     rows += [{"method": "ppo", "seed": 0, "win_rate": 0.6, "wall_s": 30.0, "peak_rss_mb": 1500.0,
-              "kl_to_base": 2.0, "peak_gpu_mb": None},
+              "kl_to_base": 2.0, "peak_gpu_mb": None, "weights_mb": 8.0},
              {"method": "ppo", "seed": 1, "error": "NaN/inf loss", "wall_s": 3.0, "peak_rss_mb": 700.0}]
     dpo, ppo = summarise(rows)
     assert dpo["win_rate"] == pytest.approx(0.75) and dpo["win_rate_min"] == 0.7 and dpo["win_rate_max"] == 0.8
@@ -24,8 +24,9 @@ def test_summary_gives_mean_and_spread_per_method_and_keeps_failures_apart():
     assert dpo["peak_rss_mb"] == 902.0 and dpo["wall_s"] == pytest.approx(11.0)
     assert ppo["seeds"] == 1 and ppo["failed"] == 1 and ppo["peak_rss_mb"] == 1500.0
     assert dpo["base_copies"] == 1 and ppo["base_copies"] == 2
-    table = markdown([dpo, ppo], base_rss_mb=500.0)
-    assert "| dpo | 902 MB | 1.8x |" in table and "| ppo | 1500 MB | 3.0x |" in table
+    table = markdown([dpo, ppo], base={"rss_mb": 500.0, "weights_mb": 4.0})
+    assert "| dpo | 4.1 MB (1.02x base) | 902 MB (1.8x) |" in table
+    assert "| ppo | 8.0 MB (2.00x base) | 1500 MB (3.0x) |" in table
     assert "**0.750** (3 seeds)" in table
 
 
@@ -50,8 +51,9 @@ def test_compare_command_trains_both_methods_and_writes_table_and_plot(tiny_mode
     for t in trials:
         assert "error" not in t, t
         assert 0.0 <= t["win_rate"] <= 1.0 and t["wins"] + t["losses"] + t["ties"] == 4
-        assert t["peak_rss_mb"] > 100 and t["wall_s"] > 0
+        assert t["peak_rss_mb"] > 100 and t["wall_s"] > 0 and t["weights_mb"] > 0
     assert trials[2]["reward_model_accuracy"] is not None
+    assert trials[2]["weights_mb"] > 1.9 * trials[0]["weights_mb"]  # PPO holds the reward model too
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| dpo |" in report and "| ppo |" in report and "(2 seeds)" in report
     assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000

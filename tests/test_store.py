@@ -74,6 +74,19 @@ def test_an_older_database_migrates_forward_with_no_data_lost(tmp_path, monkeypa
             len(migrations.MIGRATIONS), "m_next_add_column")
 
 
+def test_a_database_of_the_first_release_gains_the_reward_models_table(tmp_path, monkeypatch):
+    path = tmp_path / "release1.duckdb"
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])  # what session 1 shipped
+    with Store(path) as s:
+        s.add_labelled_pairs([_pair(i) for i in range(3)], "test", "dataset:test")
+        assert "reward_models" not in s.schema()
+    monkeypatch.undo()
+    with Store(path) as s:
+        assert s.counts()["pairs"] == 3
+        assert "reward_models" in s.schema()
+        assert s._all("SELECT name FROM schema_migrations ORDER BY version")[-1][0] == "m002_reward_models"
+
+
 def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
     path = tmp_path / "a.duckdb"
     with Store(path) as s:

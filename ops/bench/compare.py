@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--samples", type=int, default=2, help="answers per held-out prompt when judging")
     ap.add_argument("--out", type=Path, default=REPO / "alignloop-data" / "bench-compare")
+    ap.add_argument("--snapshot", type=Path, default=None, help="reuse a snapshot this script made before")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = ap.parse_args(argv)
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg: Config = load(None, [*args.set, f"model.base={Path(model_dir).resolve()}"], missing_ok=True)
     print(f"# {platform.node()} python {platform.python_version()}; model {model_dir}; overrides {args.set}",
           file=sys.stderr)
-    snapshot = demo_snapshot(Path(model_dir), args.out / "snapshot", args.pairs)
+    snapshot = args.snapshot or demo_snapshot(Path(model_dir), args.out / "snapshot", args.pairs)
     (args.out / "trials.jsonl").unlink(missing_ok=True)
     result = compare(cfg, snapshot, args.out, [m.strip() for m in args.methods.split(",")],
                      [int(s) for s in args.seeds.split(",")], samples=args.samples,
