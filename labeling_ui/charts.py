@@ -80,3 +80,15 @@ def run_win_rates(rows: list[dict[str, Any]]) -> alt.LayerChart:
     even = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
     return alt.layer(bars, even).properties(height=HEIGHT, title=alt.Title(
         "Candidates against what served", subtitle="green: promoted, red: rejected by the gate"))
+
+
+def reward_model_accuracy(rows: list[dict[str, Any]]) -> alt.LayerChart:
+    """Each refreshed reward model's held-out preference accuracy (0.5: a coin)."""
+    data = pd.DataFrame(rows)
+    bars = alt.Chart(data).mark_bar(**thick(len(data))).encode(
+        x=alt.X("id:O", title="reward model", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("accuracy:Q", title="held-out accuracy", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["id:O", "run_id:O", alt.Tooltip("accuracy:Q", format=".2f")])
+    coin = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return alt.layer(bars, coin).properties(height=HEIGHT, title=alt.Title(
+        "Reward models", subtitle="refreshed by each PPO run on every label so far"))

@@ -114,10 +114,13 @@ def judge_against_base(cfg: Config, adapter: str, prompts: list[list[dict[str, s
 
 
 def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_prompts: list, samples: int,
-          judge, log=print) -> dict[str, Any]:
+          judge, log=print, init_adapter: str | None = None) -> dict[str, Any]:
+    """Train `method` with `seed` on `snapshot` (from `init_adapter`, or a fresh adapter) in
+    work/METHOD-seedSEED, and judge it against the base."""
     train = dataclasses.replace(cfg.train, seed=seed, num_processes=1)
     run_dir = work / f"{method}-seed{seed}"
-    job = {"method": method, "snapshot": str(snapshot), "base_model": str(cfg.base_model_dir), "init_adapter": None,
+    job = {"method": method, "snapshot": str(snapshot), "base_model": str(cfg.base_model_dir),
+           "init_adapter": init_adapter,
            "output_adapter": str(run_dir / "adapter"), "train": dataclasses.asdict(train),
            "reward": dataclasses.asdict(cfg.reward), "ppo": dataclasses.asdict(cfg.ppo),
            "kto": dataclasses.asdict(cfg.kto), "eval_prompts": eval_prompts}
@@ -128,6 +131,7 @@ def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_
         log(f"compare: {method} seed {seed}: failed: {done['error']}")
         return {**row, "error": done["error"]}
     m = done["metrics"]
+    row["adapter"] = done["adapter"]
     row.update({"kl_to_base": m.get("kl_to_base"), "peak_gpu_mb": m.get("peak_gpu_mb"), "weights_mb": m.get("weights_mb"),
                 "reward_model_accuracy": m.get("reward_model_accuracy")})
     row.update(judge_against_base(cfg, done["adapter"], eval_prompts, samples, seed, judge))

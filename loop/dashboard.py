@@ -8,6 +8,7 @@ from typing import Any
 from loop import ranking
 from store.database import Store
 from store.labelling import LabelQueue
+from store.reward_models import RewardModels
 
 
 def stats(store: Store, queue: LabelQueue) -> dict[str, Any]:
@@ -43,4 +44,6 @@ def stats(store: Store, queue: LabelQueue) -> dict[str, Any]:
         "ranking": sorted(({"version": names.get(v, str(v)), "bradley_terry": s, "elo": elo[v]}
                            for v, s in strengths.items()), key=lambda r: -r["bradley_terry"]),
         "runs": runs,
+        "reward_models": [{k: r[k] for k in ("id", "run_id", "accuracy", "created_at")}
+                          for r in RewardModels(store).list()],
     }

@@ -188,13 +188,15 @@ def test_a_finished_run_shows_its_verdict_and_curve(tmp_path, monkeypatch):
         httpx.post(f"{gateway.url}/api/runs/{run['id']}/heartbeat", headers=admin, json={"metrics": curve})
         httpx.post(f"{gateway.url}/api/runs/{run['id']}/finish", headers=admin, json={
             "status": "promoted", "reason": "won 61%", "metrics": {"win_rate": 0.61}}).raise_for_status()
+        httpx.post(f"{gateway.url}/api/reward_models", headers=admin, json={
+            "path": "/rm/1", "run_id": run["id"], "accuracy": 0.84}).raise_for_status()
 
         at = AppTest.from_file(APP, default_timeout=30).run()
         at.text_input(key="token_input").input(gateway.admin_token)
         at.button(key="FormSubmitter:sign-in-Sign in").click().run()
         at.switch_page("views/dashboard.py").run()
         assert not at.exception and not at.error
-        assert len(at.get("vega_lite_chart")) == 2  # the run's verdict and its training curve
+        assert len(at.get("vega_lite_chart")) == 3  # the run's verdict, the reward model, the training curve
         assert "won 61%" in [c.value for c in at.caption]
         assert [m.value for m in at.metric if m.label == "win_rate"] == ["0.61"]
         at.switch_page("views/admin.py").run()

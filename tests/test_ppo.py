@@ -48,6 +48,23 @@ def test_ppo_raises_a_toy_reward_while_the_kl_penalty_bounds_the_drift(tiny_mode
     assert strong["kl_last"] < weak["kl_last"] / 2, (strong, weak)  # the penalty is what holds it back
 
 
+class Broken:
+    """A reward model gone wrong: NaN for every answer."""
+
+    def score(self, prompts, answers):
+        return torch.full((len(answers),), float("nan"))
+
+
+def test_a_nan_reward_stops_ppo_and_saves_nothing(tiny_model, tmp_path):
+    from loop import ppo
+    from loop.dpo import NonFiniteLoss
+
+    cfg = PPOConfig(steps=3, rollout_batch=8, minibatch=4, max_new_tokens=8)
+    with pytest.raises(NonFiniteLoss, match="at PPO step 1"):
+        ppo.run(PROMPTS, Broken(), tiny_model, tmp_path / "adapter", cfg, TrainConfig(), log=lambda m: None)
+    assert not (tmp_path / "adapter").exists()
+
+
 def ppo_job(run_dir, snapshot, model):
     write_job(run_dir, snapshot, model)
     job = json.loads((run_dir / "job.json").read_text())

@@ -55,6 +55,9 @@ plot(columns[0], s["win_rate_over_parent"], charts.win_rate_over_parent,
      "No version has been compared with its parent by people yet (arena votes and live pairs do that).")
 plot(columns[1], s["ranking"], charts.ranking, "No ranking yet: it needs labels on pairs from two versions.")
 plot(columns[2], judged, charts.run_win_rates, "No run has judged a candidate yet.")
+reward_models = [r for r in reversed(s.get("reward_models", [])) if r["accuracy"] is not None]
+if reward_models:
+    plot(st.columns(3)[0], reward_models, charts.reward_model_accuracy, "")
 
 st.subheader("Retrain runs")
 if not runs:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "ops" / "bench"))
 from dpo_demo import make_pairs  # noqa: E402
 
 from loop import demo_corpus, demo_model, judge  # noqa: E402
-from loop.compare import compare  # noqa: E402
+from loop.compare import compare, sample  # noqa: E402
 from loop.config import Config, load  # noqa: E402
 from store.export import Manifest, content_hash, write_rows  # noqa: E402
 
@@ -59,6 +59,73 @@ def demo_snapshot(model_dir: Path, out: Path, pairs: int, seed: int = 0, feedbac
     return out
 
 
+def policy_pairs(cfg: Config, adapter: str, n: int, seed: int, first_id: int) -> list[dict]:
+    """n pairs sampled from a trained policy (base + adapter) on train prompts, labelled by the
+    judge (ties dropped), split as the store splits them: the next night's labels."""
+    from peft import PeftModel
+
+    from loop.dpo import load_policy
+    from store.export import split_of
+
+    base, tok = load_policy(cfg.base_model_dir, None)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    pool = demo_corpus.prompts("train")
+    asked = [[{"role": "user", "content": pool[(i * 7 + seed) % len(pool)]}] for i in range(n)]
+    first = sample(model, tok, asked, 1.0, 64, seed=3 * seed + 1)
+    second = sample(model, tok, asked, 1.0, 64, seed=3 * seed + 2)
+    rows = []
+    for p, a, b in zip(asked, first, second):
+        verdict = judge.prefer(p[0]["content"], a, b)
+        if verdict == "tie":
+            continue
+        chosen, rejected = (a, b) if verdict == "a" else (b, a)
+        uid = first_id + len(rows)
+        rows.append({"id": uid, "prompt": p, "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}],
+                     "split": split_of(str(uid), 0.1), "source": "bench:round2"})
+    return rows
+
+
+def second_round(cfg: Config, first: dict, snapshot: Path, out: Path, pairs: int, samples: int, log) -> str:
+    """Each method's round-1 policy answers new prompts, the judge labels them, the method retrains
+    from its own adapter on all labels so far (PPO: the reward model refreshed on them)."""
+    import pyarrow.parquet as pq
+
+    from loop.compare import markdown, summarise, trial
+    from loop.evaluate import make_judge
+    from loop.retrain import heldout_prompts
+
+    old = pq.read_table(snapshot / "pairs.parquet").to_pylist()
+    eval_prompts = heldout_prompts(snapshot, cfg.gate.eval_prompts)
+    rows = []
+    for r in first["rows"]:
+        if "error" in r:
+            continue
+        snap = out / "round2" / f"snapshot-{r['method']}-seed{r['seed']}"
+        new = policy_pairs(cfg, r["adapter"], pairs, r["seed"], first_id=len(old))
+        new = [x for x in new if x["split"] == "train"]  # the held-out prompts stay those of round 1
+        write_snapshot_like(snapshot, snap, old + new)
+        log(f"round 2: {r['method']} seed {r['seed']}: {len(new)} new training pairs from its own answers")
+        rows.append(trial(cfg, snap, r["method"], r["seed"], out / "round2", eval_prompts, samples,
+                          make_judge(cfg.gate), log, init_adapter=r["adapter"]))
+    return markdown(summarise(rows))
+
+
+def write_snapshot_like(template: Path, out: Path, pairs: list[dict]) -> None:
+    """A copy of the snapshot `template` with these pairs."""
+    import json
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("prompts.parquet", "feedback.parquet"):
+        shutil.copy(template / name, out / name)
+    write_rows(pairs, out / "pairs.parquet", "parquet")
+    manifest = json.loads((template / "manifest.json").read_text())
+    manifest["counts"]["pairs"] = len(pairs)
+    manifest["content_hash"]["pairs"] = content_hash(pairs)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="demo model directory")
@@ -68,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=2, help="answers per held-out prompt when judging")
     ap.add_argument("--out", type=Path, default=REPO / "alignloop-data" / "bench-compare")
     ap.add_argument("--snapshot", type=Path, default=None, help="reuse a snapshot this script made before")
+    ap.add_argument("--round2-pairs", type=int, default=0,
+                    help="then a second night: each policy's answers to this many prompts are labelled and "
+                         "each method retrains from its own adapter on all labels (0: no second round)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = ap.parse_args(argv)
 
@@ -82,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
                      log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "report.md").read_text())
     print(f"plot: {result['plot']}", file=sys.stderr)
+    if args.round2_pairs:
+        table = second_round(cfg, result, snapshot, args.out, args.round2_pairs, args.samples,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+        (args.out / "round2" / "report.md").write_text(table)
+        print("Second round (each method from its own round-1 adapter, on all labels so far):\n")
+        print(table)
     return 0
 
 
