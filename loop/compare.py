@@ -203,7 +203,7 @@ def base_footprint(cfg: Config) -> dict[str, float]:
 
 
 def plot(rows: list[dict[str, Any]], work: Path, path: Path) -> Path:
-    """Win rate per seed and peak memory per method, and PPO's reward/KL curves beside DPO's loss."""
+    """Win rate per seed and weights held per method, and each run's training signal per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,8 +215,9 @@ def plot(rows: list[dict[str, Any]], work: Path, path: Path) -> Path:
     for i, m in enumerate(methods):
         wins = [r["win_rate"] for r in ok if r["method"] == m]
         ax[0].scatter([i] * len(wins), wins, label=m)
-        ax[1].bar(i, max(r["peak_rss_mb"] for r in ok if r["method"] == m))
-    for a, title in ((ax[0], "judged win rate over the base (per seed)"), (ax[1], "peak memory (RSS, MB)")):
+        ax[1].bar(i, max((r.get("weights_mb") or 0) for r in ok if r["method"] == m))
+    for a, title in ((ax[0], "judged win rate over the base (per seed)"),
+                     (ax[1], "weights held while training (MB)")):
         a.set_xticks(range(len(methods)), methods)
         a.set_title(title)
     ax[0].axhline(0.5, color="grey", lw=0.5)
