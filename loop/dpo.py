@@ -93,24 +93,14 @@ def lora_config(cfg: TrainConfig):
     )
 
 
-def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
-    """TRL's `DPOConfig` from the [train] section. Logs every step, saves no checkpoints (the
-    adapter is saved once, at the end), reports to nobody. On a machine without CUDA: CPU, fp32."""
+def trainer_settings(lora_dropout: float) -> dict[str, Any]:
+    """What every TRL trainer of the project shares (DPO, KTO, the reward model): a linear schedule
+    with 10% warm-up, every step logged, no checkpoints (the adapter is saved once, at the end), no
+    reporting. On a machine without CUDA: CPU, fp32."""
     import torch
-    from trl import DPOConfig
 
     gpu = _on_gpu()
-    return DPOConfig(
-        output_dir=str(output_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        beta=cfg.beta,
-        # several losses are summed with weight 1: "sigmoid,sft" is DPO plus the chosen answers' NLL (RPO)
-        loss_type=[t.strip() for t in cfg.loss_type.split(",") if t.strip()],
-        max_length=cfg.max_length,
-        seed=cfg.seed,
+    return dict(
         lr_scheduler_type="linear",
         warmup_steps=0.1,  # a float below 1 is a share of the steps
         logging_steps=1,
@@ -126,9 +116,28 @@ def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
         gradient_checkpointing=gpu,
         # TRL zeroes every dropout by default, LoRA's included; lora_dropout > 0 keeps dropout on
         # (the adapter's and the model's own, if it has any)
-        disable_dropout=cfg.lora_dropout == 0,
+        disable_dropout=lora_dropout == 0,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+    )
+
+
+def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
+    """TRL's `DPOConfig` from the [train] section, with the shared `trainer_settings`."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        beta=cfg.beta,
+        # several losses are summed with weight 1: "sigmoid,sft" is DPO plus the chosen answers' NLL (RPO)
+        loss_type=[t.strip() for t in cfg.loss_type.split(",") if t.strip()],
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        **trainer_settings(cfg.lora_dropout),
     )
 
 

@@ -89,16 +89,13 @@ def check_feedback(train_rows: list[dict[str, Any]]) -> tuple[int, int]:
 
 def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
     """TRL's `KTOConfig` from the [kto] section (learning rate, epochs, batch size, beta, the
-    desirable/undesirable weights) and [train]'s max_length, seed and LoRA dropout. The same trainer
-    settings as `loop.dpo.dpo_config`: logs every step, saves no checkpoints, reports to nobody; on a
-    machine without CUDA: CPU, fp32."""
-    import torch
+    desirable/undesirable weights) and [train]'s max_length, seed and LoRA dropout, with the shared
+    `loop.dpo.trainer_settings`."""
     from trl import KTOConfig as TRLKTOConfig
 
     if cfg.batch_size < 2:
         raise ValueError(f"kto.batch_size must be at least 2, got {cfg.batch_size}: KTO estimates its KL "
                          "reference point from the other answers in the same batch")
-    gpu = dpo._on_gpu()
     return TRLKTOConfig(
         output_dir=str(output_dir),
         learning_rate=cfg.learning_rate,
@@ -114,23 +111,7 @@ def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike
         seed=train.seed,
         # the KL term pairs each answer with its neighbour in a fixed-order batch (TRL's default, required)
         train_sampling_strategy="sequential",
-        lr_scheduler_type="linear",
-        warmup_steps=0.1,  # a float below 1 is a share of the steps
-        logging_steps=1,
-        logging_nan_inf_filter=False,  # the Trainer would otherwise hide a NaN loss behind the running mean
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=False,
-        # fp32 on CPU (TRL defaults to bf16); bf16 on GPUs that have it
-        use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
-        # checkpointing saves GPU memory on big models; on CPU it only costs time
-        gradient_checkpointing=gpu,
-        # TRL zeroes every dropout by default, LoRA's included; lora_dropout > 0 keeps dropout on
-        disable_dropout=train.lora_dropout == 0,
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
+        **dpo.trainer_settings(train.lora_dropout),
     )
 
 

@@ -40,18 +40,17 @@ def lora_config(cfg: TrainConfig):
 
 
 def trainer_config(cfg: RewardConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
-    """TRL's `RewardConfig` from [reward] (+ seed and max_length from [train]); CPU fp32, GPU bf16."""
-    import torch
+    """TRL's `RewardConfig` from [reward] (+ seed, max_length and LoRA dropout from [train]), with
+    the shared `loop.dpo.trainer_settings`."""
     from trl import RewardConfig as TRLRewardConfig
 
-    gpu = torch.cuda.is_available()
+    from loop.dpo import trainer_settings
+
     return TRLRewardConfig(
         output_dir=str(output_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None, max_length=train.max_length,
-        seed=train.seed, lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=1,
-        logging_nan_inf_filter=False, save_strategy="no", eval_strategy="no", report_to="none",
-        use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
+        seed=train.seed, **trainer_settings(train.lora_dropout),
     )
 
 
