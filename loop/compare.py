@@ -184,7 +184,8 @@ def markdown(summary: list[dict[str, Any]], base: dict[str, float] | None = None
         copies = f"{s['base_copies']} cop{'ies' if s['base_copies'] > 1 else 'y'} of the base"
         lines.append(
             f"| {s['method']} | {weights} | {rss}{gpu} | {s['wall_s']:.0f} s | {s['models_in_memory']} ({copies}) | "
-            f"{s['knobs']} | **{s['win_rate']:.3f}** ({s['seeds']} seeds) | {s['win_rate_std']:.3f}; "
+            f"{s['knobs']} | **{s['win_rate']:.3f}** ({s['seeds']} seed{'s' if s['seeds'] > 1 else ''}) | "
+            f"{s['win_rate_std']:.3f}; "
             f"{s['win_rate_min']:.3f}-{s['win_rate_max']:.3f} | {kl} |")
     return "\n".join(lines) + "\n"
 
