@@ -237,7 +237,8 @@ class KTOConfig:
 class GateConfig:
     """Evaluation and the promotion gate."""
 
-    judge: str = _f("demo", "who judges win rate: 'demo' (the demo judge's rule), 'reward' (the newest reward model) or an OpenAI-compatible URL")
+    judge: str = _f("demo", "who judges win rate: 'demo' (the demo judge's rule), 'reward' (the newest reward model; "
+                     "lenient to a PPO candidate trained against it) or an OpenAI-compatible URL")
     judge_model: str = _f("", "model name at the judge URL (LLM-as-judge, i.e. RLAIF)")
     margin: float = _f(0.05, "promote only if the candidate's win rate over what serves is above 0.5 + margin")
     kl_budget: float = _f(20.0, "reject a candidate whose KL to the base (nats per answer) is above this")

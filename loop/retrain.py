@@ -109,7 +109,8 @@ def evaluate(cfg: Config, client: GatewayClient, candidate: str, serving: str,
     cand = client.call("POST", "/api/generate", json={"model": candidate, **body})["answers"]
     serv = client.call("POST", "/api/generate", json={"model": serving, **body})["answers"]
     texts = [p[-1]["content"] for p in prompts]
-    result = win_rate(texts, [a["text"] for a in cand], [a["text"] for a in serv], make_judge(g, latest_reward_model(client)))
+    judge = make_judge(g, latest_reward_model(client) if g.judge == "reward" else None)
+    result = win_rate(texts, [a["text"] for a in cand], [a["text"] for a in serv], judge)
     result["eval_prompts"] = len(prompts)
     result["mean_tokens_candidate"] = sum(a["completion_tokens"] for a in cand) / len(cand)
     result["mean_tokens_serving"] = sum(a["completion_tokens"] for a in serv) / len(serv)
@@ -155,15 +156,23 @@ def training_data(manifest: dict[str, Any], method: str) -> tuple[str, int, str]
     return hashes["pairs"], train_pairs, "labelled pairs"
 
 
+def trained_on(runs: list[dict[str, Any]], method: str, snapshot_hash: str) -> int | None:
+    """The run that was promoted last with `method` if it trained on the same data (else None)."""
+    promoted = [r for r in runs if r["status"] == "promoted" and r["method"] == method]  # newest first
+    if promoted and promoted[0]["snapshot_hash"] == snapshot_hash:
+        return promoted[0]["id"]
+    return None
+
+
 def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str, force: bool, log) -> dict[str, Any]:
     run_id = run["id"]
     snap = client.call("POST", "/api/snapshot")
     manifest = snap["manifest"]
     snapshot_hash, count, noun = training_data(manifest, method)
     log(f"run {run_id}: snapshot {snap['dir']}: {manifest['counts']}")
-    previous = [r for r in client.call("GET", "/api/runs") if r["id"] != run_id and r["status"] == "promoted"]
-    if not force and previous and previous[0]["snapshot_hash"] == snapshot_hash:
-        return {"status": "skipped", "reason": f"no new {noun} since run {previous[0]['id']}",
+    same = trained_on(client.call("GET", "/api/runs"), method, snapshot_hash)
+    if not force and same is not None:
+        return {"status": "skipped", "reason": f"no new {noun} since {method} run {same}",
                 "snapshot_hash": snapshot_hash}
     if count == 0:
         return {"status": "skipped", "reason": f"no {noun} to train on", "snapshot_hash": snapshot_hash}

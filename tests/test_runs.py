@@ -96,3 +96,15 @@ def test_a_reward_model_is_recorded_with_its_accuracy(store):
     second = rms.add("/rm/2", run_id=2, snapshot_hash="h2", accuracy=0.9)
     assert rms.latest()["id"] == second["id"] and [r["path"] for r in rms.list()] == ["/rm/2", "/rm/1"]
     assert first["accuracy"] == pytest.approx(0.81)
+
+
+def test_a_run_is_skipped_only_when_its_own_method_already_trained_on_the_same_data():
+    from loop.retrain import trained_on
+
+    runs = [{"id": 3, "status": "promoted", "method": "ppo", "snapshot_hash": "P+Q"},
+            {"id": 2, "status": "rejected", "method": "dpo", "snapshot_hash": "P2"},
+            {"id": 1, "status": "promoted", "method": "dpo", "snapshot_hash": "P"}]
+    assert trained_on(runs, "dpo", "P") == 1  # a PPO run in between does not hide it
+    assert trained_on(runs, "dpo", "P2") is None  # new labels (the rejected run does not count)
+    assert trained_on(runs, "ppo", "P+Q") == 3
+    assert trained_on(runs, "kto", "F") is None
