@@ -80,7 +80,7 @@ def sample(model, tok, prompts: list[list[dict[str, str]]], temperature: float, 
     """One answer per prompt from a loaded model (HF generate, left padding)."""
     import torch
 
-    tok.padding_side = "left"
+    side, tok.padding_side = tok.padding_side, "left"
     out: list[str] = []
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(seed)
@@ -91,6 +91,7 @@ def sample(model, tok, prompts: list[list[dict[str, str]]], temperature: float, 
                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
             out.extend(t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    tok.padding_side = side
     return out
 
 

@@ -327,33 +327,36 @@ def run(
         peft_config=None if init_adapter else lora_config(cfg),
         callbacks=[callback],
     )
+    counts = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs)}
+    return train_and_report(trainer, callback, tok, counts, [p["prompt"] for p in heldout_pairs[:kl_prompts]],
+                            ("eval_loss", "eval_rewards/accuracies"), output_adapter, cfg.seed)
+
+
+def train_and_report(trainer, callback, tok, counts: dict[str, Any], kl_prompts: list, empty_eval: tuple[str, ...],
+                     output_adapter: str | os.PathLike[str] | None, seed: int) -> tuple[dict[str, Any], Any]:
+    """The part every TRL-trainer run shares (DPO, KTO): train, stop on a NaN (`NonFiniteLoss`),
+    evaluate on the trainer's eval set (or report `empty_eval` as None without one), count the
+    weights held, estimate KL to the base on `kl_prompts` and save the adapter (main process only).
+    Returns (metrics, policy); metrics start with `counts`."""
     t0 = time.perf_counter()
     out = trainer.train()
     train_seconds = time.perf_counter() - t0
     if callback.failure:
         raise NonFiniteLoss(callback.failure)
-
-    metrics: dict[str, Any] = {
-        "train_pairs": len(train_pairs),
-        "heldout_pairs": len(heldout_pairs),
-        "train_seconds": round(train_seconds, 2),
-        "train_loss": out.training_loss,
-        "steps": trainer.state.global_step,
-    }
-    if heldout_pairs:
+    metrics: dict[str, Any] = {**counts, "train_seconds": round(train_seconds, 2), "train_loss": out.training_loss,
+                               "steps": trainer.state.global_step}
+    if trainer.eval_dataset is not None:
         ev = trainer.evaluate()
         metrics.update({k: v for k, v in ev.items() if k.startswith("eval_") and "runtime" not in k
                         and "per_second" not in k})
     else:
-        metrics.update({"eval_loss": None, "eval_rewards/accuracies": None})
-
+        metrics.update(dict.fromkeys(empty_eval))
     policy = trainer.accelerator.unwrap_model(trainer.model)
     metrics["weights_mb"] = weights_mb(policy)  # the reference is the same weights, adapter off
     metrics["kl_to_base"] = None
     if trainer.accelerator.is_main_process:
-        if heldout_pairs:
-            prompts = [p["prompt"] for p in heldout_pairs[:kl_prompts]]
-            metrics["kl_to_base"] = round(kl_to_base(policy, tok, prompts, seed=cfg.seed), 4)
+        if kl_prompts:
+            metrics["kl_to_base"] = round(kl_to_base(policy, tok, kl_prompts, seed=seed), 4)
         if output_adapter is not None:
             save_adapter(policy, output_adapter)
     trainer.accelerator.wait_for_everyone()

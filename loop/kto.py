@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -164,37 +163,8 @@ def run(
     )
     if len(trainer.train_dataset) == 0:  # TRL drops the rows whose prompt alone fills max_length
         raise NoFeedback(f"no training feedback fits in train.max_length = {train_cfg.max_length} tokens")
-    t0 = time.perf_counter()
-    out = trainer.train()
-    train_seconds = time.perf_counter() - t0
-    if callback.failure:
-        raise dpo.NonFiniteLoss(callback.failure)
-
-    metrics: dict[str, Any] = {
-        "train_feedback": len(train_rows),
-        "heldout_feedback": len(heldout_rows),
-        "desirable": desirable,
-        "undesirable": undesirable,
-        "train_seconds": round(train_seconds, 2),
-        "train_loss": out.training_loss,
-        "steps": trainer.state.global_step,
-    }
-    if heldout:
-        ev = trainer.evaluate()
-        metrics.update({k: v for k, v in ev.items() if k.startswith("eval_") and "runtime" not in k
-                        and "per_second" not in k})
-    else:
-        metrics.update({"eval_loss": None, "eval_rewards/chosen": None, "eval_rewards/rejected": None,
-                        "eval_rewards/margins": None})
-
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    metrics["weights_mb"] = dpo.weights_mb(policy)  # the reference is the same weights, adapter off
-    metrics["kl_to_base"] = None
-    if trainer.accelerator.is_main_process:
-        if heldout:
-            prompts = [r["prompt"] for r in heldout[:kl_prompts]]
-            metrics["kl_to_base"] = round(dpo.kl_to_base(policy, tok, prompts, seed=train_cfg.seed), 4)
-        if output_adapter is not None:
-            dpo.save_adapter(policy, output_adapter)
-    trainer.accelerator.wait_for_everyone()
-    return metrics, policy
+    counts = {"train_feedback": len(train_rows), "heldout_feedback": len(heldout_rows),
+              "desirable": desirable, "undesirable": undesirable}
+    return dpo.train_and_report(trainer, callback, tok, counts, [r["prompt"] for r in heldout[:kl_prompts]],
+                                ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins"),
+                                output_adapter, train_cfg.seed)

@@ -61,26 +61,10 @@ def make_pairs(model_dir: Path, n: int, client_temperature: float, seed: int, he
 
 
 def sample_model(model, tok, prompts: list[str], temperature: float, seed: int, max_new_tokens: int = 64) -> list[str]:
-    """One answer per prompt from a loaded (PEFT) model, like loop.demo_model.sample."""
-    import torch
+    """One answer per single-turn prompt from a loaded (PEFT) model (`loop.compare.sample`)."""
+    from loop.compare import sample
 
-    old_side, tok.padding_side = tok.padding_side, "left"
-    out: list[str] = []
-    try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(seed)
-            for i in range(0, len(prompts), 32):
-                texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts[i: i + 32]]
-                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                     max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
-                new = gen[:, enc["input_ids"].shape[1]:]
-                out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tok.padding_side = old_side
-    return out
+    return sample(model, tok, [[{"role": "user", "content": p}] for p in prompts], temperature, max_new_tokens, seed)
 
 
 def judge_trained(model, tok, samples_per_prompt: int, temperature: float, seed: int) -> dict[str, Any]:
