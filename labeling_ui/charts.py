@@ -60,12 +60,13 @@ def ranking(rows: list[dict[str, Any]]) -> alt.Chart:
 
 
 def run_curves(curve: list[dict[str, Any]], title: str) -> alt.Chart:
-    """One small line plot per metric of a training run (losses and rewards have different scales)."""
+    """One small line plot per metric of a training run (losses and rewards have different scales;
+    a PPO run's reward-model steps and PPO steps have different lengths)."""
     return alt.Chart(pd.DataFrame(curve), title=title).mark_line(point=len(curve) < 40).encode(
         x=alt.X("step:Q"), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
         color=alt.Color("name:N", legend=None), tooltip=["name:N", "step:Q", "value:Q"],
     ).properties(width=260, height=160).facet(facet=alt.Facet("name:N", title=None), columns=3).resolve_scale(
-        y="independent")
+        x="independent", y="independent")
 
 
 def run_win_rates(rows: list[dict[str, Any]]) -> alt.LayerChart:
