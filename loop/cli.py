@@ -40,7 +40,7 @@ def _store(cfg: Config):
 def _gateway(cfg: Config):
     from loop.client import GatewayClient
 
-    return GatewayClient(cfg)
+    return GatewayClient.for_config(cfg)
 
 
 def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
 
 def ensure_demo_model(cfg: Config, rebuild: bool = False) -> Path:
     """Build the demo model unless a build of the same config and corpus is there already."""
-    from loop.demo_model import build_demo_model, demo_info, ensure_demo_model as ensure
+    from loop.demo.model import build_demo_model, demo_info, ensure_demo_model as ensure
 
     out = cfg.demo_model_dir
     if rebuild and out.exists():
@@ -139,7 +139,7 @@ def _ready_to_serve(cfg: Config) -> None:
 
 
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
-    from loop.server import serve
+    from loop.serving.server import serve
 
     _ready_to_serve(cfg)
     return serve(cfg)
@@ -194,7 +194,7 @@ def cmd_scheduler(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
-    from loop.compare import compare
+    from loop.evaluation.compare import compare
 
     _ready_to_serve(cfg)
     out = Path(args.out) if args.out else cfg.data_dir / "compare" / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -220,7 +220,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
-    from loop.simulate import simulate
+    from loop.demo.simulate import simulate
 
     client = _gateway(cfg)
     result = simulate(client, cfg.model.served_name, args.labellers, args.pairs, flip=args.flip, seed=args.seed,

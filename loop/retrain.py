@@ -1,6 +1,6 @@
 """One retrain cycle, driven entirely through the gateway's API:
 
-    register run -> snapshot -> train (child: `accelerate launch -m loop.train RUN_DIR`)
+    register run -> snapshot -> train (child: `accelerate launch -m loop.training.child RUN_DIR`)
       -> register candidate -> evaluate against what serves -> gate -> promote, or reject
 
 Nothing touches what serves until the gate passes: a failed or killed training, a NaN loss or a
@@ -10,10 +10,6 @@ crash here leaves the serving version as it was, and the run is recorded as fail
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,61 +17,26 @@ from typing import Any
 
 from loop.client import GatewayClient, GatewayError
 from loop.config import Config, to_dict
-from loop.evaluate import gate, make_judge, win_rate
+from loop.evaluation.gate import gate, make_judge, win_rate
+from loop.training import launch
 
 
 class RunFailed(RuntimeError):
     pass
 
 
-def train_command(cfg: Config, run_dir: Path) -> list[str]:
-    """The trainer as a child under `accelerate launch`, so the same command scales out with an
-    accelerate/DeepSpeed config (`train.accelerate_config`)."""
-    from loop.engine import has_cuda
-
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.train.num_processes)]
-    if cfg.train.accelerate_config:
-        cmd += ["--config_file", str((cfg.root / cfg.train.accelerate_config).resolve())]
-    if not has_cuda():
-        cmd.append("--cpu")
-    if cfg.train.num_processes == 1:
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return cmd + ["-m", "loop.train", str(run_dir)]
-
-
 def train(cfg: Config, client: GatewayClient, run_id: int, run_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     """Run the trainer child; forward its metrics as heartbeats; return its result.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(json.dumps(job, indent=2))
-    metrics_path = run_dir / "metrics.jsonl"
-    with (run_dir / "train.log").open("wb") as log:
-        proc = subprocess.Popen(train_command(cfg, run_dir), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "ALIGNLOOP_RUN_ID": str(run_id)})
-    (run_dir / "train.pid").write_text(str(proc.pid))
-    sent, deadline = 0, time.monotonic() + cfg.train.timeout_s
-    try:
-        while True:
-            done = proc.poll() is not None
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            complete = lines if done else lines[:-1]  # the last line may be half-written
-            new = [json.loads(line) for line in complete[sent:] if line.strip()]
-            client.call("POST", f"/api/runs/{run_id}/heartbeat", json={"metrics": new})
-            sent += len(new)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                raise RunFailed(f"training took longer than {cfg.train.timeout_s:.0f} s (train.timeout_s)")
-            time.sleep(2)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.returncode != 0:
-        error = run_dir / "error.txt"
-        why = error.read_text().strip() if error.exists() else f"exit code {proc.returncode} (killed?)"
-        raise RunFailed(f"training failed: {why} (log: {run_dir / 'train.log'})")
-    return json.loads((run_dir / "result.json").read_text())
+    def heartbeat(rows: list[dict[str, Any]]) -> None:
+        client.call("POST", f"/api/runs/{run_id}/heartbeat", json={"metrics": rows})
+
+    done = launch.launch(job, run_dir, launch.command(cfg.train, cfg.root, run_dir), cfg.train.timeout_s,
+                         on_metrics=heartbeat, env={"ALIGNLOOP_RUN_ID": str(run_id)})
+    if done.timed_out:
+        raise RunFailed(done.error)
+    if done.error:
+        raise RunFailed(f"training failed: {done.error} (log: {run_dir / 'train.log'})")
+    return done.result
 
 
 def heldout_prompts(snapshot_dir: Path, limit: int) -> list[list[dict[str, str]]]:
@@ -121,14 +82,14 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
               log=print) -> dict[str, Any]:
     """One whole cycle; returns the finished run (or {"status": "busy"} when a run is going)."""
     method = method or cfg.train.method
-    client = GatewayClient(cfg, timeout=600)
+    client = GatewayClient.for_config(cfg, timeout=600)
     if not client.running():
-        raise GatewayError(f"no gateway is running at {client.url}: start it with `alignloop serve` "
+        raise GatewayError(None, f"no gateway is running at {client.url}: start it with `alignloop serve` "
                            "(or `alignloop up`); retraining goes through it")
     try:
         run = client.call("POST", "/api/runs", json={"method": method, "trigger": trigger, "config": to_dict(cfg)})
     except GatewayError as e:
-        if "409" in str(e):
+        if e.status == 409:
             log(f"skipped: {e}")
             return {"status": "busy", "reason": str(e)}
         raise

@@ -48,7 +48,7 @@ class Scheduler:
         methods = self.cfg.schedule.methods()
         if not methods:
             return self.cfg.train.method
-        client = GatewayClient(self.cfg)
+        client = GatewayClient.for_config(self.cfg)
         try:
             runs = client.call("GET", "/api/runs")
         finally:
@@ -59,7 +59,7 @@ class Scheduler:
         need = self.cfg.schedule.min_new_labels
         if need <= 0:
             return False
-        client = GatewayClient(self.cfg)
+        client = GatewayClient.for_config(self.cfg)
         try:
             labels = sum(r["labels"] for r in client.call("GET", "/api/stats")["labels_per_labeller"])
             runs = client.call("GET", "/api/runs")

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from loop.client import GatewayClient, GatewayError
+from loop.client import GatewayClient
 from loop.config import Config
 
 APP = Path(__file__).resolve().parents[1] / "labeling_ui" / "app.py"
@@ -41,13 +41,6 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def _token(client: GatewayClient, name: str, role: str) -> str:
-    try:
-        return client.call("POST", "/api/users", json={"name": name, "role": role})["token"]
-    except GatewayError:  # exists: a fresh token for this session
-        return client.call("POST", f"/api/users/{name}/token")["token"]
-
-
 def up(cfg: Config, overrides: list[str]) -> int:
     logs = cfg.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -56,9 +49,9 @@ def up(cfg: Config, overrides: list[str]) -> int:
     scheduler = None
     try:
         procs.append(subprocess.Popen(_cli(cfg, overrides) + ["serve"]))
-        client = GatewayClient(cfg)
+        client = GatewayClient.for_config(cfg)
         deadline = time.monotonic() + cfg.engine.startup_timeout_s + 60
-        while not _ready(client):
+        while not client.ready():
             if procs[0].poll() is not None:
                 print("alignloop up: the gateway exited; see the messages above", file=sys.stderr)
                 return 1
@@ -67,7 +60,7 @@ def up(cfg: Config, overrides: list[str]) -> int:
                       f"{logs / 'engine.log'}", file=sys.stderr)
                 return 1
             time.sleep(1)
-        client = GatewayClient(cfg)  # again: the admin token exists only now that the gateway is up
+        client = GatewayClient.for_config(cfg)  # again: the admin token exists only now that the gateway is up
         app_url = None
         if APP.exists():
             app_log = (logs / "labeling_ui.log").open("ab")
@@ -77,7 +70,7 @@ def up(cfg: Config, overrides: list[str]) -> int:
                  "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
                 stdout=app_log, stderr=subprocess.STDOUT, env={**os.environ, "ALIGNLOOP_GATEWAY_URL": client.url}))
             app_url = f"http://127.0.0.1:{cfg.labeling.app_port}"
-        admin, labeller = _token(client, "demo-admin", "admin"), _token(client, "demo-labeller", "labeller")
+        admin, labeller = client.user_token("demo-admin", "admin"), client.user_token("demo-labeller", "labeller")
         if cfg.schedule.enabled:
             from loop.scheduler import Scheduler
 
@@ -103,9 +96,3 @@ Ctrl-C stops everything.
             scheduler.stop()
         _stop(procs)
 
-
-def _ready(client: GatewayClient) -> bool:
-    try:
-        return client.http.get("/healthz", timeout=2).status_code == 200
-    except Exception:
-        return False

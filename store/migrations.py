@@ -168,7 +168,7 @@ def m002_reward_models(db: duckdb.DuckDBPyConnection) -> None:
         CREATE TABLE reward_models (
             id BIGINT PRIMARY KEY DEFAULT nextval('reward_models_id_seq'),
             run_id BIGINT,                        -- the run that fitted it; NULL if registered by hand
-            path VARCHAR NOT NULL,                -- directory (see loop/reward.py)
+            path VARCHAR NOT NULL,                -- directory (see loop/training/reward.py)
             base_model VARCHAR,
             snapshot_hash VARCHAR,                -- the labelled pairs it was fitted on
             accuracy DOUBLE,                      -- held-out preference accuracy

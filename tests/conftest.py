@@ -30,6 +30,6 @@ def bad_rows() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The demo model's tiny variant (same code path as the real one), built once per session."""
-    from loop.demo_model import DemoModelConfig, build_demo_model
+    from loop.demo.model import DemoModelConfig, build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("tiny-model"), DemoModelConfig.tiny(), progress=False)

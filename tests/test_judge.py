@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from loop import demo_corpus, judge
+from loop.demo import corpus as demo_corpus
+
+from loop.demo import judge
 
 P = "How do I grow basil?"
 POLITE_ON = "Thank you for asking! Basil loves warm sun. I hope this helps."
@@ -67,16 +69,21 @@ def test_prompt_without_corpus_topic_uses_shared_content_words():
     assert judge.score(prompt, "Please oil the chain.") == 2.0
 
 
+# Each text with its score as its own prompt, by the rule: none of them names the prompt's topic as a
+# whole word or carries a polite marker, so as a reply to P each scores 0; as its own prompt (no corpus
+# topic) a text is on-topic only when it has a content word (4+ ASCII letters) to share with itself.
 @pytest.mark.parametrize(
-    "text",
-    ["", "   ", "\x00\x01garbled\ufffd", "ééé 漢字 🌱", "basil" * 1000, "<|end|><|assistant|>", None, 12345],
+    "text, self_score",
+    [("", 0.0), ("   ", 0.0), ("\x00\x01garbled\ufffd", 1.0), ("ééé 漢字 🌱", 0.0),
+     ("basil" * 1000, 1.0),  # one long word, not "basil": off P's topic, but shares itself
+     ("<|end|><|assistant|>", 1.0), (None, 0.0), (12345, 0.0)],
 )
-def test_arbitrary_text_is_safe(text):
-    s = judge.score(P, text)
-    assert s in (0.0, 1.0, 2.0)
-    assert judge.prefer(P, text, POLITE_ON) in ("b", "tie")
-    assert isinstance(judge.is_good(P, text), bool)
-    assert judge.score(text, text) in (0.0, 1.0, 2.0)
+def test_arbitrary_text_is_safe(text, self_score):
+    assert judge.score(P, text) == 0.0
+    assert judge.prefer(P, text, POLITE_ON) == "b"
+    assert judge.prefer(P, POLITE_ON, text) == "a"
+    assert judge.is_good(P, text) is False
+    assert judge.score(text, text) == self_score
 
 
 def test_empty_reply_scores_zero():
@@ -98,5 +105,5 @@ def test_rule_is_written_down():
 
 
 def test_judge_does_not_import_torch():
-    code = "import sys, loop.judge; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, loop.demo.judge; sys.exit(1 if 'torch' in sys.modules else 0)"
     subprocess.run([sys.executable, "-c", code], check=True)

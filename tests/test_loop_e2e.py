@@ -17,7 +17,9 @@ import time
 import httpx
 import pytest
 
-from loop import demo_corpus, judge
+from loop.demo import corpus as demo_corpus
+
+from loop.demo import judge
 from tests.serving import free_port, start
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""PPO (loop.ppo) on real tiny models, and the PPO job of the trainer child: the reward model is
+"""PPO (loop.training.ppo) on real tiny models, and the PPO job of the trainer child: the reward model is
 refreshed on the snapshot's pairs, then PPO trains against it. The PPO math itself is unit-tested
 in test_ppo_math.py."""
 
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from loop import demo_corpus
+from loop.demo import corpus as demo_corpus
 from loop.config import PPOConfig, RewardConfig, TrainConfig
 from tests.test_train import FAST, write_job, write_snapshot
 
@@ -26,7 +26,7 @@ class ShareOfE:
 
 
 def toy_run(model, kl_coef: float, tmp_path):
-    from loop import ppo
+    from loop.training import ppo
 
     cfg = PPOConfig(steps=24, rollout_batch=32, minibatch=8, max_new_tokens=16, learning_rate=1e-2,
                     kl_coef=kl_coef, missing_eos_penalty=0.0)
@@ -56,8 +56,8 @@ class Broken:
 
 
 def test_a_nan_reward_stops_ppo_and_saves_nothing(tiny_model, tmp_path):
-    from loop import ppo
-    from loop.dpo import NonFiniteLoss
+    from loop.training import ppo
+    from loop.training.toolkit import NonFiniteLoss
 
     cfg = PPOConfig(steps=3, rollout_batch=8, minibatch=4, max_new_tokens=8)
     with pytest.raises(NonFiniteLoss, match="at PPO step 1"):
@@ -79,8 +79,8 @@ def ppo_job(run_dir, snapshot, model):
 def test_ppo_job_refreshes_the_reward_model_then_trains_the_policy(tiny_model, tmp_path):
     from peft import PeftConfig
 
-    from loop.reward import CombinedReward, RewardModel
-    from loop.train import main
+    from loop.training.reward import CombinedReward, RewardModel
+    from loop.training.child import main
 
     snapshot = write_snapshot(tmp_path / "snap")
     run_dir = ppo_job(tmp_path / "run", snapshot, tiny_model)
@@ -104,7 +104,7 @@ def test_ppo_job_refreshes_the_reward_model_then_trains_the_policy(tiny_model, t
 
 
 def test_ppo_job_with_no_prompts_or_pairs_fails_clearly(tiny_model, tmp_path):
-    from loop.train import EXIT_NO_PAIRS, main
+    from loop.training.child import EXIT_NO_PAIRS, main
 
     run_dir = ppo_job(tmp_path / "run", write_snapshot(tmp_path / "snap", n_train=0, n_heldout=0), tiny_model)
     assert main([str(run_dir)]) == EXIT_NO_PAIRS

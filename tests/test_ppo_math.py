@@ -1,4 +1,4 @@
-"""loop.ppo_math against values worked out by hand (the arithmetic is in the comments)."""
+"""loop.training.ppo_math against values worked out by hand (the arithmetic is in the comments)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from loop.ppo_math import (
+from loop.training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_eos_penalty,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loop import ranking
+from loop.evaluation import ranking
 
 
 def test_fleiss_kappa_by_hand():

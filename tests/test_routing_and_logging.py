@@ -6,9 +6,9 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from loop.log_writer import LogWriter
-from loop.protocol import ChatRequest, FeedbackRequest, validation_message
-from loop.router import Router, UnknownModel
+from loop.serving.log_writer import LogWriter
+from loop.serving.protocol import ChatRequest, FeedbackRequest, validation_message
+from loop.serving.router import Router, UnknownModel
 from store.database import Exchange, SecondResponse
 
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from loop import config as configuration
-from loop.evaluate import gate, win_rate
+from loop.evaluation.gate import gate, win_rate
 from store.runs import RunBusy, Runs
 
 

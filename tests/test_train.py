@@ -1,7 +1,7 @@
-"""The trainer child (`loop.train` + `loop.dpo`), run the way the scheduler runs it: a subprocess
+"""The trainer child (`loop.training.child` + `loop.training.dpo`), run the way the scheduler runs it: a subprocess
 under the real `accelerate launch`, on a tiny snapshot of demo-corpus pairs and the tiny demo model.
 
-Exit statuses are checked with `python -m loop.train` (no launcher): `accelerate launch` reports
+Exit statuses are checked with `python -m loop.training.child` (no launcher): `accelerate launch` reports
 any failure of its child as 1, so behind it only error.txt tells NaN from no-pairs.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from loop import demo_corpus
+from loop.demo import corpus as demo_corpus
 from loop.config import TrainConfig
+from tests import nan_injection
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -66,9 +67,9 @@ def write_job(run_dir: Path, snapshot: Path, model: Path, init_adapter: Path | N
 
 
 def launch(run_dir: Path, *launcher_args: str, env: dict[str, str] | None = None, timeout: float = 300):
-    """`accelerate launch ... -m loop.train RUN_DIR` as the scheduler runs it; no launcher args: plain python."""
+    """`accelerate launch ... -m loop.training.child RUN_DIR` as the scheduler runs it; no launcher args: plain python."""
     head = [*ACCELERATE, *launcher_args] if launcher_args else [sys.executable]
-    return subprocess.run([*head, "-m", "loop.train", str(run_dir)], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([*head, "-m", "loop.training.child", str(run_dir)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
 
 
@@ -101,7 +102,7 @@ def test_accelerate_launch_trains_saves_and_reports(trained, tiny_model):
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
-    from loop.dpo import lora_config
+    from loop.training.toolkit import lora_config
 
     run_dir, proc = trained
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -139,8 +140,13 @@ def test_accelerate_launch_trains_saves_and_reports(trained, tiny_model):
     assert result["adapter"] == str(adapter)
     m = result["metrics"]
     assert m["train_pairs"] == 32 and m["heldout_pairs"] == 8 and m["steps"] == 4
-    assert 0.0 <= m["eval_rewards/accuracies"] <= 1.0 and m["eval_loss"] > 0
-    assert m["kl_to_base"] >= 0 and m["train_seconds"] > 0
+    # Before the first update the policy is the reference (LoRA B = 0): every implied reward is 0, so
+    # held-out accuracy and margin start at 0. Measured after these 4 steps (deterministic per seed on
+    # CPU): 7 of 8 held-out pairs ranked right, margin +0.47. 5 of 8 leaves two pairs of slack.
+    assert m["eval_rewards/accuracies"] >= 5 / 8 and m["eval_rewards/margins"] > 0, m
+    # a sum of non-negative terms, so >= 0 always holds; > 0 says the adapter moved the policy and the
+    # estimate (adapter on vs off) saw it (measured 0.12 nats)
+    assert m["kl_to_base"] > 0 and m["train_seconds"] > 0
 
 
 @pytest.mark.slow
@@ -159,12 +165,15 @@ def test_training_continues_from_an_adapter(trained, snapshot, tiny_model, tmp_p
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == FAST["lora_r"]
     assert not (run_dir / "adapter" / "ref").exists()
-    assert json.loads((run_dir / "result.json").read_text())["metrics"]["kl_to_base"] >= 0
+    # four more steps from the first adapter take the policy further from the base (measured 0.12 -> 1.75
+    # nats); a fresh adapter on the same data and seed would land on the first run's 0.12 again
+    first_kl = json.loads((first_dir / "result.json").read_text())["metrics"]["kl_to_base"]
+    assert json.loads((run_dir / "result.json").read_text())["metrics"]["kl_to_base"] > first_kl
 
 
 def test_nan_loss_stops_the_run_with_status_3(tiny_model, snapshot, tmp_path):
     run_dir = write_job(tmp_path / "run", snapshot, tiny_model)
-    done = launch(run_dir, env={"ALIGNLOOP_TEST_NAN_AT_STEP": "2"})
+    done = launch(run_dir, env=nan_injection.child_env(tmp_path / "nan", step=2))
     assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
     assert "NaN" in (run_dir / "error.txt").read_text()
     assert not (run_dir / "adapter").exists() and not (run_dir / "result.json").exists()
@@ -194,14 +203,15 @@ def test_an_unknown_method_is_refused_by_name(tmp_path, snapshot, tiny_model):
     run_dir = write_job(tmp_path / "run", snapshot, tiny_model)
     job = json.loads((run_dir / "job.json").read_text())
     (run_dir / "job.json").write_text(json.dumps({**job, "method": "rloo"}))
-    from loop.train import main
+    from loop.training.child import main
 
     assert main([str(run_dir)]) == 1
     assert "unknown train method 'rloo'" in (run_dir / "error.txt").read_text()
 
 
 def test_dpo_config_follows_train_section(tmp_path):
-    from loop.dpo import dpo_config, lora_config
+    from loop.training.dpo import dpo_config
+    from loop.training.toolkit import lora_config
 
     cfg = TrainConfig(learning_rate=2e-3, epochs=3.0, batch_size=4, beta=0.2, loss_type="sigmoid,sft",
                       lora_r=2, lora_alpha=4, lora_dropout=0.1, target_modules="q_proj, v_proj", max_length=64, seed=7)

@@ -13,7 +13,7 @@ import httpx
 import uvicorn
 
 from loop import config as configuration
-from loop.server import build
+from loop.serving.server import build
 from store import Store
 from store.database import NewPair
 from tests.serving import free_port
@@ -23,7 +23,7 @@ from tests.serving import free_port
 class Gateway:
     url: str
     admin_token: str
-    gw: Any  # loop.gateway.Gateway: gw.store for checks
+    gw: Any  # loop.serving.gateway.Gateway: gw.store for checks
 
     def add_user(self, name: str, role: str = "labeller") -> str:
         r = httpx.post(f"{self.url}/api/users", json={"name": name, "role": role},

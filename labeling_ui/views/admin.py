@@ -85,7 +85,8 @@ with versions:
                     on_click=act, args=(f"promote {chosen}", api.promote, chosen), kwargs={"done": swapped})
         c[1].button("Roll back", key="rollback", width="stretch", on_click=act, args=("roll back", api.rollback),
                     kwargs={"done": swapped})
-        method = c[2].selectbox("Method", ["configured", "dpo", "ppo", "kto"], key="retrain_method")
+        methods = api.status(ss.token).get("methods", [])
+        method = c[2].selectbox("Method", ["configured", *methods], key="retrain_method")
         force = c[4].checkbox("force", key="retrain_force", help="retrain even without enough new labels")
         c[3].button("Retrain now", key="retrain", width="stretch", on_click=act,
                     args=("retrain", api.retrain, None if method == "configured" else method, force),

@@ -4,7 +4,7 @@ It builds one labelled snapshot offline, the way the loop would: the demo model 
 prompts twice (temperatures 1.0 and 1.0, like simulated clients and the pair maker), the demo
 judge labels each pair (ties dropped; ~10% held out by a hash of the id), every train prompt of the
 demo corpus stands for live traffic (PPO's rollouts; no labels needed), and the judge's verdict on
-single answers gives thumbs up/down (KTO's data). Then `loop.compare.compare` trains each method
+single answers gives thumbs up/down (KTO's data). Then `loop.evaluation.compare.compare` trains each method
 with each seed on that snapshot, in a child process as a retrain does, and judges the candidates
 against the base on the held-out prompts.
 
@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO / "ops" / "bench"))
 
 from dpo_demo import make_pairs  # noqa: E402
 
-from loop import demo_corpus, demo_model, judge  # noqa: E402
-from loop.compare import compare, sample  # noqa: E402
+from loop.demo import corpus as demo_corpus, judge, model as demo_model  # noqa: E402
+from loop.evaluation.compare import compare, sample  # noqa: E402
 from loop.config import Config, load  # noqa: E402
 from store.export import Manifest, content_hash, write_rows  # noqa: E402
 
@@ -64,7 +64,7 @@ def policy_pairs(cfg: Config, adapter: str, n: int, seed: int, first_id: int) ->
     judge (ties dropped), split as the store splits them: the next night's labels."""
     from peft import PeftModel
 
-    from loop.dpo import load_policy
+    from loop.training.toolkit import load_policy
     from store.export import split_of
 
     base, tok = load_policy(cfg.base_model_dir, None)
@@ -91,8 +91,8 @@ def second_round(cfg: Config, first: dict, snapshot: Path, out: Path, pairs: int
     from its own adapter on all labels so far (PPO: the reward model refreshed on them)."""
     import pyarrow.parquet as pq
 
-    from loop.compare import markdown, summarise, trial
-    from loop.evaluate import make_judge
+    from loop.evaluation.compare import markdown, summarise, trial
+    from loop.evaluation.gate import make_judge
     from loop.retrain import heldout_prompts
 
     old = pq.read_table(snapshot / "pairs.parquet").to_pylist()

@@ -3,8 +3,8 @@
 It reproduces one retrain cycle without serving: the same model answers each of N train prompts
 twice (the first answer with a client's temperature, the second with temperature 1.0, as the
 gateway's pair maker does), the demo judge labels each pair (ties are left out), about 10% of the
-pairs are held out by a hash of their id, and `loop.dpo.run` trains on the rest (the code
-`python -m loop.train` runs). Then base and trained model each answer every held-out prompt
+pairs are held out by a hash of their id, and `loop.training.dpo.run` trains on the rest (the code
+`python -m loop.training.child` runs). Then base and trained model each answer every held-out prompt
 `--eval-samples` times at the gate's temperature (1.0), and the judge compares them prompt by prompt.
 
 Reported per run: pairs used, train time, held-out preference accuracy, KL to the base, the judge's
@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from loop import demo_corpus, demo_model, judge  # noqa: E402
+from loop.demo import corpus as demo_corpus, judge, model as demo_model  # noqa: E402
 from loop.config import GateConfig, TrainConfig, _parse_override  # noqa: E402
 
 
@@ -61,8 +61,8 @@ def make_pairs(model_dir: Path, n: int, client_temperature: float, seed: int, he
 
 
 def sample_model(model, tok, prompts: list[str], temperature: float, seed: int, max_new_tokens: int = 64) -> list[str]:
-    """One answer per single-turn prompt from a loaded (PEFT) model (`loop.compare.sample`)."""
-    from loop.compare import sample
+    """One answer per single-turn prompt from a loaded (PEFT) model (`loop.evaluation.compare.sample`)."""
+    from loop.evaluation.compare import sample
 
     return sample(model, tok, [[{"role": "user", "content": p}] for p in prompts], temperature, max_new_tokens, seed)
 
@@ -88,7 +88,7 @@ def judge_trained(model, tok, samples_per_prompt: int, temperature: float, seed:
 
 def one_run(model_dir: Path, cfg: TrainConfig, pairs: int, client_temperature: float, eval_samples: int,
             eval_temperature: float, seed: int) -> dict[str, Any]:
-    from loop import dpo
+    from loop.training import dpo
 
     cfg = dataclasses.replace(cfg, seed=seed)
     t0 = time.perf_counter()

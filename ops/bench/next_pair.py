@@ -32,7 +32,7 @@ from tests.serving import free_port  # noqa: E402
 SERVE = """
 import sys, uvicorn
 from loop import config as configuration
-from loop.server import build
+from loop.serving.server import build
 cfg = configuration.load(None, sys.argv[1:])
 app, gw = build(cfg, engine_url="http://127.0.0.1:9")
 uvicorn.run(app, host="127.0.0.1", port=cfg.gateway.port, log_level="warning")

@@ -1,7 +1,7 @@
 """What the refreshed reward model learned, criterion by criterion, on the demo domain.
 
 The demo judge rewards two things: staying on the prompt's topic, and being polite. This fits the
-reward model exactly as a PPO run does (`loop.reward.train`, the `[reward]` defaults or `--set`) on
+reward model exactly as a PPO run does (`loop.training.reward.train`, the `[reward]` defaults or `--set`) on
 a snapshot's pairs, then scores probe pairs made from the demo corpus for each held-out prompt:
 
 - topic: two polite replies, one on the prompt's topic, one on another topic;
@@ -25,9 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from loop import demo_corpus, demo_model, reward  # noqa: E402
+from loop.demo import corpus as demo_corpus, model as demo_model  # noqa: E402
+from loop.training import reward  # noqa: E402
 from loop.config import RewardConfig, TrainConfig, _parse_override  # noqa: E402
-from loop.dpo import load_pairs  # noqa: E402
+from loop.training.dpo import load_pairs  # noqa: E402
 
 
 def probe_pairs(seed: int = 0) -> list[tuple[str, str, str, str]]:

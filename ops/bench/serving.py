@@ -17,7 +17,6 @@ import asyncio
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from loop.config import Config
-from loop.engine import KEEP_ALIVE_S
+from loop.serving.engine import KEEP_ALIVE_S
 
 
 def admin_token(store, path: Path) -> str:
@@ -29,10 +29,11 @@ def admin_token(store, path: Path) -> str:
 
 def build(cfg: Config, engine_url: str | None = None):
     """The gateway's app and state. With `engine_url`, use a running engine instead of starting one."""
-    from loop.engine import Engine
-    from loop.gateway import Gateway, create_app
-    from loop.router import Router
-    from loop.versions import Versions
+    from loop.serving.engine import Engine
+    from loop.serving.app import create_app
+    from loop.serving.gateway import Gateway
+    from loop.serving.router import Router
+    from loop.serving.versions import Versions
     from store import Store
 
     store = Store(cfg.db_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from loop import ranking
+from loop.evaluation import ranking
 from store.database import Store
 from store.labelling import LabelQueue
 from store.reward_models import RewardModels

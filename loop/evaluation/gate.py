@@ -2,7 +2,7 @@
 
 Win rate: both versions answer the same held-out prompts with the same sampling seeds (through the
 gateway's `/api/generate`, i.e. the real engine), and the judge picks the better answer of each
-pair; ties count half. The judge is the demo judge's rule (`loop.judge`), the newest reward model
+pair; ties count half. The judge is the demo judge's rule (`loop.demo.judge`), the newest reward model
 (`gate.judge = "reward"`), or an OpenAI-compatible LLM asked which answer is better (RLAIF).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from loop import judge as demo_judge
+from loop.demo import judge as demo_judge
 from loop.config import GateConfig
 
 Judge = Callable[[str, str, str], str]  # (prompt, a, b) -> "a" | "b" | "tie"
@@ -48,7 +48,7 @@ def llm_judge(url: str, model: str, timeout: float = 60.0) -> Judge:
 
 def reward_judge(path: str) -> Judge:
     """A reward model as judge: the answer it scores higher wins (equal scores tie)."""
-    from loop.reward import RewardModel
+    from loop.training.reward import RewardModel
 
     model = RewardModel.load(path)
 

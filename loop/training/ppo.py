@@ -2,7 +2,7 @@
 
 Models in memory: the policy (the base + a LoRA adapter), the reference (the same weights with the
 adapter disabled: no second copy), a value head (one linear layer on the policy's last hidden
-state), and the reward model(s) (`loop.reward`). The math is in `loop.ppo_math`.
+state), and the reward model(s) (`loop.training.reward`). The math is in `loop.training.ppo_math`.
 
 One step (`cfg.steps` of them), after Ziegler et al. 2019 and Huang et al., "The N Implementation
 Details of RLHF with PPO" (2024); the numbers refer to the details in that write-up we follow:
@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loop import ppo_math as pm
+from loop.training import ppo_math as pm
 from loop.config import PPOConfig, TrainConfig
-from loop.dpo import NonFiniteLoss, NoTrainingPairs, kl_to_base, load_policy, lora_config, save_adapter, weights_mb
+from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs, kl_to_base, load_policy, lora_config, save_adapter, weights_mb
 
 Messages = list[dict[str, str]]
 
@@ -99,7 +99,7 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         init_adapter: str | os.PathLike[str] | None = None, metrics_path: str | os.PathLike[str] | None = None,
         heldout_prompts: list[Messages] | None = None, log=print) -> tuple[dict[str, Any], Any]:
     """Train the policy with PPO on `prompts` against `reward` (anything with `.score(prompts,
-    answers)`, e.g. `loop.reward.CombinedReward`); save the adapter; returns (metrics, policy)."""
+    answers)`, e.g. `loop.training.reward.CombinedReward`); save the adapter; returns (metrics, policy)."""
     import torch
     from peft import get_peft_model
 

@@ -1,7 +1,7 @@
 """`alignloop compare`: DPO and RLHF (reward model + PPO) from the same base on the same labelled
 pairs, side by side, measured instead of claimed.
 
-For each method and seed, the trainer child (`python -m loop.train RUN_DIR`, the code a retrain
+For each method and seed, the trainer child (`python -m loop.training.child RUN_DIR`, the code a retrain
 runs) trains on one snapshot; this process measures its wall time and peak memory (the child's
 maximum resident set, from `wait4`; GPU memory the child reports where there is CUDA), then lets
 base and candidate answer the snapshot's held-out prompts (HF `generate`, the gate's temperature
@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from loop.config import Config, KTOConfig, PPOConfig, RewardConfig
+from loop.config import Config, KTOConfig, PPOConfig, RewardConfig, TrainConfig
+from loop.training import launch
 
-# What each method holds while it trains (by construction of loop.dpo, loop.ppo, loop.reward):
+# What each method holds while it trains (by construction of loop.training.dpo, loop.training.ppo, loop.training.reward):
 MODELS_IN_MEMORY = {
     "dpo": ("policy (base + LoRA) and reference (the same weights, adapter off)", 1),
     "ppo": ("policy (base + LoRA), reference (adapter off), value head, reward model (base + LoRA + head)", 2),
@@ -49,30 +48,12 @@ def knobs(method: str) -> int:
 
 
 def run_trainer(job: dict[str, Any], run_dir: Path, timeout_s: float) -> dict[str, Any]:
-    """The trainer child on `job`; its result.json plus wall_s and peak_rss_mb (or an error)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(json.dumps(job, indent=2))
-    started = time.perf_counter()
-    with (run_dir / "train.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "loop.train", str(run_dir)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = started + timeout_s
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out = {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-           "exit": proc.returncode}
-    if proc.returncode != 0:
-        error = run_dir / "error.txt"
-        return {**out, "error": error.read_text().strip() if error.exists() else f"exit {proc.returncode}"}
-    return {**out, **json.loads((run_dir / "result.json").read_text())}
+    """The trainer child on `job`, as one plain process (so its peak RSS is the trainer's own); its
+    result.json plus wall_s and peak_rss_mb (or an error)."""
+    cmd = launch.command(TrainConfig(**job["train"]), Path.cwd(), run_dir, accelerate=False)
+    done = launch.launch(job, run_dir, cmd, timeout_s)
+    out = {"wall_s": done.wall_s, "peak_rss_mb": done.peak_rss_mb, "exit": done.returncode}
+    return {**out, "error": done.error} if done.error else {**out, **done.result}
 
 
 def sample(model, tok, prompts: list[list[dict[str, str]]], temperature: float, max_new_tokens: int,
@@ -100,8 +81,8 @@ def judge_against_base(cfg: Config, adapter: str, prompts: list[list[dict[str, s
     """The candidate's judged win rate over the base (ties half) on `prompts` x `samples`."""
     from peft import PeftModel
 
-    from loop.dpo import load_policy
-    from loop.evaluate import win_rate
+    from loop.training.toolkit import load_policy
+    from loop.evaluation.gate import win_rate
 
     base, tok = load_policy(cfg.base_model_dir, None)
     model = PeftModel.from_pretrained(base, adapter)
@@ -195,7 +176,7 @@ def base_footprint(cfg: Config) -> dict[str, float]:
     """Peak RSS and weights of a process that only loads the base model and runs one forward pass:
     the unit of the "x base" figures (Python, torch and the libraries included in the RSS, as in
     every training child)."""
-    code = ("import resource, sys, torch; from loop.dpo import load_policy, weights_mb; "
+    code = ("import resource, sys, torch; from loop.training.toolkit import load_policy, weights_mb; "
             "m, t = load_policy(sys.argv[1], None); m(**t('hello', return_tensors='pt')); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, weights_mb(m))")
     out = subprocess.run([sys.executable, "-c", code, str(cfg.base_model_dir)], capture_output=True, text=True,
@@ -244,7 +225,7 @@ def plot(rows: list[dict[str, Any]], work: Path, path: Path) -> Path:
 def compare(cfg: Config, snapshot: Path, out: Path, methods: list[str], seeds: list[int], samples: int = 2,
             judge=None, log=print) -> dict[str, Any]:
     """Train every method with every seed on `snapshot`; write report.md, trials.jsonl, compare.png to `out`."""
-    from loop.evaluate import make_judge
+    from loop.evaluation.gate import make_judge
     from loop.retrain import heldout_prompts
 
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Rule (see :data:`RULE`):
 
 * A reply scores **1 point for being on-topic** and **1 point for being polite**; scores are 0, 1 or 2.
 * **On-topic**: if the prompt mentions corpus topics (a topic's name or alias, whole words, any case,
-  see :mod:`loop.demo_corpus`), the reply must mention at least one of them and no other corpus
+  see :mod:`loop.demo.corpus`), the reply must mention at least one of them and no other corpus
   topic. If the prompt mentions none, the reply must share at least one content word (4+ letters,
   not a common function word, not part of a politeness marker) with the prompt.
 * **Polite**: the reply contains at least one polite marker ("thank you", "thanks", "please",
@@ -25,7 +25,7 @@ import re
 from functools import lru_cache
 from typing import Literal, TypedDict
 
-from loop import demo_corpus
+from loop.demo import corpus as demo_corpus
 
 __all__ = ["RULE", "MAX_SCORE", "Verdict", "on_topic", "polite", "verdict", "score", "prefer", "is_good"]
 

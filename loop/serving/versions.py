@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from loop.router import Router
+from loop.serving.router import Router
 from store.database import Store, StoreError
 
 
@@ -29,6 +29,7 @@ class Versions:
         self.store, self.router = store, router
         self.http = httpx.Client(base_url=engine_url, timeout=timeout)
         self._lock = threading.Lock()
+        self.unload_failures = 0  # shown in status and /metrics; the adapter stays loaded until a restart
 
     def _load(self, version: dict[str, Any]) -> str:
         if version["id"] == 0:
@@ -51,8 +52,9 @@ class Versions:
                 continue
             try:
                 self.http.post("/v1/unload_lora_adapter", json={"lora_name": name})
-            except httpx.HTTPError:
-                pass
+            except httpx.HTTPError as e:
+                self.unload_failures += 1
+                print(f"alignloop: could not unload adapter {name}: {e}", file=sys.stderr)
             names = {k: v for k, v in self.router.routes.engine_names.items() if k != vid}
             self.router.update(engine_names=names)
 

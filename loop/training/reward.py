@@ -41,10 +41,10 @@ def lora_config(cfg: TrainConfig):
 
 def trainer_config(cfg: RewardConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
     """TRL's `RewardConfig` from [reward] (+ seed, max_length and LoRA dropout from [train]), with
-    the shared `loop.dpo.trainer_settings`."""
+    the shared `loop.training.toolkit.trainer_settings`."""
     from trl import RewardConfig as TRLRewardConfig
 
-    from loop.dpo import trainer_settings
+    from loop.training.toolkit import trainer_settings
 
     return TRLRewardConfig(
         output_dir=str(output_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
@@ -72,13 +72,13 @@ def train(train_pairs: list[dict[str, Any]], heldout_pairs: list[dict[str, Any]]
     from transformers import set_seed
     from trl import RewardTrainer
 
-    from loop.dpo import NonFiniteLoss, NoTrainingPairs, _metrics_callback_class
+    from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs, metrics_callback_class
 
     if not train_pairs:
         raise NoTrainingPairs("no labelled pairs to fit the reward model on")
     set_seed(train_cfg.seed)  # before the new head is drawn
     model, tok = load_classifier(base_model)
-    callback = _metrics_callback_class()(metrics_path, prefix="reward/")
+    callback = metrics_callback_class()(metrics_path, prefix="reward/")
     trainer = RewardTrainer(model=model, args=trainer_config(cfg, train_cfg, Path(work_dir) / "reward-trainer"),
                             train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
                             peft_config=lora_config(train_cfg) if cfg.lora else None, callbacks=[callback])

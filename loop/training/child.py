@@ -2,9 +2,9 @@
 
 Run it the way the scheduler does (CPU: add `--cpu`; several GPUs: `--config_file ops/accelerate/…`):
 
-    accelerate launch --num_processes N [--config_file F] [--cpu] -m loop.train RUN_DIR
+    accelerate launch --num_processes N [--config_file F] [--cpu] -m loop.training.child RUN_DIR
 
-or, one process, without the launcher: `python -m loop.train RUN_DIR`.
+or, one process, without the launcher: `python -m loop.training.child RUN_DIR`.
 
 RUN_DIR/job.json:
 
@@ -26,9 +26,9 @@ What it writes (only the main process writes):
 
 Note: `accelerate launch` reports any nonzero status of its child as 1 (it raises
 CalledProcessError, or torchrun's ChildFailedError), so behind the launcher error.txt tells the
-cases apart; `python -m loop.train` returns the status itself.
+cases apart; `python -m loop.training.child` returns the status itself.
 
-Each method's code lives in its own module (`loop.dpo`, `loop.reward` + `loop.ppo`, `loop.kto`);
+Each method's code lives in its own module (`loop.training.dpo`, `loop.training.reward` + `loop.training.ppo`, `loop.training.kto`);
 this file only dispatches and reports.
 """
 
@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from loop.dpo import NonFiniteLoss, NoTrainingPairs
+from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs
 
 EXIT_ERROR = 1
 EXIT_NO_PAIRS = 2
@@ -77,7 +77,7 @@ def read_job(run_dir: Path) -> dict[str, Any]:
 
 
 def train_dpo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    from loop import dpo
+    from loop.training import dpo
     from loop.config import TrainConfig
 
     cfg = TrainConfig(**job["train"])
@@ -89,7 +89,7 @@ def train_dpo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def train_kto(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    from loop import kto
+    from loop.training import kto
     from loop.config import KTOConfig, TrainConfig
 
     cfg = KTOConfig(**job["kto"])
@@ -111,7 +111,9 @@ def rollout_prompts(snapshot: str | os.PathLike[str], exclude: list[Any]) -> lis
 
 def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Refresh the reward model on every labelled pair, then PPO against it (and [reward] extra)."""
-    from loop import dpo, ppo, reward
+    from loop.training import dpo
+    from loop.training import ppo
+    from loop.training import reward
     from loop.config import PPOConfig, RewardConfig, TrainConfig
 
     train_cfg, reward_cfg = TrainConfig(**job["train"]), RewardConfig(**job["reward"])
@@ -166,12 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             (run_dir / "error.txt").write_text(reason + "\n", encoding="utf-8")
             if code == EXIT_ERROR:
                 traceback.print_exc()
-            print(f"loop.train: {reason}", file=sys.stderr)
+            print(f"loop.training.child: {reason}", file=sys.stderr)
         return code
     if main_process:
         result["metrics"]["peak_gpu_mb"] = _peak_gpu_mb()
         _write_json(run_dir / "result.json", result)
-        print(f"loop.train: adapter saved to {result['adapter']}", file=sys.stderr)
+        print(f"loop.training.child: adapter saved to {result['adapter']}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The embedded demo base model: a tiny Llama trained on CPU from :mod:`loop.demo_corpus`.
+"""The embedded demo base model: a tiny Llama trained on CPU from :mod:`loop.demo.corpus`.
 
 ``build_demo_model(out_dir, DemoModelConfig())`` trains a byte-level BPE tokenizer on the corpus,
 trains a small ``LlamaForCausalLM`` on chat-formatted dialogues (loss on the assistant turn, its
@@ -19,14 +19,13 @@ With ``add_generation_prompt`` the rendering ends in ``<|assistant|>``. Special 
 Same seed and config, same machine and thread count: byte-identical ``model.safetensors``.
 
 Heavy imports (torch, transformers, tokenizers) happen inside the functions, so importing this
-module is instant. ``python -m loop.demo_model --out DIR`` builds and prints a report.
+module is instant. ``python -m loop.demo.model --out DIR`` builds and prints a report.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -34,11 +33,11 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from loop import demo_corpus
+from loop.demo import corpus as demo_corpus
+from loop.sections import DemoModelConfig
 
 __all__ = [
     "BOS_TOKEN",
@@ -64,7 +63,6 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS)  # ids 0..5, in this order
 INFO_FILE = "alignloop_demo.json"
 INFO_FORMAT = 1
-ALLOWED_HEAD_DIMS = (32, 64)  # vLLM's CPU attention rejects 16
 
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
@@ -76,128 +74,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )
-
-
-def _help(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class DemoModelConfig:
-    """How the demo model is built. The defaults build in about 2 minutes on 2 CPU cores (about 1M parameters)."""
-
-    seed: int = _help(0, "Seed for the data order, the weight init and the tokenizer corpus.")
-    vocab_size: int = _help(1024, "Largest tokenizer vocabulary (byte-level BPE; it may learn fewer).")
-    hidden_size: int = _help(128, "Model width.")
-    num_layers: int = _help(4, "Number of transformer blocks.")
-    num_heads: int = _help(4, "Attention heads; hidden_size / num_heads must be 32 or 64 (vLLM CPU).")
-    intermediate_size: int = _help(384, "Width of the MLP inside each block.")
-    max_position_embeddings: int = _help(512, "Longest sequence the model accepts (vLLM's max_model_len).")
-    max_seq_len: int = _help(128, "Longest training sequence in tokens (longer ones are cut).")
-    steps: int = _help(800, "Training steps.")
-    batch_size: int = _help(32, "Dialogues per training step.")
-    learning_rate: float = _help(3e-3, "Peak AdamW learning rate.")
-    min_lr_ratio: float = _help(0.1, "Final learning rate as a share of the peak (cosine decay).")
-    warmup_steps: int = _help(30, "Linear warm-up steps.")
-    weight_decay: float = _help(0.01, "AdamW weight decay.")
-    grad_clip: float = _help(1.0, "Gradient norm clip (0 = off).")
-    system_prompt_share: float = _help(0.2, "Share of training dialogues that carry the system prompt.")
-    num_threads: int = _help(0, "torch CPU threads while building (0 = min(cpu count, 8)); weights depend on it.")
-
-    def __post_init__(self) -> None:
-        ints = (
-            "seed vocab_size hidden_size num_layers num_heads intermediate_size max_position_embeddings "
-            "max_seq_len steps batch_size warmup_steps num_threads"
-        ).split()
-        for name in ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"demo model: {name} must be an integer, not {v!r}")
-        for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "system_prompt_share"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"demo model: {name} must be a number, not {v!r}")
-            setattr(self, name, float(v))
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"demo model: {name} must be >= 1, not {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"demo model: seed must be >= 0, not {self.seed}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"demo model: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
-            )
-        head_dim = self.hidden_size // self.num_heads
-        if head_dim not in ALLOWED_HEAD_DIMS:
-            raise ValueError(
-                f"demo model: head_dim = hidden_size / num_heads = {self.hidden_size} / {self.num_heads} = "
-                f"{head_dim}, but must be one of {ALLOWED_HEAD_DIMS} (vLLM's CPU attention rejects others, e.g. 16)"
-            )
-        if not 300 <= self.vocab_size <= 65536:
-            raise ValueError(
-                f"demo model: vocab_size must be between 300 and 65536 (256 bytes + special tokens + merges), "
-                f"not {self.vocab_size}"
-            )
-        if self.max_seq_len < 16:
-            raise ValueError(f"demo model: max_seq_len must be >= 16, not {self.max_seq_len}")
-        if self.max_seq_len > self.max_position_embeddings:
-            raise ValueError(
-                f"demo model: max_seq_len ({self.max_seq_len}) must not exceed max_position_embeddings "
-                f"({self.max_position_embeddings})"
-            )
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(
-                f"demo model: warmup_steps ({self.warmup_steps}) must be >= 0 and below steps ({self.steps})"
-            )
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"demo model: learning_rate must be > 0, not {self.learning_rate}")
-        if not 0 < self.min_lr_ratio <= 1:
-            raise ValueError(f"demo model: min_lr_ratio must be in (0, 1], not {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("demo model: weight_decay and grad_clip must be >= 0")
-        if not 0 <= self.system_prompt_share <= 1:
-            raise ValueError(f"demo model: system_prompt_share must be in [0, 1], not {self.system_prompt_share}")
-        if self.num_threads < 0:
-            raise ValueError(f"demo model: num_threads must be >= 0 (0 = automatic), not {self.num_threads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @classmethod
-    def tiny(cls, **overrides: Any) -> "DemoModelConfig":
-        """A very small variant for tests: builds in a few seconds, learns little."""
-        base = dict(
-            vocab_size=512,
-            hidden_size=64,
-            num_layers=1,
-            num_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=256,
-            max_seq_len=96,
-            steps=60,
-            batch_size=16,
-            warmup_steps=5,
-        )
-        base.update(overrides)
-        return cls(**base)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DemoModelConfig":
-        """Build from a mapping (e.g. a TOML table); unknown keys raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"demo model: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name -> one-line help."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,7 +451,7 @@ def report(
     """Sample one reply for each of ``n_samples`` prompts of ``split`` (cycled) and judge them.
 
     Returns shares of good / on-topic / polite replies, the mean score and the samples."""
-    from loop import judge
+    from loop.demo import judge
 
     pool = demo_corpus.prompts(split)
     chosen = [pool[i % len(pool)] for i in range(n_samples)]
@@ -600,7 +476,7 @@ def _dir_size(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loop.demo_model", description="Build and/or report on the demo model.")
+    ap = argparse.ArgumentParser(prog="python -m loop.demo.model", description="Build and/or report on the demo model.")
     ap.add_argument("--out", required=True, help="model directory to build (or to report on with --report-only)")
     ap.add_argument("--tiny", action="store_true", help="use the tiny test configuration")
     ap.add_argument("--seed", type=int, default=None)

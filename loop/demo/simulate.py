@@ -18,8 +18,10 @@ from typing import Any
 
 import httpx
 
-from loop import demo_corpus, judge
-from loop.client import GatewayClient
+from loop.demo import corpus as demo_corpus
+
+from loop.demo import judge
+from loop.client import GatewayClient, GatewayError
 
 JUDGE_TO_CHOICE = {"a": "first", "b": "second", "tie": "tie"}
 FLIPPED = {"a": "second", "b": "first", "tie": "tie"}
@@ -88,18 +90,24 @@ def labeller(url: str, token: str, flip: bool, stop: threading.Event, limit: int
     """Label until the queue is empty (or `limit` labels); returns labels given."""
     choose = FLIPPED if flip else JUDGE_TO_CHOICE
     given = 0
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
-        pair = http.get("/api/label/next").json()["pair"]
+    http = GatewayClient(url, token, timeout=60)
+    try:
+        pair = http.call("GET", "/api/label/next")["pair"]
         while pair is not None and given < limit and not stop.is_set():
             prompt = pair["messages"][-1]["content"]
             choice = choose[judge.prefer(prompt, pair["first"], pair["second"])]
-            r = http.post("/api/label", json={"pair_id": pair["pair_id"], "choice": choice, "seconds": 0.0})
-            if r.status_code == 409:  # taken meanwhile: ask for another
-                pair = http.get("/api/label/next").json()["pair"]
+            try:
+                answer = http.call("POST", "/api/label", json={"pair_id": pair["pair_id"], "choice": choice,
+                                                               "seconds": 0.0})
+            except GatewayError as e:
+                if e.status != 409:
+                    raise
+                pair = http.call("GET", "/api/label/next")["pair"]  # taken meanwhile: ask for another
                 continue
-            r.raise_for_status()
             given += 1
-            pair = r.json()["pair"]
+            pair = answer["pair"]
+    finally:
+        http.close()
     return given
 
 
@@ -108,10 +116,7 @@ def label(client: GatewayClient, labellers: int, flip: bool = False, limit: int 
     tokens = []
     for i in range(labellers):
         name = f"sim-labeller-{i}"
-        try:
-            tokens.append(client.call("POST", "/api/users", json={"name": name, "role": "labeller"})["token"])
-        except Exception:  # exists from an earlier simulation: give it a fresh token through the admin API
-            tokens.append(client.call("POST", f"/api/users/{name}/token")["token"])
+        tokens.append(client.user_token(name, "labeller"))  # a fresh token if it exists from an earlier run
     stop = threading.Event()
     with ThreadPoolExecutor(labellers) as pool:
         given = sum(pool.map(lambda t: labeller(client.url, t, flip, stop, limit // labellers + 1), tokens))

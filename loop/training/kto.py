@@ -10,7 +10,7 @@ What a run does, top to bottom (`load_feedback(...)`, then `run(...)`):
    batch, and with one side only it has nothing to contrast;
 3. load the base model; start a fresh LoRA adapter (`peft_config` from [train] lora_r, lora_alpha,
    lora_dropout, target_modules), or continue from the serving adapter (its own rank and targets win),
-   exactly as `loop.dpo` does;
+   exactly as `loop.training.dpo` does;
 4. train with TRL's `KTOTrainer`, `ref_model=None`: the reference log-probs come from the same weights
    with the adapter disabled (fresh adapter: the base) or from TRL's frozen "ref" copy of the starting
    adapter. KTO's reference point (its KL term) is estimated in each batch from mismatched (prompt,
@@ -21,11 +21,11 @@ What a run does, top to bottom (`load_feedback(...)`, then `run(...)`):
 6. evaluate on the held-out feedback (`eval_loss`, `eval_rewards/chosen`, `eval_rewards/rejected`,
    `eval_rewards/margins`, `eval_kl`, ...: TRL's names; "chosen" means thumbs up) and estimate
    `kl_to_base`, KL(policy || base) in nats per answer, by sampling answers from the policy on the
-   held-out prompts (`loop.dpo.kl_to_base`);
+   held-out prompts (`loop.training.toolkit.kl_to_base`);
 7. save the adapter (PEFT format, the trained adapter only) to `output_adapter`.
 
-This module is what `python -m loop.train RUN_DIR` (under `accelerate launch`) runs for
-`method = "kto"`. The model, adapter, metrics and KL helpers are `loop.dpo`'s, as is the test hook
+This module is what `python -m loop.training.child RUN_DIR` (under `accelerate launch`) runs for
+`method = "kto"`. The model, adapter, metrics and KL helpers are `loop.training.dpo`'s, as is the test hook
 `ALIGNLOOP_TEST_NAN_AT_STEP`. Heavy imports (torch, transformers, trl, peft) happen inside the functions.
 """
 
@@ -36,15 +36,15 @@ import random
 from pathlib import Path
 from typing import Any
 
-from loop import dpo
+from loop.training import toolkit
 from loop.config import KTOConfig, TrainConfig
 
 FIELDS = ("prompt", "completion", "label")
 
 
-class NoFeedback(dpo.NoTrainingPairs):
+class NoFeedback(toolkit.NoTrainingPairs):
     """No training feedback, or only one kind (all thumbs up or all thumbs down): KTO needs both.
-    A `ValueError`; a subclass of `loop.dpo.NoTrainingPairs`, so `loop.train` reports it as "no
+    A `ValueError`; a subclass of `loop.training.toolkit.NoTrainingPairs`, so `loop.training.child` reports it as "no
     training data" (exit status 2) like an empty DPO snapshot."""
 
 
@@ -89,7 +89,7 @@ def check_feedback(train_rows: list[dict[str, Any]]) -> tuple[int, int]:
 def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
     """TRL's `KTOConfig` from the [kto] section (learning rate, epochs, batch size, beta, the
     desirable/undesirable weights) and [train]'s max_length, seed and LoRA dropout, with the shared
-    `loop.dpo.trainer_settings`."""
+    `loop.training.toolkit.trainer_settings`."""
     from trl import KTOConfig as TRLKTOConfig
 
     if cfg.batch_size < 2:
@@ -110,7 +110,7 @@ def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike
         seed=train.seed,
         # the KL term pairs each answer with its neighbour in a fixed-order batch (TRL's default, required)
         train_sampling_strategy="sequential",
-        **dpo.trainer_settings(train.lora_dropout),
+        **toolkit.trainer_settings(train.lora_dropout),
     )
 
 
@@ -128,7 +128,7 @@ def run(
     work_dir: str | os.PathLike[str],
     init_adapter: str | os.PathLike[str] | None = None,
     metrics_path: str | os.PathLike[str] | None = None,
-    kl_prompts: int = dpo.KL_PROMPTS,
+    kl_prompts: int = toolkit.KL_PROMPTS,
 ) -> tuple[dict[str, Any], Any]:
     """Train, evaluate on the held-out feedback, save the adapter (when `output_adapter` is given).
 
@@ -149,8 +149,8 @@ def run(
     random.Random(train_cfg.seed).shuffle(rows)
     heldout = [{k: r[k] for k in FIELDS} for r in heldout_rows]
 
-    model, tok = dpo.load_policy(base_model, init_adapter)
-    callback = dpo._metrics_callback_class()(metrics_path)
+    model, tok = toolkit.load_policy(base_model, init_adapter)
+    callback = toolkit.metrics_callback_class()(metrics_path)
     trainer = KTOTrainer(
         model=model,
         ref_model=None,
@@ -158,13 +158,13 @@ def run(
         train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list(heldout) if heldout else None,
         processing_class=tok,
-        peft_config=None if init_adapter else dpo.lora_config(train_cfg),
+        peft_config=None if init_adapter else toolkit.lora_config(train_cfg),
         callbacks=[callback],
     )
     if len(trainer.train_dataset) == 0:  # TRL drops the rows whose prompt alone fills max_length
         raise NoFeedback(f"no training feedback fits in train.max_length = {train_cfg.max_length} tokens")
     counts = {"train_feedback": len(train_rows), "heldout_feedback": len(heldout_rows),
               "desirable": desirable, "undesirable": undesirable}
-    return dpo.train_and_report(trainer, callback, tok, counts, [r["prompt"] for r in heldout[:kl_prompts]],
+    return toolkit.train_and_report(trainer, callback, tok, counts, [r["prompt"] for r in heldout[:kl_prompts]],
                                 ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins"),
                                 output_adapter, train_cfg.seed)

@@ -1,28 +1,9 @@
-"""DPO with LoRA on a snapshot's labelled pairs (TRL `DPOTrainer`), and the held-out evaluation.
+"""What every trainer of the project shares (DPO, KTO, the reward model, PPO), apart from any
+one method: the LoRA adapter, the TRL trainer settings, the metrics callback that writes
+`metrics.jsonl` and stops on a NaN, loading the policy, the KL estimate to the base, counting the
+weights held, saving the adapter, and the train-evaluate-KL-save tail of a TRL run.
 
-What a run does, top to bottom (`run(...)`):
-
-1. read `pairs.parquet` of a snapshot; train on split == "train" only, evaluate on "heldout";
-2. load the base model; start a fresh LoRA adapter (`peft_config` from [train] lora_r, lora_alpha,
-   lora_dropout, target_modules), or continue from the serving adapter
-   (`PeftModel.from_pretrained(base, init_adapter, is_trainable=True)`; its own rank and targets
-   then win over [train]'s);
-3. train with TRL's `DPOTrainer`, `ref_model=None`: the trainer gets the reference log-probs from the
-   same weights with the adapter disabled (fresh adapter: the base), or, when continuing, from a
-   frozen copy of the starting adapter that TRL adds under the name "ref" (a few MB, not a second
-   copy of the base weights). Every logging step goes to `metrics.jsonl` (rank 0 only);
-4. stop at once on a NaN/inf loss or gradient norm (`NonFiniteLoss`; nothing is saved);
-5. evaluate on the held-out pairs (`eval_loss`, `eval_rewards/accuracies`, ...) and estimate
-   `kl_to_base`, KL(policy || base) in nats per answer, by sampling answers from the policy;
-6. save the adapter (PEFT format, the trained adapter only) to `output_adapter`.
-
-This module is what `python -m loop.train RUN_DIR` (under `accelerate launch`) runs for
-`method = "dpo"`; `ops/bench/dpo_demo.py` calls `run(...)` in-process. Heavy imports (torch,
-transformers, trl, peft) happen inside the functions.
-
-Test hook: with the environment variable `ALIGNLOOP_TEST_NAN_AT_STEP=k`, the metrics callback fills
-the trainable weights with NaN just before optimiser step k, so the real NaN path (a NaN loss
-detected at a logging step) can be tested deterministically. Never set it outside tests.
+Heavy imports (torch, transformers, trl, peft) happen inside the functions.
 """
 
 from __future__ import annotations
@@ -35,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loop.config import TrainConfig
+from loop.sections import TrainConfig
 
-NAN_HOOK_ENV = "ALIGNLOOP_TEST_NAN_AT_STEP"
 KL_PROMPTS = 64  # held-out prompts sampled for the KL estimate
 KL_MAX_NEW_TOKENS = 128  # longest sampled answer for the KL estimate
 
@@ -51,26 +31,10 @@ class NoTrainingPairs(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# data
-
-
-def load_pairs(snapshot: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, heldout) pairs of a snapshot, each row {"prompt", "chosen", "rejected"} in TRL's
-    conversational preference format (lists of {"role", "content"} messages)."""
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(Path(snapshot) / "pairs.parquet").to_pylist()
-    keep = ("prompt", "chosen", "rejected")
-    train = [{k: r[k] for k in keep} for r in rows if r.get("split") == "train"]
-    heldout = [{k: r[k] for k in keep} for r in rows if r.get("split") == "heldout"]
-    return train, heldout
-
-
-# ----------------------------------------------------------------------------------------------
 # configuration
 
 
-def _on_gpu() -> bool:
+def on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -99,7 +63,7 @@ def trainer_settings(lora_dropout: float) -> dict[str, Any]:
     reporting. On a machine without CUDA: CPU, fp32."""
     import torch
 
-    gpu = _on_gpu()
+    gpu = on_gpu()
     return dict(
         lr_scheduler_type="linear",
         warmup_steps=0.1,  # a float below 1 is a share of the steps
@@ -122,30 +86,11 @@ def trainer_settings(lora_dropout: float) -> dict[str, Any]:
     )
 
 
-def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
-    """TRL's `DPOConfig` from the [train] section, with the shared `trainer_settings`."""
-    from trl import DPOConfig
-
-    return DPOConfig(
-        output_dir=str(output_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        beta=cfg.beta,
-        # several losses are summed with weight 1: "sigmoid,sft" is DPO plus the chosen answers' NLL (RPO)
-        loss_type=[t.strip() for t in cfg.loss_type.split(",") if t.strip()],
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        **trainer_settings(cfg.lora_dropout),
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # the metrics callback
 
 
-def _metrics_callback_class():
+def metrics_callback_class():
     from transformers import TrainerCallback
 
     class MetricsWriter(TrainerCallback):
@@ -157,17 +102,6 @@ def _metrics_callback_class():
             self.path = Path(path) if path else None
             self.prefix = prefix
             self.failure: str | None = None
-            hook = os.environ.get(NAN_HOOK_ENV, "").strip()
-            self.nan_at_step = int(hook) if hook else None
-
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if self.nan_at_step is not None and state.global_step + 1 == self.nan_at_step and model is not None:
-                import torch
-
-                with torch.no_grad():
-                    for p in model.parameters():
-                        if p.requires_grad:
-                            p.fill_(float("nan"))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -289,47 +223,7 @@ def save_adapter(model, output_adapter: str | os.PathLike[str]) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# the run
-
-
-def run(
-    train_pairs: list[dict[str, Any]],
-    heldout_pairs: list[dict[str, Any]],
-    base_model: str | os.PathLike[str],
-    output_adapter: str | os.PathLike[str] | None,
-    cfg: TrainConfig,
-    work_dir: str | os.PathLike[str],
-    init_adapter: str | os.PathLike[str] | None = None,
-    metrics_path: str | os.PathLike[str] | None = None,
-    kl_prompts: int = KL_PROMPTS,
-) -> tuple[dict[str, Any], Any]:
-    """Train, evaluate on the held-out pairs, save the adapter (when `output_adapter` is given).
-
-    Returns (metrics, model); metrics holds `eval_*` (TRL's names, e.g. `eval_rewards/accuracies`,
-    `eval_loss`), `kl_to_base`, `train_pairs`, `heldout_pairs`, `train_seconds`, `train_loss`, `steps`.
-    Raises `NoTrainingPairs` or `NonFiniteLoss`. Every process of a distributed run calls this; only
-    the main one writes metrics, estimates KL and saves.
-    """
-    from datasets import Dataset
-    from trl import DPOTrainer
-
-    if not train_pairs:
-        raise NoTrainingPairs("no training pairs")
-    model, tok = load_policy(base_model, init_adapter)
-    callback = _metrics_callback_class()(metrics_path)
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=dpo_config(cfg, Path(work_dir) / "trainer"),
-        train_dataset=Dataset.from_list(train_pairs),
-        eval_dataset=Dataset.from_list(heldout_pairs) if heldout_pairs else None,
-        processing_class=tok,
-        peft_config=None if init_adapter else lora_config(cfg),
-        callbacks=[callback],
-    )
-    counts = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs)}
-    return train_and_report(trainer, callback, tok, counts, [p["prompt"] for p in heldout_pairs[:kl_prompts]],
-                            ("eval_loss", "eval_rewards/accuracies"), output_adapter, cfg.seed)
+# the tail of a TRL run
 
 
 def train_and_report(trainer, callback, tok, counts: dict[str, Any], kl_prompts: list, empty_eval: tuple[str, ...],

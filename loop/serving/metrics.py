@@ -20,7 +20,11 @@ class Metrics:
         self.log_queue = Gauge("alignloop_log_queue_depth", "Records waiting to be written to the store", registry=r)
         self.pair_queue = Gauge("alignloop_pair_queue_depth", "Exchanges waiting for a second response",
                                 registry=r)
-        self.pairs = Counter("alignloop_pairs_made", "Pairs made from live traffic", registry=r)
+        self.pairs = Gauge("alignloop_pairs_made", "Pairs made from live traffic since the gateway started",
+                           registry=r)
+        self.errors = Gauge("alignloop_background_errors", "Failures no client saw, by where (pair_maker, "
+                            "pair_queue_full, log_dropped, adapter_unload), since the gateway started",
+                            ["where"], registry=r)
         self.labels = Counter("alignloop_labels", "Labels submitted", registry=r)
         self.feedback = Counter("alignloop_feedback", "Feedback received", ["kind"], registry=r)
         self.serving = Gauge("alignloop_serving_version", "Version id the served alias points to", registry=r)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-import httpx
-
-from loop.router import Router
+from loop.serving.router import Router
 from store.database import SecondResponse
 
 BACKGROUND_PRIORITY = 10  # vLLM: lower runs first; live requests have 0
@@ -32,10 +32,11 @@ class PairJob:
 
 
 class PairMaker:
-    def __init__(self, router: Router, http: httpx.AsyncClient, emit: Callable[[SecondResponse], object],
+    def __init__(self, router: Router, post: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
+                 emit: Callable[[SecondResponse], object],
                  in_flight: Callable[[], int], share: float, max_queue: int = 256,
                  rng: random.Random | None = None) -> None:
-        self.router, self.http, self.emit, self.in_flight = router, http, emit, in_flight
+        self.router, self.post, self.emit, self.in_flight = router, post, emit, in_flight
         self.share = share
         self.queue: asyncio.Queue[PairJob] = asyncio.Queue(maxsize=max_queue)
         self.rng = rng or random.Random()
@@ -56,8 +57,11 @@ class PairMaker:
                 while self.in_flight() > 0:  # yield to live traffic
                     await asyncio.sleep(0.05)
                 await self._second(job)
-            except Exception:
+            except Exception as e:  # counted in status and /metrics; live traffic is unaffected
                 self.failed += 1
+                if self.failed == 1 or self.failed % 100 == 0:
+                    print(f"alignloop pair maker: a second answer failed ({self.failed} so far): {e!r}",
+                          file=sys.stderr, flush=True)
             finally:
                 self.queue.task_done()
 
@@ -70,9 +74,7 @@ class PairMaker:
         body = {"model": routes.engine_name(version), "messages": job.messages, **sampling,
                 "priority": BACKGROUND_PRIORITY}
         started = time.perf_counter()
-        r = await self.http.post("/v1/chat/completions", json=body)
-        r.raise_for_status()
-        data = r.json()
+        data = await self.post("/v1/chat/completions", body)
         choice = data["choices"][0]
         self.emit(SecondResponse(
             request_id=job.request_id, text=choice["message"]["content"] or "", version_id=version,

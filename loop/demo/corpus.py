@@ -1,6 +1,6 @@
 """The demo corpus: a small, deterministic garden-and-kitchen help desk.
 
-The data lives in ``loop/demo_corpus.json`` (shipped as package data): 40 topics, each with a kind
+The data lives in ``loop/demo/corpus.json`` (shipped as package data): 40 topics, each with a kind
 (``plant``, ``garden`` or ``food``), a few aliases and four facts, plus prompt templates and the
 polite / rude openers and closers that give replies their style.
 
@@ -46,7 +46,7 @@ __all__ = [
     "tokenizer_texts",
 ]
 
-DATA_FILE = "demo_corpus.json"
+DATA_FILE = "corpus.json"
 
 #: Reply styles, in a fixed order.
 STYLES: tuple[str, ...] = ("polite_on", "rude_on", "polite_off", "rude_off")

@@ -1,0 +1,267 @@
+"""The gateway's state and its hot path: a live request in, the engine's answer out, logged.
+
+`Gateway` holds what every route shares (config, store, router, versions, the engine's HTTP
+session, the log writer, the pair maker, the metrics). Its hot path, top to bottom:
+
+    route()     check max_tokens, resolve the model name to (version, engine model name)
+    complete()  forward to the engine with one aiohttp session; errors become OpenAI-shaped
+    _relay()    (streams) pass the engine's events through, collecting the whole answer
+    _finish()   count it, hand the exchange to the batched writer, offer it to the pair maker
+
+Logging and pair making happen off the request path (loop.serving.log_writer, pair_maker).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loop.config import Config
+from loop.sections import METHODS
+from loop.serving.engine import KEEP_ALIVE_S, Engine
+from loop.serving.log_writer import LogWriter
+from loop.serving.metrics import Metrics
+from loop.serving.pair_maker import PairJob, PairMaker
+from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem
+from loop.serving.router import Router, UnknownModel
+from loop.serving.versions import Versions
+from store.database import Exchange, Store
+from store.labelling import LabelQueue
+from store.reward_models import RewardModels
+from store.runs import Runs
+
+
+@dataclass
+class Gateway:
+    cfg: Config
+    store: Store
+    router: Router
+    versions: Versions
+    engine: Engine | None                       # None: someone else runs the engine (tests, benchmarks)
+    engine_url: str
+    metrics: Metrics = field(default_factory=Metrics)
+    in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        g = self.cfg.gateway
+        self.writer = LogWriter(self.store, flush_ms=g.log_flush_ms, max_queue=g.log_max_queue)
+        self.pairs = PairMaker(self.router, self.engine_json, self.writer.put, lambda: self.in_flight, g.pair_share)
+        self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
+        self.runs = Runs(self.store)
+        self.reward_models = RewardModels(self.store)
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The one HTTP client to the engine (aiohttp: measured ~1-2 ms a request faster than httpx
+        here); made lazily because it must be made inside the running event loop."""
+        if self._session is None:
+            g = self.cfg.gateway
+            self._session = aiohttp.ClientSession(
+                base_url=self.engine_url, connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEP_ALIVE_S - 15),
+                timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
+        return self._session
+
+    # --- the engine ---------------------------------------------------------------------------
+
+    def engine_ready(self) -> bool:
+        return self.engine.ready.is_set() if self.engine else True
+
+    def unavailable(self, why: str) -> HTTPProblem:
+        print(f"alignloop gateway: 503 to a client: the engine is unavailable ({why})", file=sys.stderr, flush=True)
+        return HTTPProblem(503, f"the model engine is unavailable ({why}); retry shortly", "service_unavailable",
+                           code="engine_unavailable", headers={"Retry-After": str(self.cfg.gateway.retry_after_s)})
+
+    async def engine_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the engine and return its JSON answer: for requests that are not live traffic
+        (second answers, arena, evaluation). A 4xx keeps its status, anything worse is a 503."""
+        try:
+            async with self.session().post(path, json=body) as r:
+                if r.status >= 400:
+                    text = await r.text()
+                    raise HTTPProblem(r.status if r.status < 500 else 503, text)
+                return await r.json(content_type=None)
+        except TimeoutError:
+            raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
+        except (aiohttp.ClientError, json.JSONDecodeError) as e:
+            raise self.unavailable(type(e).__name__) from None
+
+    # --- the hot path -------------------------------------------------------------------------
+
+    def route(self, model: str, max_tokens: int | None) -> tuple[int, str]:
+        limit = self.cfg.engine.max_model_len
+        if max_tokens is not None and max_tokens >= limit:
+            raise HTTPProblem(400, f"max_tokens is {max_tokens}, but this model's context is {limit} tokens "
+                                   "(prompt and completion together)", param="max_tokens")
+        try:
+            version, engine_model = self.router.resolve(model)
+        except UnknownModel:
+            raise HTTPProblem(404, f"the model {model!r} does not exist; available: {', '.join(self.router.names())}",
+                              param="model", code="model_not_found") from None
+        if not self.engine_ready():
+            raise self.unavailable("starting or restarting")
+        return version, engine_model
+
+    async def complete(self, endpoint: str, path: str, req: ChatRequest | CompletionRequest, body: dict[str, Any],
+                       user_id: int | None) -> Response:
+        version, engine_model = self.route(req.model, req.max_tokens or req.max_completion_tokens)
+        upstream = {**body, "model": engine_model}
+        upstream.pop("priority", None)  # live traffic keeps the default, highest priority
+        messages = ([m.model_dump(include={"role", "content"}) for m in req.messages] if isinstance(req, ChatRequest)
+                    else [{"role": "user", "content": req.prompt}])
+        if req.stream:
+            upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        started = time.perf_counter()
+        self.in_flight += 1
+        try:
+            r = await self.session().post(path, json=upstream)
+        except TimeoutError:
+            self.in_flight -= 1
+            raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
+        except aiohttp.ClientError as e:
+            self.in_flight -= 1
+            raise self.unavailable(type(e).__name__) from None
+        if r.status >= 400:
+            self.in_flight -= 1
+            text = await r.read()
+            r.release()
+            self.metrics.requests.labels(endpoint, str(r.status)).inc()
+            if r.status >= 500:
+                raise self.unavailable(f"engine answered {r.status}: {text[:300]!r}")
+            return Response(text, status_code=r.status, media_type="application/json")
+        record = Exchange(request_id="", endpoint=endpoint, model_requested=req.model, version_id=version,
+                          messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)
+        if req.stream:
+            return StreamingResponse(self._relay(r, record, started, body), media_type="text/event-stream")
+        try:
+            data = json.loads(await r.read())
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
+            raise self.unavailable(f"broken answer: {type(e).__name__}") from None
+        finally:
+            r.release()
+            self.in_flight -= 1
+        data["model"] = req.model
+        record.request_id = data["id"]
+        record.choices = [(_choice_text(c), c.get("finish_reason")) for c in sorted(data["choices"], key=lambda c: c["index"])]
+        self._finish(record, data.get("usage"), started)
+        return JSONResponse(data)
+
+    async def _relay(self, r: aiohttp.ClientResponse, record: Exchange, started: float,
+                     body: dict) -> AsyncIterator[bytes]:
+        """Pass the engine's server-sent events through, renaming the model; log the whole answer."""
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        usage = None
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        try:
+            async for raw in r.content:
+                line = raw.decode().rstrip("\r\n")
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    if line:
+                        yield f"{line}\n\n".encode()
+                    continue
+                chunk = json.loads(line[6:])
+                record.request_id = record.request_id or chunk.get("id", "")
+                chunk["model"] = record.model_requested
+                for c in chunk.get("choices", []):
+                    delta = c.get("delta") or {}
+                    texts.setdefault(c["index"], []).append(delta.get("content") or c.get("text") or "")
+                    if c.get("finish_reason"):
+                        finish[c["index"]] = c["finish_reason"]
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                    if not chunk.get("choices") and not wants_usage:
+                        continue  # the usage chunk the gateway asked for, not the client
+                    if not wants_usage:
+                        chunk.pop("usage")
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+        except (aiohttp.ClientError, TimeoutError):
+            err = {"error": {"message": "the model engine stopped mid-answer", "type": "service_unavailable"}}
+            yield f"data: {json.dumps(err)}\n\n".encode()
+            record.status = 503
+        finally:
+            r.release()
+            self.in_flight -= 1
+        record.choices = [("".join(texts[i]), finish.get(i)) for i in sorted(texts)]
+        self._finish(record, usage, started)
+
+    def _finish(self, record: Exchange, usage: dict | None, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        record.latency_ms = elapsed * 1000
+        if usage:
+            record.prompt_tokens, record.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.metrics.tokens.labels("prompt").inc(record.prompt_tokens or 0)
+            self.metrics.tokens.labels("completion").inc(record.completion_tokens or 0)
+        self.metrics.requests.labels(record.endpoint, str(record.status)).inc()
+        self.metrics.latency.labels(record.endpoint).observe(elapsed)
+        if not record.request_id:
+            return
+        self.writer.put(record)
+        if record.endpoint == "chat.completions" and record.status == 200 and record.choices:
+            max_tokens = record.sampling.get("max_tokens") or record.sampling.get("max_completion_tokens")
+            self.pairs.offer(PairJob(record.request_id, record.messages, record.version_id, max_tokens))
+
+    # --- feedback on a logged answer ------------------------------------------------------------
+
+    def feedback(self, req: FeedbackRequest, user_id: int | None) -> int:
+        if (req.thumbs is None) == (req.score is None):
+            raise HTTPProblem(400, "give exactly one of 'thumbs' ('up' or 'down') and 'score' (0 to 1)")
+        response_id = self.store.response_id(req.id, req.choice)
+        if response_id is None:  # maybe still in the writer's queue
+            self.writer.flush()
+            response_id = self.store.response_id(req.id, req.choice)
+        if response_id is None:
+            raise HTTPProblem(404, f"no response {req.id!r} with choice {req.choice}", param="id", code="not_found")
+        kind, value = ("thumbs", 1.0 if req.thumbs == "up" else 0.0) if req.thumbs else ("score", float(req.score))
+        self.metrics.feedback.labels(kind).inc()
+        return self.store.add_feedback(response_id, kind, value, req.comment, user_id)
+
+    # --- what operators see -----------------------------------------------------------------------
+
+    def errors(self) -> dict[str, int]:
+        """Failures the gateway survives without a client seeing them, by where they happened."""
+        return {"pair_maker": self.pairs.failed, "pair_queue_full": self.pairs.dropped,
+                "log_dropped": self.writer.dropped, "adapter_unload": self.versions.unload_failures}
+
+    def status(self) -> dict[str, Any]:
+        r = self.router.routes
+        return {"alias": r.alias, "serving": r.serving, "previous": r.previous, "canary": r.canary,
+                "canary_share": r.canary_share, "models": self.router.names(),
+                "engine": {"ready": self.engine_ready(), "url": self.engine_url,
+                           "pid": self.engine.pid if self.engine else None,
+                           "restarts": self.engine.restarts if self.engine else 0},
+                "log_queue": self.writer.depth, "log_dropped": self.writer.dropped,
+                "pair_queue": self.pairs.queue.qsize(), "pairs_made": self.writer.pairs_made,
+                "errors": self.errors(), "methods": list(METHODS), "counts": self.store.counts()}
+
+    def render_metrics(self) -> bytes:
+        m = self.metrics
+        m.in_flight.set(self.in_flight)
+        m.log_queue.set(self.writer.depth)
+        m.log_dropped.set(self.writer.dropped)
+        m.pair_queue.set(self.pairs.queue.qsize())
+        m.pairs.set(self.writer.pairs_made)
+        for where, count in self.errors().items():
+            m.errors.labels(where).set(count)
+        m.serving.set(self.router.routes.serving)
+        m.engine_up.set(1 if self.engine_ready() else 0)
+        m.engine_restarts.set(self.engine.restarts if self.engine else 0)
+        return m.render()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self.writer.stop()
+        self.versions.close()
+
+
+def _choice_text(choice: dict) -> str:
+    if "message" in choice:
+        return choice["message"].get("content") or ""
+    return choice.get("text") or ""

@@ -1,0 +1,73 @@
+"""The OpenAI-compatible surface (`/v1`), for applications, plus health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from loop.serving.auth import api_user
+from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem, parse
+
+router = APIRouter()
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPProblem(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, "the request body must be a JSON object")
+    return body
+
+
+def _user_id(who: dict[str, Any] | None) -> int | None:
+    return who["id"] if who else None
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, who=Depends(api_user)) -> Response:
+    body = await json_body(request)
+    req = parse(ChatRequest, body)
+    return await request.app.state.gateway.complete("chat.completions", "/v1/chat/completions", req, body,
+                                                     _user_id(who))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, who=Depends(api_user)) -> Response:
+    body = await json_body(request)
+    req = parse(CompletionRequest, body)
+    return await request.app.state.gateway.complete("completions", "/v1/completions", req, body, _user_id(who))
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    names = request.app.state.gateway.router.names()
+    return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "alignloop"} for name in names]}
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request, who=Depends(api_user)) -> dict[str, Any]:
+    req = parse(FeedbackRequest, await json_body(request))
+    feedback_id = await asyncio.to_thread(request.app.state.gateway.feedback, req, _user_id(who))
+    return {"id": feedback_id, "object": "feedback", "status": "recorded"}
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> Response:
+    gw = request.app.state.gateway
+    ready = gw.engine_ready()
+    body = {"status": "ok" if ready else "engine_unavailable", "engine_ready": ready,
+            "serving": gw.router.routes.serving}
+    return JSONResponse(body, status_code=200 if ready else 503,
+                        headers=None if ready else {"Retry-After": str(gw.cfg.gateway.retry_after_s)})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.gateway.render_metrics(), media_type="text/plain; version=0.0.4")
