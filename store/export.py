@@ -49,10 +49,14 @@ def majority(votes_a: int, votes_b: int, votes_tie: int, votes_both_bad: int) ->
     return None
 
 
+def split_bucket(uid: str) -> float:
+    """A stable number in [0, 1) from a hash of `uid`: rows below a share are held out."""
+    return int(hashlib.sha256(f"split:{uid}".encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+
+
 def split_of(uid: str, heldout_share: float) -> str:
     """'heldout' for a stable `heldout_share` of pairs, chosen by a hash of the pair's uid."""
-    bucket = int(hashlib.sha256(f"split:{uid}".encode()).hexdigest()[:8], 16) / 0x1_0000_0000
-    return "heldout" if bucket < heldout_share else "train"
+    return "heldout" if split_bucket(uid) < heldout_share else "train"
 
 
 def pair_rows(store: Store, cutoff: datetime, heldout_share: float) -> tuple[list[dict[str, Any]], int]:
@@ -81,8 +85,9 @@ def prompt_rows(store: Store, cutoff: datetime) -> list[dict[str, Any]]:
 
 
 def feedback_rows(store: Store, cutoff: datetime) -> list[dict[str, Any]]:
-    """Thumbs as KTO rows; a score counts as desirable when above 0.5 (scores are in [0, 1])."""
-    return [{"id": r["id"], "prompt": json.loads(r["messages"]),
+    """Thumbs as KTO rows; a score counts as desirable when above 0.5 (scores are in [0, 1]). `bucket`
+    (`split_bucket` of the id) lets a trainer hold out its own share without the store's code."""
+    return [{"id": r["id"], "bucket": split_bucket(str(r["id"])), "prompt": json.loads(r["messages"]),
              "completion": [{"role": "assistant", "content": r["text"]}],
              "label": r["value"] > 0.5, "kind": r["kind"], "value": r["value"]}
             for r in store.feedback_rows(cutoff)]

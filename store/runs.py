@@ -71,9 +71,3 @@ class Runs:
                                candidate_version_id, snapshot_hash, datetime.now(), run_id]).fetchone():
                 raise StoreError(f"run {run_id} is not running (it may have been marked failed)")
         return self.get(run_id)
-
-    def last(self, statuses: tuple[str, ...] = FINAL) -> dict[str, Any] | None:
-        marks = ", ".join("?" for _ in statuses)
-        rows = self.store._dicts(f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY id DESC LIMIT 1",
-                                 list(statuses))
-        return rows[0] if rows else None

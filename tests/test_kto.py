@@ -19,7 +19,7 @@ from loop.training import kto
 from loop.config import KTOConfig, TrainConfig
 from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs
 from tests import nan_injection
-from store.export import split_of
+from store.export import split_bucket, split_of
 
 # small and quick: 16 train rows, 4 per step, 1 epoch = 4 steps
 FAST_TRAIN = dict(lora_r=4, lora_alpha=8, max_length=64, target_modules="q_proj,v_proj")
@@ -38,7 +38,7 @@ def feedback_rows(n: int, seed: int = 0, labels: str = "random") -> list[dict]:
         good = {"random": rng.random() < 0.5, "alternate": i % 2 == 0, "up": True, "down": False}[labels]
         style = "polite_on" if good else rng.choice(["rude_on", "polite_off", "rude_off"])
         text, _ = demo_corpus.reply(topic, style, rng)
-        rows.append({"id": i + 1, "prompt": [{"role": "user", "content": prompt}],
+        rows.append({"id": i + 1, "bucket": split_bucket(str(i + 1)), "prompt": [{"role": "user", "content": prompt}],
                      "completion": [{"role": "assistant", "content": text}],
                      "label": good, "kind": "thumbs", "value": 1.0 if good else 0.0})
     return rows

@@ -88,16 +88,25 @@ def test_ppo_job_refreshes_the_reward_model_then_trains_the_policy(tiny_model, t
     result = json.loads((run_dir / "result.json").read_text())
     rm = result["reward_model"]
     assert rm["metrics"]["train_pairs"] == 32 and rm["metrics"]["heldout_pairs"] == 8
-    assert 0.0 <= rm["accuracy"] <= 1.0
+    # the recorded accuracy is the saved reward model's, on the held-out pairs, recomputed here by hand
+    # (2 epochs on 32 pairs barely learn: measured 5 of 8, so no bound on the value itself)
+    import pyarrow.parquet as pq
+
+    scorer = RewardModel.load(rm["path"])
+    held = [r for r in pq.read_table(snapshot / "pairs.parquet").to_pylist() if r["split"] == "heldout"]
+    chosen = scorer.score([r["prompt"] for r in held], [r["chosen"][-1]["content"] for r in held])
+    rejected = scorer.score([r["prompt"] for r in held], [r["rejected"][-1]["content"] for r in held])
+    assert len(held) == 8 and rm["accuracy"] == sum(bool(c > r) for c, r in zip(chosen, rejected)) / 8
     assert PeftConfig.from_pretrained(result["adapter"]).r == FAST["lora_r"]
     names = {json.loads(line)["name"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert {"reward/loss", "reward/accuracy", "reward", "kl", "clipfrac"} <= names
     assert result["metrics"]["reward_model_accuracy"] == rm["accuracy"]
-    assert result["metrics"]["kl_to_base"] >= 0
+    # a sum of non-negative terms, so >= 0 always holds; > 0 says PPO moved the policy (measured 0.08)
+    assert result["metrics"]["kl_to_base"] > 0
 
     # the saved reward model scores, and several combine with weights (multi-objective)
     prompts, answers = PROMPTS[:3], ["Thanks for asking! Water basil often.", "ugh", ""]
-    one = RewardModel.load(rm["path"]).score(prompts, answers)
+    one = scorer.score(prompts, answers)
     assert one.shape == (3,) and torch.isfinite(one).all()
     combined = CombinedReward.load(rm["path"], 1.0, f"{rm['path']}=-0.25").score(prompts, answers)
     assert torch.allclose(combined, 0.75 * one, atol=1e-5)

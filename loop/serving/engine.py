@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,23 +150,9 @@ class Engine:
         if self._watcher:
             self._watcher.join(2)
 
-    def kill(self) -> None:
-        """Kill the server hard, as a crash would (tests use it); the watcher restarts it."""
-        if self._proc:
-            _signal_group(self._proc.pid, signal.SIGKILL)
-
 
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

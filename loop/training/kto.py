@@ -55,18 +55,17 @@ class NoFeedback(toolkit.NoTrainingPairs):
 def load_feedback(snapshot: str | os.PathLike[str],
                   heldout_share: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, heldout) feedback of a snapshot, each row {"prompt", "completion", "label"} in TRL's
-    conversational unpaired-preference format. A row is held out by a stable hash of its feedback id,
-    so the held-out set of an id never changes between snapshots."""
+    conversational unpaired-preference format. A row is held out when its `bucket` (a stable hash of
+    its feedback id, written by the snapshot) is below `heldout_share`, so the held-out set of an id
+    never changes between snapshots."""
     import pyarrow.parquet as pq
-
-    from store.export import split_of
 
     rows = pq.read_table(Path(snapshot) / "feedback.parquet").to_pylist()
     train, heldout = [], []
     for r in rows:
         row = {k: r[k] for k in FIELDS}
         row["label"] = bool(row["label"])
-        (heldout if split_of(str(r["id"]), heldout_share) == "heldout" else train).append(row)
+        (heldout if r["bucket"] < heldout_share else train).append(row)
     return train, heldout
 
 
