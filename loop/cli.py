@@ -61,7 +61,8 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
 
 def ensure_demo_model(cfg: Config, rebuild: bool = False) -> Path:
     """Build the demo model unless a build of the same config and corpus is there already."""
-    from loop.demo.model import build_demo_model, demo_info, ensure_demo_model as ensure
+    from loop.demo.model import build_demo_model, demo_info
+    from loop.demo.model import ensure_demo_model as ensure
 
     out = cfg.demo_model_dir
     if rebuild and out.exists():
@@ -288,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_versions)
 
     s = sub.add_parser("retrain", help="one retrain cycle now: snapshot, train, evaluate, gate, promote")
-    s.add_argument("--method", choices=["dpo", "ppo", "kto"], help="default: train.method")
+    s.add_argument("--method", choices=configuration.METHODS, help="default: train.method")
     s.add_argument("--force", action="store_true", help="train even if no new labels came since the last promotion")
     s.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
     s.set_defaults(run=cmd_retrain)

@@ -14,9 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from loop.sections import (METHODS, DataConfig, DemoModelConfig, EngineConfig, GateConfig, GatewayConfig,  # noqa: F401
-                           KTOConfig, LabelingConfig, ModelConfig, PPOConfig, RewardConfig, ScheduleConfig,
-                           StoreConfig, TrainConfig, extra_rewards)
+from loop.sections import (  # noqa: F401
+    METHODS,
+    DataConfig,
+    DemoModelConfig,
+    EngineConfig,
+    GateConfig,
+    GatewayConfig,
+    KTOConfig,
+    LabelingConfig,
+    ModelConfig,
+    PPOConfig,
+    RewardConfig,
+    ScheduleConfig,
+    StoreConfig,
+    TrainConfig,
+    extra_rewards,
+)
 
 CONFIG_FILE = "alignloop.toml"
 

@@ -9,7 +9,6 @@ crash here leaves the serving version as it was, and the run is recorded as fail
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from loop.client import GatewayClient, GatewayError
 from loop.config import Config, to_dict
-from loop.evaluation.gate import gate, make_judge, win_rate
+from loop.evaluation.gate import gate, heldout_prompts, make_judge, win_rate
 from loop.training import launch
 
 
@@ -37,25 +36,6 @@ def train(cfg: Config, client: GatewayClient, run_id: int, run_dir: Path, job: d
     if done.error:
         raise RunFailed(f"training failed: {done.error} (log: {run_dir / 'train.log'})")
     return done.result
-
-
-def heldout_prompts(snapshot_dir: Path, limit: int) -> list[list[dict[str, str]]]:
-    """Prompts never trained on: those of held-out pairs first, then logged prompts in no training pair."""
-    import pyarrow.parquet as pq
-
-    pairs = pq.read_table(snapshot_dir / "pairs.parquet").to_pylist()
-    trained = {json.dumps(p["prompt"], sort_keys=True) for p in pairs if p["split"] == "train"}
-    out, seen = [], set(trained)
-    rows = [p["prompt"] for p in pairs if p["split"] == "heldout"]
-    rows += [p["prompt"] for p in pq.read_table(snapshot_dir / "prompts.parquet").to_pylist()]
-    for prompt in rows:
-        key = json.dumps(prompt, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(prompt)
-        if len(out) == limit:
-            break
-    return out
 
 
 def latest_reward_model(client: GatewayClient) -> str | None:

@@ -26,7 +26,7 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 index=()
 [ -n "${ALIGNLOOP_TORCH_INDEX:-}" ] && index=(--extra-index-url "$ALIGNLOOP_TORCH_INDEX")
 "${pip[@]}" install -q "${index[@]}" -e ".[$extras]"
-# Known trap (DESIGN.md): these wheels come with vllm and break `import transformers` on CPU torch
+# Known trap (docs/design.md): these wheels come with vllm and break `import transformers` on CPU torch
 # ("operator torchvision::nms does not exist"). alignloop uses none of them.
 if [ "$engine" = cpu ]; then
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

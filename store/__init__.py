@@ -5,7 +5,7 @@
 - `importer` reads preference datasets (HH-RLHF, JSONL) into the store, all or nothing.
 - `export` writes snapshots (pairs, prompts, feedback) for training, with a manifest.
 
-Only one process opens the file for writing: the gateway while it runs (DESIGN.md).
+Only one process opens the file for writing: the gateway while it runs (docs/design.md).
 """
 
 from store.database import Store, StoreError

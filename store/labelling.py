@@ -10,7 +10,7 @@ Which pair to hand out is decided on an in-memory index of the pairs that still 
 from the store on first use, kept in step by every call here, new pairs picked up by id. Scanning
 every pair and label per hand-out took about 13 ms at 100,000 pairs, and 20 labellers queue behind
 one another. The store stays the record: leases and labels are committed before a call returns.
-All human labels go through this class (the gateway is the only writer, DESIGN.md).
+All human labels go through this class (the gateway is the only writer, docs/design.md).
 
 A labeller sees the two replies as "first" and "second"; which of a/b is first is fixed per pair
 by a hash of its uid, so order is random across pairs but stable for one pair.

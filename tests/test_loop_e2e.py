@@ -53,12 +53,21 @@ def up(tmp_path_factory):
     s.stop(signal.SIGINT, timeout=90)
 
 
-def test_one_cycle_raises_the_judged_win_rate(up):
+@pytest.fixture(scope="module")
+def simulated(up) -> float:
+    """The data every cycle below trains on, made once by whichever test asks first (so no test needs
+    another to have run before it): PAIRS pairs of live traffic labelled by 4 scripted labellers, and
+    the simulated users' thumbs. Returns the seconds it took."""
     started = time.monotonic()
     up.cli("simulate", "--labellers", "4", "--pairs", str(PAIRS))
-    simulated = time.monotonic() - started
+    return time.monotonic() - started
+
+
+def test_one_cycle_raises_the_judged_win_rate(up, simulated):
+    up.cli("promote", "base")  # gated against the base, whichever cycle ran before
+    started = time.monotonic()
     out = up.cli("retrain")
-    cycle = time.monotonic() - started
+    cycle = simulated + time.monotonic() - started
     with up.client() as c:
         status = c.get("/api/status").json()
         run = c.get("/api/runs").json()[0]
@@ -70,6 +79,10 @@ def test_one_cycle_raises_the_judged_win_rate(up):
           f"held-out judged win rate over base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; "
           f"simulate {simulated:.0f} s, whole cycle {cycle:.0f} s")
     assert metrics["train_pairs"] <= 500
+    # 0.75 is the target one DPO cycle on the demo was built to. Offline, 400 pairs, judged as here
+    # (ops/bench/results/dpo_demo.md): 0.737 / 0.776 / 0.783 for seeds 0-2; README (compare): 0.781,
+    # 0.762-0.812. Here 136 judgements (68 prompts x 2 seeds): standard error ~0.035, so this bound is
+    # about one standard error under the measured mean and not a noise-proof one.
     assert rate >= 0.75
     with up.client() as c:  # the run and its curve are there for the dashboard
         stats = c.get("/api/stats").json()
@@ -78,7 +91,7 @@ def test_one_cycle_raises_the_judged_win_rate(up):
     assert status_json["serving"] == status["serving"]
 
 
-def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up):
+def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up, simulated):
     """The same labels, the other method: the reward model is fitted on them, PPO rolls out on the
     logged prompts against it, and the candidate is gated against the base."""
     up.cli("promote", "base")
@@ -103,16 +116,23 @@ def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up):
     assert rate >= 0.58
 
 
-def test_kto_cycle_learns_from_thumbs_and_is_gated(up):
+def test_kto_cycle_learns_from_thumbs_and_is_gated(up, simulated):
     up.cli("promote", "base")
     out = up.cli("retrain", "--method", "kto")
     with up.client() as c:
         run = c.get("/api/runs").json()[0]
-    assert run["method"] == "kto" and run["status"] in ("promoted", "rejected"), out.stdout + out.stderr
+        status = c.get("/api/status").json()
+    assert run["method"] == "kto" and run["metrics"], out.stdout + out.stderr
     metrics = json.loads(run["metrics"])
-    assert metrics["desirable"] > 0 and metrics["undesirable"] > 0 and 0.0 <= metrics["win_rate"] <= 1.0
-    print(f"\nE2E KTO: {metrics['desirable']} up / {metrics['undesirable']} down, gate win rate "
-          f"{metrics['win_rate']:.3f}: {run['status']} ({run['reason']})")
+    print(f"\nE2E KTO: {metrics.get('desirable')} up / {metrics.get('undesirable')} down, gate win rate "
+          f"{metrics.get('win_rate')}: {run['status']} ({run['reason']})")
+    assert metrics["desirable"] > 0 and metrics["undesirable"] > 0
+    # Learning: the gate's judged win rate over the base (64 held-out prompts, temperature 1). Two runs
+    # of this test measured 0.690 and 0.719 (offline, README/compare.md: 0.723-0.738 over 3 seeds). With
+    # 64 judgements the standard error near 0.7 is at most ~0.057, so 0.55 (also what the gate needs: 0.5 +
+    # margin) sits ~2.5 standard errors under the lower run: missing it is a regression, not noise.
+    assert metrics["win_rate"] > 0.55, run["reason"]
+    assert run["status"] == "promoted" and status["serving"] == run["candidate_version_id"], run["reason"]
 
 
 def test_up_serves_the_labelling_app(up):
@@ -138,8 +158,13 @@ def flipped(up, tmp_path_factory):
     s.stop(signal.SIGTERM, timeout=90)
 
 
-def test_flipped_labels_are_rejected_and_serving_stays(flipped):
+@pytest.fixture(scope="module")
+def flipped_labels(flipped) -> None:
+    """Its labels, made once by whichever test below asks first, so none needs another to run before it."""
     flipped.cli("simulate", "--labellers", "2", "--pairs", "200", "--flip")
+
+
+def test_flipped_labels_are_rejected_and_serving_stays(flipped, flipped_labels):
     out = flipped.cli("retrain")
     with flipped.client() as c:
         run = c.get("/api/runs").json()[0]
@@ -151,7 +176,7 @@ def test_flipped_labels_are_rejected_and_serving_stays(flipped):
     assert versions[run["candidate_version_id"]]["status"] == "rejected"
 
 
-def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped):
+def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped, flipped_labels):
     with flipped.client() as c:
         serving = c.get("/api/status").json()["serving"]
         known = {r["id"] for r in c.get("/api/runs").json()}
@@ -172,10 +197,12 @@ def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped):
     assert run["status"] == "failed" and "training failed" in run["reason"], out
     again = flipped.cli("retrain", "--force")
     with flipped.client() as c:
-        assert c.get("/api/runs").json()[0]["status"] in ("promoted", "rejected"), again.stdout
+        last = c.get("/api/runs").json()[0]
+    # it runs to the end (not "failed"), and on labels flipped against the judge the gate rejects it
+    assert last["status"] == "rejected" and "win rate" in last["reason"], again.stdout
 
 
-def test_two_triggers_at_once_make_one_run(flipped):
+def test_two_triggers_at_once_make_one_run(flipped, flipped_labels):
     with flipped.client() as c:
         before = len(c.get("/api/runs").json())
     results = []

@@ -164,7 +164,8 @@ def test_roles_and_tokens(server):
     with server.client() as admin:
         made = admin.post("/api/users", json={"name": "lab", "role": "labeller"})
         assert made.status_code == 200
-        assert admin.post("/api/users", json={"name": "lab", "role": "labeller"}).status_code == 400
+        again = admin.post("/api/users", json={"name": "lab", "role": "labeller"})
+        assert (again.status_code, again.json()["error"]["code"]) == (409, "user_exists")  # callers tell it apart
     with server.client(token=made.json()["token"]) as labeller:
         assert labeller.get("/api/me").json()["role"] == "labeller"
         refused = labeller.post("/api/promote", json={"version": "base"})
@@ -178,7 +179,9 @@ def test_cli_goes_through_the_running_gateway(server):
 
     cli = [sys.executable, "-m", "loop.cli", "--config", str(server.root / "alignloop.toml")]
     status = subprocess.run(cli + ["status", "--json"], capture_output=True, text=True, check=True)
-    assert json.loads(status.stdout)["serving"] == 0 and json.loads(status.stdout)["gateway"] == server.url
+    with server.client() as admin:  # what serves depends on the tests that ran before: compare, don't assume
+        serving = admin.get("/api/status").json()["serving"]
+    assert json.loads(status.stdout)["serving"] == serving and json.loads(status.stdout)["gateway"] == server.url
     added = subprocess.run(cli + ["user", "add", "ana", "--role", "labeller"], capture_output=True, text=True)
     assert added.returncode == 0, added.stderr
     assert "sign-in token" in added.stdout
@@ -222,6 +225,10 @@ def test_promote_and_rollback_under_load_lose_no_request(server, oai, adapters):
         served = {e["version_id"] for e in exchanges(server, 5000)}
         assert {0, v1["id"], v2["id"]} <= served
         print(f"promotion seconds: {timings}")
+        # ops/bench/results/serving.md (README, Benchmarks): a promotion takes 9 ms median, 67 ms to the
+        # first answer, against a goal of under 2 s. Here each call also loads a new adapter while 4
+        # clients keep 2 shared cores busy, so the bound is the goal itself, not the quiet-machine figure.
+        assert max(timings) < 2.0, timings
 
         # the served alias answers as the promoted adapter, and the version can be named directly
         same = dict(messages=HELLO, max_tokens=12, temperature=0.0)
@@ -230,10 +237,13 @@ def test_promote_and_rollback_under_load_lose_no_request(server, oai, adapters):
         assert admin.post("/api/promote", json={"version": "v99"}).status_code == 400
 
 
-def test_engine_crash_gives_503_then_recovers_with_the_promoted_adapter(server, oai):
+def test_engine_crash_gives_503_then_recovers_with_the_promoted_adapter(server, oai, adapters):
     with server.client() as admin:
+        # its own promoted version, whatever ran before
+        version = admin.post("/api/versions", json={"adapter_path": str(adapters[0]), "method": "test"}).json()
+        assert admin.post("/api/promote", json={"version": version["name"]}).status_code == 200
         before = admin.get("/api/status").json()
-        assert before["serving"] != 0
+        assert before["serving"] == version["id"]
         pid = before["engine"]["pid"]
         import os
 

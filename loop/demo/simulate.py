@@ -18,10 +18,9 @@ from typing import Any
 
 import httpx
 
-from loop.demo import corpus as demo_corpus
-
-from loop.demo import judge
 from loop.client import GatewayClient, GatewayError
+from loop.demo import corpus as demo_corpus
+from loop.demo import judge
 
 JUDGE_TO_CHOICE = {"a": "first", "b": "second", "tie": "tie"}
 FLIPPED = {"a": "second", "b": "first", "tie": "tie"}

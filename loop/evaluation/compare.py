@@ -81,8 +81,8 @@ def judge_against_base(cfg: Config, adapter: str, prompts: list[list[dict[str, s
     """The candidate's judged win rate over the base (ties half) on `prompts` x `samples`."""
     from peft import PeftModel
 
-    from loop.training.toolkit import load_policy
     from loop.evaluation.gate import win_rate
+    from loop.training.toolkit import load_policy
 
     base, tok = load_policy(cfg.base_model_dir, None)
     model = PeftModel.from_pretrained(base, adapter)
@@ -225,8 +225,7 @@ def plot(rows: list[dict[str, Any]], work: Path, path: Path) -> Path:
 def compare(cfg: Config, snapshot: Path, out: Path, methods: list[str], seeds: list[int], samples: int = 2,
             judge=None, log=print) -> dict[str, Any]:
     """Train every method with every seed on `snapshot`; write report.md, trials.jsonl, compare.png to `out`."""
-    from loop.evaluation.gate import make_judge
-    from loop.retrain import heldout_prompts
+    from loop.evaluation.gate import heldout_prompts, make_judge
 
     out.mkdir(parents=True, exist_ok=True)
     eval_prompts = heldout_prompts(snapshot, cfg.gate.eval_prompts)

@@ -8,13 +8,15 @@ pair; ties count half. The judge is the demo judge's rule (`loop.demo.judge`), t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loop.demo import judge as demo_judge
 from loop.config import GateConfig
+from loop.demo import judge as demo_judge
 
 Judge = Callable[[str, str, str], str]  # (prompt, a, b) -> "a" | "b" | "tie"
 
@@ -68,6 +70,25 @@ def make_judge(cfg: GateConfig, reward_model: str | None = None) -> Judge:
             raise ValueError("gate.judge = \"reward\" but no reward model exists yet: run a PPO cycle first")
         return reward_judge(reward_model)
     return llm_judge(cfg.judge, cfg.judge_model)
+
+
+def heldout_prompts(snapshot_dir: Path, limit: int) -> list[list[dict[str, str]]]:
+    """Prompts never trained on: those of held-out pairs first, then logged prompts in no training pair."""
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_table(snapshot_dir / "pairs.parquet").to_pylist()
+    trained = {json.dumps(p["prompt"], sort_keys=True) for p in pairs if p["split"] == "train"}
+    out, seen = [], set(trained)
+    rows = [p["prompt"] for p in pairs if p["split"] == "heldout"]
+    rows += [p["prompt"] for p in pq.read_table(snapshot_dir / "prompts.parquet").to_pylist()]
+    for prompt in rows:
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(prompt)
+        if len(out) == limit:
+            break
+    return out
 
 
 def win_rate(prompts: list[str], candidate: list[str], serving: list[str], judge: Judge) -> dict[str, float]:

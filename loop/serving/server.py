@@ -29,8 +29,8 @@ def admin_token(store, path: Path) -> str:
 
 def build(cfg: Config, engine_url: str | None = None):
     """The gateway's app and state. With `engine_url`, use a running engine instead of starting one."""
-    from loop.serving.engine import Engine
     from loop.serving.app import create_app
+    from loop.serving.engine import Engine
     from loop.serving.gateway import Gateway
     from loop.serving.router import Router
     from loop.serving.versions import Versions

@@ -41,6 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from loop.sections import METHODS
 from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs
 
 EXIT_ERROR = 1
@@ -77,8 +78,8 @@ def read_job(run_dir: Path) -> dict[str, Any]:
 
 
 def train_dpo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    from loop.training import dpo
     from loop.config import TrainConfig
+    from loop.training import dpo
 
     cfg = TrainConfig(**job["train"])
     train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
@@ -89,8 +90,8 @@ def train_dpo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def train_kto(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    from loop.training import kto
     from loop.config import KTOConfig, TrainConfig
+    from loop.training import kto
 
     cfg = KTOConfig(**job["kto"])
     train_rows, heldout_rows = kto.load_feedback(job["snapshot"], cfg.heldout_share)
@@ -111,10 +112,8 @@ def rollout_prompts(snapshot: str | os.PathLike[str], exclude: list[Any]) -> lis
 
 def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Refresh the reward model on every labelled pair, then PPO against it (and [reward] extra)."""
-    from loop.training import dpo
-    from loop.training import ppo
-    from loop.training import reward
     from loop.config import PPOConfig, RewardConfig, TrainConfig
+    from loop.training import dpo, ppo, reward
 
     train_cfg, reward_cfg = TrainConfig(**job["train"]), RewardConfig(**job["reward"])
     if train_cfg.num_processes > 1:
@@ -136,16 +135,17 @@ def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             "reward_model": {"path": str(reward_dir), "accuracy": rm.get("accuracy"), "metrics": rm}}
 
 
-METHODS = {"dpo": train_dpo, "ppo": train_ppo, "kto": train_kto}
+TRAINERS = {"dpo": train_dpo, "ppo": train_ppo, "kto": train_kto}
+assert set(TRAINERS) == set(METHODS), "loop.sections.METHODS and the trainers must name the same methods"
 
 
 def run(run_dir: Path) -> dict[str, Any]:
     """Run the job in `run_dir`; returns what goes into result.json."""
     job = read_job(run_dir)
     method = job["method"]
-    if method not in METHODS:
+    if method not in TRAINERS:
         raise ValueError(f"unknown train method {method!r}; expected {', '.join(METHODS)}")
-    return METHODS[method](job, run_dir)
+    return TRAINERS[method](job, run_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

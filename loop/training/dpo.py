@@ -31,8 +31,14 @@ from typing import Any
 
 from loop.sections import TrainConfig
 from loop.training import toolkit
-from loop.training.toolkit import KL_PROMPTS, NoTrainingPairs, load_policy, lora_config, train_and_report, trainer_settings
-
+from loop.training.toolkit import (
+    KL_PROMPTS,
+    NoTrainingPairs,
+    load_policy,
+    lora_config,
+    train_and_report,
+    trainer_settings,
+)
 
 # ----------------------------------------------------------------------------------------------
 # data

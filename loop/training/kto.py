@@ -36,8 +36,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from loop.training import toolkit
 from loop.config import KTOConfig, TrainConfig
+from loop.training import toolkit
 
 FIELDS = ("prompt", "completion", "label")
 

@@ -35,9 +35,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loop.training import ppo_math as pm
 from loop.config import PPOConfig, TrainConfig
-from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs, kl_to_base, load_policy, lora_config, save_adapter, weights_mb
+from loop.training import ppo_math as pm
+from loop.training.toolkit import (
+    NonFiniteLoss,
+    NoTrainingPairs,
+    kl_to_base,
+    load_policy,
+    lora_config,
+    save_adapter,
+    weights_mb,
+)
 
 Messages = list[dict[str, str]]
 

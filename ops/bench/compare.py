@@ -29,9 +29,11 @@ sys.path.insert(0, str(REPO / "ops" / "bench"))
 
 from dpo_demo import make_pairs  # noqa: E402
 
-from loop.demo import corpus as demo_corpus, judge, model as demo_model  # noqa: E402
-from loop.evaluation.compare import compare, sample  # noqa: E402
 from loop.config import Config, load  # noqa: E402
+from loop.demo import corpus as demo_corpus  # noqa: E402
+from loop.demo import judge
+from loop.demo import model as demo_model
+from loop.evaluation.compare import compare, sample  # noqa: E402
 from store.export import Manifest, content_hash, write_rows  # noqa: E402
 
 
@@ -92,8 +94,7 @@ def second_round(cfg: Config, first: dict, snapshot: Path, out: Path, pairs: int
     import pyarrow.parquet as pq
 
     from loop.evaluation.compare import markdown, summarise, trial
-    from loop.evaluation.gate import make_judge
-    from loop.retrain import heldout_prompts
+    from loop.evaluation.gate import heldout_prompts, make_judge
 
     old = pq.read_table(snapshot / "pairs.parquet").to_pylist()
     eval_prompts = heldout_prompts(snapshot, cfg.gate.eval_prompts)

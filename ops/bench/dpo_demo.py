@@ -36,8 +36,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from loop.demo import corpus as demo_corpus, judge, model as demo_model  # noqa: E402
 from loop.config import GateConfig, TrainConfig, _parse_override  # noqa: E402
+from loop.demo import corpus as demo_corpus  # noqa: E402
+from loop.demo import judge
+from loop.demo import model as demo_model
 
 
 def make_pairs(model_dir: Path, n: int, client_temperature: float, seed: int, heldout_share: float = 0.1):

@@ -25,9 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from loop.demo import corpus as demo_corpus, model as demo_model  # noqa: E402
-from loop.training import reward  # noqa: E402
 from loop.config import RewardConfig, TrainConfig, _parse_override  # noqa: E402
+from loop.demo import corpus as demo_corpus  # noqa: E402
+from loop.demo import model as demo_model
+from loop.training import reward  # noqa: E402
 from loop.training.dpo import load_pairs  # noqa: E402
 
 

@@ -22,9 +22,21 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from loop.serving import sampling
 from loop.serving.auth import admin
-from loop.serving.protocol import (CanaryRequest, GenerateRequest, GuidelinesRequest, HTTPProblem, PromoteRequest,
-                                   RetrainRequest, RewardModelIn, RunFinish, RunMetrics, RunStart, StatusRequest,
-                                   UserRequest, VersionRequest)
+from loop.serving.protocol import (
+    CanaryRequest,
+    GenerateRequest,
+    GuidelinesRequest,
+    HTTPProblem,
+    PromoteRequest,
+    RetrainRequest,
+    RewardModelIn,
+    RunFinish,
+    RunMetrics,
+    RunStart,
+    StatusRequest,
+    UserRequest,
+    VersionRequest,
+)
 from loop.serving.versions import VersionError
 from store import export
 from store.database import StoreError

@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from loop.serving import sampling, stats as dashboard
+from loop.serving import sampling
+from loop.serving import stats as dashboard
 from loop.serving.auth import signed_in
 from loop.serving.protocol import ArenaRequest, HTTPProblem, LabelRequest
 from store.database import StoreError

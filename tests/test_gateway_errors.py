@@ -1,0 +1,57 @@
+"""Failures the gateway survives without a client seeing them are counted, not swallowed: in
+`/api/status` and `/metrics`. An existing user is a 409 its callers can tell from other errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from loop.client import GatewayClient, GatewayError
+from loop.serving.pair_maker import PairJob, PairMaker
+from loop.serving.router import Router
+from tests.ui_gateway import running
+
+
+def test_a_failed_second_answer_is_counted_and_live_traffic_goes_on():
+    async def engine_down(path, body):
+        raise ConnectionRefusedError("engine down")
+
+    made = []
+    maker = PairMaker(Router("alignloop", "base"), engine_down, made.append, in_flight=lambda: 0, share=1.0)
+
+    async def one() -> None:
+        worker = asyncio.create_task(maker.run())
+        maker.offer(PairJob("chatcmpl-1", [{"role": "user", "content": "hi"}], 0, 8))
+        await asyncio.wait_for(maker.queue.join(), 5)
+        worker.cancel()
+
+    asyncio.run(one())
+    assert (maker.failed, made) == (1, [])
+
+
+def test_status_and_metrics_show_the_counted_failures(tmp_path):
+    with running(tmp_path, pairs=1) as gateway:
+        gateway.gw.pairs.failed = 3  # as three failed second answers would leave it
+        admin = GatewayClient(gateway.url, gateway.admin_token)
+        status = admin.call("GET", "/api/status")
+        assert status["errors"] == {"pair_maker": 3, "pair_queue_full": 0, "log_dropped": 0, "adapter_unload": 0}
+        assert status["methods"] == ["dpo", "ppo", "kto"]
+        metrics = httpx.get(f"{gateway.url}/metrics").text
+        assert 'alignloop_background_errors{where="pair_maker"} 3.0' in metrics
+
+
+def test_an_existing_user_is_a_409_and_user_token_rotates_it(tmp_path):
+    with running(tmp_path, pairs=1) as gateway:
+        admin = GatewayClient(gateway.url, gateway.admin_token)
+        first = admin.user_token("ana", "labeller")
+        with pytest.raises(GatewayError, match="exists") as exists:
+            admin.call("POST", "/api/users", json={"name": "ana", "role": "labeller"})
+        assert exists.value.status == 409
+        second = admin.user_token("ana", "labeller")
+        assert second != first
+        assert GatewayClient(gateway.url, second).call("GET", "/api/me")["name"] == "ana"
+        with pytest.raises(GatewayError) as old:
+            GatewayClient(gateway.url, first).call("GET", "/api/me")
+        assert old.value.status == 401
