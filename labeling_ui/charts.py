@@ -59,14 +59,27 @@ def ranking(rows: list[dict[str, Any]]) -> alt.Chart:
         tooltip=["version:N", alt.Tooltip("elo:Q", format=".0f"), alt.Tooltip("bradley_terry:Q", format=".3f")])
 
 
+# the curves a person looks at first; the others follow by name
+FIRST_CURVES = ("loss", "rewards/margins", "rewards/accuracies", "reward", "kl", "reward/loss", "reward/accuracy")
+
+
+def curve_order(names: list[str]) -> list[str]:
+    first = [n for n in FIRST_CURVES if n in names]
+    return first + sorted(set(names) - set(first))
+
+
 def run_curves(curve: list[dict[str, Any]], title: str) -> alt.Chart:
-    """One small line plot per metric of a training run (losses and rewards have different scales;
-    a PPO run's reward-model steps and PPO steps have different lengths)."""
-    return alt.Chart(pd.DataFrame(curve), title=title).mark_line(point=len(curve) < 40).encode(
+    """One small line plot per metric of a training run that logged it more than once (losses and
+    rewards have different scales; a PPO run's reward-model steps and PPO steps have different
+    lengths), the usual ones first."""
+    data = pd.DataFrame(curve)
+    data = data[data.groupby("name")["step"].transform("count") > 1]
+    order = curve_order(list(data["name"].unique()))
+    return alt.Chart(data, title=title).mark_line(point=len(data) < 40).encode(
         x=alt.X("step:Q"), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-        color=alt.Color("name:N", legend=None), tooltip=["name:N", "step:Q", "value:Q"],
-    ).properties(width=260, height=160).facet(facet=alt.Facet("name:N", title=None), columns=3).resolve_scale(
-        x="independent", y="independent")
+        color=alt.Color("name:N", legend=None, sort=order), tooltip=["name:N", "step:Q", "value:Q"],
+    ).properties(width=220, height=150).facet(facet=alt.Facet("name:N", title=None, sort=order),
+                                              columns=3).resolve_scale(x="independent", y="independent")
 
 
 def run_win_rates(rows: list[dict[str, Any]]) -> alt.LayerChart:

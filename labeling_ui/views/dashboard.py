@@ -26,6 +26,9 @@ def plot(column, rows, chart, empty: str) -> None:
         column.info(empty)
 
 
+FIRST_NUMBERS = ("win_rate", "kl_to_base", "train_pairs", "eval_rewards/accuracies", "eval_loss", "train_seconds")
+
+
 def metrics(run: dict) -> dict:
     m = run.get("metrics") or {}
     return json.loads(m) if isinstance(m, str) else m
@@ -67,8 +70,10 @@ else:
     run = names[st.selectbox("Run", list(names), label_visibility="collapsed")]
     if run.get("reason"):
         st.caption(run["reason"])
-    numbers = {k: v for k, v in metrics(run).items() if isinstance(v, (int, float))}
-    for column, (name, value) in zip(st.columns(6), list(numbers.items())[:6]):
+    numbers = {k: v for k, v in metrics(run).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    first = [k for k in FIRST_NUMBERS if k in numbers] + [k for k in numbers if k not in FIRST_NUMBERS]
+    for column, name in zip(st.columns(6), first[:6]):
+        value = numbers[name]
         column.metric(name, f"{value:.3g}" if isinstance(value, float) else value)
     if run["curve"]:
         st.altair_chart(charts.run_curves(run["curve"], f"Run {run['id']} ({run['method']})"))
