@@ -14,7 +14,6 @@ import pytest
 
 from loop.demo import corpus as demo_corpus
 
-from loop.demo import judge
 from loop.demo.model import (
     BOS_TOKEN,
     CHAT_TEMPLATE,

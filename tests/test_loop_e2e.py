@@ -79,11 +79,11 @@ def test_one_cycle_raises_the_judged_win_rate(up, simulated):
           f"held-out judged win rate over base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; "
           f"simulate {simulated:.0f} s, whole cycle {cycle:.0f} s")
     assert metrics["train_pairs"] <= 500
-    # 0.75 is the target one DPO cycle on the demo was built to. Offline, 400 pairs, judged as here
-    # (ops/bench/results/dpo_demo.md): 0.737 / 0.776 / 0.783 for seeds 0-2; README (compare): 0.781,
-    # 0.762-0.812. Here 136 judgements (68 prompts x 2 seeds): standard error ~0.035, so this bound is
-    # about one standard error under the measured mean and not a noise-proof one.
-    assert rate >= 0.75
+    # Measured: offline, 400 pairs, judged as here (ops/bench/results/dpo_demo.md) 0.737 / 0.776 / 0.783
+    # for seeds 0-2; README (compare) 0.781, 0.762-0.812; this test 0.787 / 0.779. Here 136 judgements
+    # (68 prompts x 2 seeds): standard error ~0.035, so 0.70 is ~2.2 standard errors under the mean of
+    # the runs: a build that misses it has lost learning, not drawn bad luck (0.75 would fail ~1 run in 6).
+    assert rate >= 0.70
     with up.client() as c:  # the run and its curve are there for the dashboard
         stats = c.get("/api/stats").json()
     assert stats["runs"][0]["curve"] and any(m["name"] == "loss" for m in stats["runs"][0]["curve"])
