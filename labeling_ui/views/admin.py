@@ -57,6 +57,7 @@ pair.notice("admin_notice")
 status, versions, users, guide, runs, export = st.tabs(
     ["Status", "Versions", "Users", "Guidelines", "Runs", "Export"])
 
+s: dict = {}  # /api/status, fetched once per page for every tab
 with status:
     try:
         s = api.status(ss.token)
@@ -85,7 +86,7 @@ with versions:
                     on_click=act, args=(f"promote {chosen}", api.promote, chosen), kwargs={"done": swapped})
         c[1].button("Roll back", key="rollback", width="stretch", on_click=act, args=("roll back", api.rollback),
                     kwargs={"done": swapped})
-        methods = api.status(ss.token).get("methods", [])
+        methods = s.get("methods", [])
         method = c[2].selectbox("Method", ["configured", *methods], key="retrain_method")
         force = c[4].checkbox("force", key="retrain_force", help="retrain even without enough new labels")
         c[3].button("Retrain now", key="retrain", width="stretch", on_click=act,
