@@ -3,7 +3,8 @@
     alignloop init [--demo]                   write ./alignloop.toml (and build the demo model)
     alignloop import FILE --format hh|jsonl   add preference pairs to the store
     alignloop export pairs|prompts|feedback|snapshot --output PATH
-    alignloop user add NAME --role labeller|admin
+    alignloop user add NAME --role labeller|admin|app
+    alignloop exclude --user NAME [--undo]    leave a user's contributions out of every future snapshot
     alignloop serve                           the vLLM engine and the gateway
     alignloop promote VERSION | rollback      hot-swap what the served alias points to
     alignloop versions [--add ADAPTER_DIR]
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +53,7 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
         path.write_text(configuration.render(cfg))
         print(f"wrote {path}")
     cfg = configuration.load(path, args.set)  # what was written must load
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(cfg.data_dir)
     with _store(cfg) as store:
         print(f"store ready at {store.path}")
     if args.demo:
@@ -107,7 +109,24 @@ def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     else:
         with _store(cfg) as store:
             token = store.add_user(args.name, args.role)
-    print(f"added {args.role} {args.name!r}; sign-in token (shown once): {token}")
+    what = "API key" if args.role == "app" else "sign-in token"
+    print(f"added {args.role} {args.name!r}; {what} (shown once): {token}")
+    return 0
+
+
+def cmd_exclude(cfg: Config, args: argparse.Namespace) -> int:
+    client = _gateway(cfg)
+    excluded = not args.undo
+    if client.running():
+        user = client.call("POST", f"/api/users/{args.user}/exclude", json={"excluded": excluded})
+    else:
+        with _store(cfg) as store:
+            user = store.exclude_user(args.user, by="cli", excluded=excluded)
+    if excluded:
+        print(f"{user['role']} {user['name']!r} excluded: their labels, feedback and traffic are left out of "
+              "every snapshot from now on (nothing is deleted; --undo takes them back)")
+    else:
+        print(f"{user['role']} {user['name']!r} included again")
     return 0
 
 
@@ -132,9 +151,15 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _private_dir(path: Path) -> None:
+    """The data folder, the owner's alone (0700), whether made now or by an older version."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
 def _ready_to_serve(cfg: Config) -> None:
     """The data folder, and the demo model when no base model is configured."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(cfg.data_dir)
     if not cfg.model.base:
         ensure_demo_model(cfg)
 
@@ -261,12 +286,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--until", help="cut-off time (ISO 8601); default now")
     s.set_defaults(run=cmd_export)
 
-    s = sub.add_parser("user", help="manage labellers and admins")
+    s = sub.add_parser("user", help="manage labellers, admins and apps' API keys")
     user_sub = s.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     a = user_sub.add_parser("add", help="add a user and print their sign-in token")
     a.add_argument("name")
-    a.add_argument("--role", required=True, choices=["labeller", "admin"])
+    a.add_argument("--role", required=True, choices=["labeller", "admin", "app"],
+                   help="app: an application's API key, for /v1 only")
     a.set_defaults(run=cmd_user)
+
+    s = sub.add_parser("exclude", help="leave a user's labels, feedback and traffic out of every future snapshot")
+    s.add_argument("--user", required=True, help="the user's name")
+    s.add_argument("--undo", action="store_true", help="take their contributions back in")
+    s.set_defaults(run=cmd_exclude)
 
     s = sub.add_parser("status", help="what the store holds and what serves")
     s.add_argument("--json", action="store_true")
@@ -323,6 +354,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.set += getattr(args, "set_after", [])
+    os.umask(0o077)  # the store, exports, tokens and logs are the owner's alone, from the start
     try:
         init = args.command == "init"
         cfg = configuration.load(args.config or (configuration.CONFIG_FILE if init else None), args.set, missing_ok=init)

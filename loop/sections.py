@@ -52,12 +52,20 @@ class GatewayConfig:
     log_max_queue: int = _f(10000, "records waiting to be written at most; beyond it new records are dropped and counted")
     request_timeout_s: float = _f(120.0, "longest wait for the engine on one request before answering 504")
     retry_after_s: int = _f(5, "Retry-After seconds sent with a 503 while the engine is down or restarting")
+    anonymous_feedback: bool = _f(False, "take thumbs and scores from /v1 callers without a known API key (every thumb is a KTO training example)")
+    rate_limit_per_s: float = _f(20.0, "/v1 requests per second one caller (API key, or address when anonymous) may make on average; 0: no limit")
+    rate_burst: int = _f(40, "/v1 requests one caller may make at once above the average rate before a 429")
+    max_body_kb: int = _f(1024, "largest request body, in KiB (a larger one gets 413)")
+    max_json_depth: int = _f(32, "deepest nesting of a JSON request body (a deeper one gets 400)")
+    public_docs: bool = _f(False, "serve /docs and /openapi.json to anyone; otherwise the schema is at /api/openapi.json for admins")
 
     def __post_init__(self) -> None:
         _check_port(self.port)
         if not 0.0 <= self.pair_share <= 1.0:
             raise ValueError("pair_share must be in [0, 1]")
-        for name in ("log_flush_ms", "log_max_queue", "retry_after_s"):
+        if not (math.isfinite(self.rate_limit_per_s) and self.rate_limit_per_s >= 0):
+            raise ValueError("rate_limit_per_s must be a number >= 0")
+        for name in ("log_flush_ms", "log_max_queue", "retry_after_s", "rate_burst", "max_body_kb", "max_json_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.request_timeout_s <= 0:
@@ -123,7 +131,7 @@ class TrainConfig:
     lora_r: int = _f(8, "LoRA rank (at most engine.max_lora_rank)")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
-    target_modules: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts, comma-separated")
+    target_modules: str = _f("auto", "modules LoRA adapts, comma-separated; auto: every linear layer in the model's blocks (not the head)")
     max_length: int = _f(256, "longest prompt + reply in tokens")
     from_serving: bool = _f(False, "continue from the serving adapter instead of starting from the base")
     seed: int = _f(0, "seed of the run")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ import pyarrow as pa
 from store.migrations import migrate
 
 CHOICES = ("a", "b", "tie", "both_bad", "skip")
-ROLES = ("labeller", "admin", "system")
+ROLES = ("labeller", "admin", "app", "system")  # app: an application's API key, /v1 only
+INT64_MAX = 2**63 - 1
 
 
 class StoreError(RuntimeError):
@@ -104,6 +106,8 @@ class Store:
             raise StoreError(f"{self.path} is not a usable DuckDB file: {e}") from None
         self._lock = threading.RLock()
         if not read_only:
+            if self.path != ":memory:":
+                os.chmod(self.path, 0o600)  # the owner's alone, also when an older version made it
             with self._lock:
                 migrate(self._db)
 
@@ -183,7 +187,18 @@ class Store:
         return rows[0] if rows else None
 
     def users(self) -> list[dict[str, Any]]:
-        return self._dicts("SELECT id, name, role, created_at FROM users ORDER BY id")
+        return self._dicts("SELECT id, name, role, excluded_at, created_at FROM users ORDER BY id")
+
+    def exclude_user(self, name: str, by: str | None, excluded: bool = True) -> dict[str, Any]:
+        """Leave everything `name` gave (labels, feedback, traffic, arena pairs) out of every future
+        snapshot, or take them back in; nothing is deleted."""
+        with self.transaction() as db:
+            row = db.execute("""UPDATE users SET excluded_at = CASE WHEN ? THEN current_localtimestamp() END,
+                                excluded_by = CASE WHEN ? THEN ? END WHERE name = ?
+                                RETURNING id, name, role, excluded_at""", [excluded, excluded, by, name]).fetchone()
+        if row is None:
+            raise StoreError(f"no user named {name!r}")
+        return dict(zip(("id", "name", "role", "excluded_at"), row))
 
     def _system_user(self, db: duckdb.DuckDBPyConnection, name: str) -> int:
         row = db.execute("SELECT id FROM users WHERE name = ?", [name]).fetchone()
@@ -336,8 +351,10 @@ class Store:
 
     def version(self, ref: int | str) -> dict[str, Any]:
         """A version by id, or by name ('v3', 'base', '3')."""
-        if isinstance(ref, str) and ref.isdigit():
+        if isinstance(ref, str) and ref.isascii() and ref.isdigit():  # not "²", which isdigit() too
             ref = int(ref)
+        if isinstance(ref, int) and not 0 <= ref <= INT64_MAX:
+            raise StoreError(f"no model version {ref!r}")
         column = "id" if isinstance(ref, int) else "name"
         rows = self._dicts(f"SELECT * FROM model_versions WHERE {column} = ?", [ref])
         if not rows:
@@ -427,12 +444,16 @@ class Store:
 
     def add_feedback(self, response_id: int, kind: str, value: float, comment: str | None = None,
                      user_id: int | None = None) -> int:
-        """Thumbs (1 up, 0 down) or a score on one response; returns once committed."""
+        """Thumbs (1 up, 0 down) or a score on one response, replacing the same caller's earlier one
+        (anonymous callers share one); returns once committed."""
         if kind not in ("thumbs", "score"):
             raise StoreError(f"feedback kind must be 'thumbs' or 'score', got {kind!r}")
         with self.transaction() as db:
             if not db.execute("SELECT 1 FROM responses WHERE id = ?", [response_id]).fetchone():
                 raise StoreError(f"no response {response_id}")
+            # one feedback per (response, caller): a later thumb replaces the earlier one
+            db.execute("DELETE FROM feedback WHERE response_id = ? AND user_id IS NOT DISTINCT FROM ?",
+                       [response_id, user_id])
             return db.execute("""INSERT INTO feedback (response_id, user_id, kind, value, comment)
                                  VALUES (?, ?, ?, ?, ?) RETURNING id""",
                               [response_id, user_id, kind, value, comment]).fetchone()[0]
@@ -448,34 +469,53 @@ class Store:
 
     # --- export ------------------------------------------------------------------------------
 
+    # Who gave each row, and whether they are excluded (`exclude_user`). A live prompt's caller is
+    # the API key of the exchange that logged it; imported and arena prompts have none.
+    _CALLERS = """callers AS (SELECT e.prompt_id, any_value(u.name) AS name,
+                                     bool_or(u.excluded_at IS NOT NULL) AS excluded
+                              FROM exchanges e JOIN users u ON u.id = e.user_id GROUP BY e.prompt_id)"""
+
     def pair_votes(self, cutoff: datetime) -> list[dict[str, Any]]:
-        """Every pair with at least one non-skip label by `cutoff`, with its vote counts."""
-        return self._dicts("""
+        """Every pair with at least one non-skip label by `cutoff`, with its vote counts, its labellers
+        and the caller whose prompt it answers; excluded users' labels and prompts are left out."""
+        return self._dicts(f"""
+            WITH {self._CALLERS}
             SELECT p.id, p.uid, p.source, pr.messages, ra.text AS a, rb.text AS b,
                    ra.version_id AS a_version, rb.version_id AS b_version,
                    count(*) FILTER (WHERE l.choice = 'a') AS votes_a,
                    count(*) FILTER (WHERE l.choice = 'b') AS votes_b,
                    count(*) FILTER (WHERE l.choice = 'tie') AS votes_tie,
-                   count(*) FILTER (WHERE l.choice = 'both_bad') AS votes_both_bad
+                   count(*) FILTER (WHERE l.choice = 'both_bad') AS votes_both_bad,
+                   list_sort(list(DISTINCT lu.name)) AS labellers, c.name AS contributor
             FROM pairs p
             JOIN prompts pr ON pr.id = p.prompt_id
             JOIN responses ra ON ra.id = p.response_a_id
             JOIN responses rb ON rb.id = p.response_b_id
             JOIN labels l ON l.pair_id = p.id AND l.choice <> 'skip' AND l.created_at <= ?
-            WHERE p.created_at <= ?
-            GROUP BY ALL
+            JOIN users lu ON lu.id = l.user_id AND lu.excluded_at IS NULL
+            LEFT JOIN callers c ON c.prompt_id = p.prompt_id
+            WHERE p.created_at <= ? AND NOT coalesce(c.excluded, false)
+            GROUP BY p.id, p.uid, p.source, pr.messages, ra.text, rb.text, ra.version_id, rb.version_id, c.name
             ORDER BY p.id""", [cutoff, cutoff])
 
     def prompt_rows(self, cutoff: datetime) -> list[dict[str, Any]]:
-        return self._dicts("SELECT id, messages, source FROM prompts WHERE created_at <= ? ORDER BY id", [cutoff])
+        return self._dicts(f"""
+            WITH {self._CALLERS}
+            SELECT pr.id, pr.messages, pr.source, c.name AS contributor
+            FROM prompts pr LEFT JOIN callers c ON c.prompt_id = pr.id
+            WHERE pr.created_at <= ? AND NOT coalesce(c.excluded, false)
+            ORDER BY pr.id""", [cutoff])
 
     def feedback_rows(self, cutoff: datetime) -> list[dict[str, Any]]:
-        return self._dicts("""
-            SELECT f.id, f.kind, f.value, f.comment, pr.messages, r.text, r.version_id
+        return self._dicts(f"""
+            WITH {self._CALLERS}
+            SELECT f.id, f.kind, f.value, f.comment, pr.messages, r.text, r.version_id, fu.name AS contributor
             FROM feedback f
             JOIN responses r ON r.id = f.response_id
             JOIN prompts pr ON pr.id = r.prompt_id
-            WHERE f.created_at <= ?
+            LEFT JOIN users fu ON fu.id = f.user_id
+            LEFT JOIN callers c ON c.prompt_id = pr.id
+            WHERE f.created_at <= ? AND fu.excluded_at IS NULL AND NOT coalesce(c.excluded, false)
             ORDER BY f.id""", [cutoff])
 
 

@@ -5,6 +5,8 @@ and `rejected` one assistant message each), so a file loads straight into `datas
 `DPOTrainer`. A pair's label is the majority of its votes; a pair whose majority is a tie or
 "both bad" (or whose votes split evenly) is left out. Every pair carries a `split`, "train" or
 "heldout", from a stable hash of the pair, so the held-out set never changes under a pair.
+Every row names who gave it (`labellers` of a pair, the `contributor`: the API key whose traffic
+made the prompt, or who sent the feedback); users an admin excluded are left out altogether.
 Feedback comes out in TRL's unpaired format (`prompt`, `completion`, `label`) for `KTOTrainer`.
 """
 
@@ -75,12 +77,14 @@ def pair_rows(store: Store, cutoff: datetime, heldout_share: float) -> tuple[lis
             "rejected": [{"role": "assistant", "content": rejected}],
             "split": split_of(p["uid"], heldout_share),
             "source": p["source"],
+            "labellers": list(p["labellers"]),
+            "contributor": p["contributor"],
         })
     return rows, undecided
 
 
 def prompt_rows(store: Store, cutoff: datetime) -> list[dict[str, Any]]:
-    return [{"id": r["id"], "prompt": json.loads(r["messages"]), "source": r["source"]}
+    return [{"id": r["id"], "prompt": json.loads(r["messages"]), "source": r["source"], "contributor": r["contributor"]}
             for r in store.prompt_rows(cutoff)]
 
 
@@ -89,7 +93,7 @@ def feedback_rows(store: Store, cutoff: datetime) -> list[dict[str, Any]]:
     (`split_bucket` of the id) lets a trainer hold out its own share without the store's code."""
     return [{"id": r["id"], "bucket": split_bucket(str(r["id"])), "prompt": json.loads(r["messages"]),
              "completion": [{"role": "assistant", "content": r["text"]}],
-             "label": r["value"] > 0.5, "kind": r["kind"], "value": r["value"]}
+             "label": r["value"] > 0.5, "kind": r["kind"], "value": r["value"], "contributor": r["contributor"]}
             for r in store.feedback_rows(cutoff)]
 
 

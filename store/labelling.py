@@ -1,7 +1,8 @@
 """The labelling queue: who labels which pair next, leases, labels, undo, progress.
 
 Each pair gets `overlap` independent human labels (skips do not count). A pair handed out is
-leased to its labeller for `lease_s` seconds; unanswered, it returns to the queue. Nobody is
+leased to its labeller for `lease_s` seconds; unanswered, it returns to the queue. A labeller can
+label only the pair handed to them (or asked for in the arena): nobody picks what they vote on. Nobody is
 handed a pair they labelled, skipped or hold. Pairs from recent live traffic come first, then
 imported ones. Every hand-out runs in one transaction under the store's lock, so concurrent
 labellers can never be handed a pair beyond its overlap.
@@ -32,6 +33,10 @@ CHOICES = ("first", "second", "tie", "both_bad", "skip")
 
 class LabelConflict(StoreError):
     """The label cannot be taken (already labelled, or the pair has all its labels)."""
+
+
+class NotLeased(StoreError):
+    """A label on a pair that was not handed to this labeller (so nobody can pick what they vote on)."""
 
 
 def swapped(uid: str) -> bool:
@@ -163,7 +168,8 @@ class LabelQueue:
 
     def submit(self, user_id: int, pair_id: int, choice: str, rationale: str | None = None,
                seconds_spent: float | None = None) -> int:
-        """Record a label (committed when this returns) and release the lease."""
+        """Record a label on the pair this labeller holds (committed when this returns) and release
+        the lease. A lease that expired still counts while the pair lacks labels."""
         now = datetime.now()
         with self.store.transaction() as db:
             self._sync(db)
@@ -177,6 +183,9 @@ class LabelQueue:
             if not holds and stored != "skip":
                 if self._labels[pair_id] + self._active_leases(pair_id, now) >= self.overlap:
                     raise LabelConflict(f"pair {pair_id} has all its {self.overlap} labels (your lease expired)")
+            if self._held.get(user_id) != pair_id:
+                raise NotLeased(f"pair {pair_id} was not handed to you: label the pair you were given "
+                                "(GET /api/label/next), or one you asked for in the arena")
             label_id = db.execute("""INSERT INTO labels (pair_id, user_id, choice, rationale, seconds_spent)
                                      VALUES (?, ?, ?, ?, ?) RETURNING id""",
                                   [pair_id, user_id, stored, rationale, seconds_spent]).fetchone()[0]

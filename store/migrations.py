@@ -177,9 +177,33 @@ def m002_reward_models(db: duckdb.DuckDBPyConnection) -> None:
         )""")
 
 
+def m003_apps_and_exclusions(db: duckdb.DuckDBPyConnection) -> None:
+    """The `app` role (an application's API key, /v1 only); users whose contributions are excluded
+    from snapshots; one feedback per (response, caller), the latest kept. (DuckDB cannot alter a
+    CHECK constraint, so the users table is made anew with the same ids.)"""
+    db.execute("""
+        CREATE TABLE users_m003 (
+            id BIGINT PRIMARY KEY DEFAULT nextval('users_id_seq'),
+            name VARCHAR NOT NULL UNIQUE,
+            role VARCHAR NOT NULL CHECK (role IN ('labeller', 'admin', 'app', 'system')),
+            token_hash VARCHAR UNIQUE,            -- sha256 of the sign-in token; NULL: cannot sign in
+            excluded_at TIMESTAMP,                -- set: nothing this user gave goes into a snapshot
+            excluded_by VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+    db.execute("""INSERT INTO users_m003 (id, name, role, token_hash, created_at)
+                  SELECT id, name, role, token_hash, created_at FROM users""")
+    db.execute("DROP TABLE users")
+    db.execute("ALTER TABLE users_m003 RENAME TO users")
+    db.execute("""DELETE FROM feedback WHERE id NOT IN (
+                      SELECT max(id) FROM feedback GROUP BY response_id, user_id)""")
+    db.execute("CREATE INDEX feedback_response ON feedback (response_id)")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial,
     m002_reward_models,
+    m003_apps_and_exclusions,
 ]
 
 

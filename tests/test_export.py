@@ -3,9 +3,11 @@
 import json
 from datetime import datetime, timedelta
 
+import pyarrow.parquet as pq
 import pytest
 
 from store import export
+from store.database import StoreError
 from store.export import majority, split_of
 from store.importer import import_file
 
@@ -83,7 +85,7 @@ def test_snapshot_writes_every_kind_with_one_manifest(store, hh_sample, tmp_path
     import_file(store, hh_sample, "hh")
     a, _ = store.pair_response_ids(store.pair_ids()[0])
     store.add_feedback(a, "thumbs", 1.0, "nice")
-    store.add_feedback(a, "score", 0.2)
+    store.add_feedback(a, "score", 0.2, user_id=store.user_by_token(store.add_user("app1", "app"))["id"])
     manifest = export.snapshot(store, tmp_path / "snap", 0.1)
     assert manifest.counts["pairs"] == 24 and manifest.counts["prompts"] == 24 and manifest.counts["feedback"] == 2
     assert json.loads((tmp_path / "snap" / "manifest.json").read_text())["files"]["pairs"] == "pairs.parquet"
@@ -104,3 +106,45 @@ def test_same_data_same_hash_different_data_different_hash(store, hh_sample, tmp
     store.add_label(store.pair_ids()[0], user, "b")
     store.add_label(store.pair_ids()[0], store.user_by_token(store.add_user("bo", "labeller"))["id"], "b")
     assert export.snapshot(store, tmp_path / "s3", 0.1).content_hash["pairs"] != h1["pairs"]
+
+
+def test_every_row_names_who_gave_it_and_an_excluded_users_contributions_leave_every_snapshot(store, tmp_path):
+    from store.database import Exchange, SecondResponse
+    from store.labelling import LabelQueue
+
+    ids = {n: store.user_by_token(store.add_user(n, role))["id"]
+           for n, role in (("app1", "app"), ("app2", "app"), ("ann", "labeller"), ("bob", "labeller"))}
+    for n, app in enumerate(("app1", "app2")):
+        store.log_batch([Exchange(f"req-{app}", "chat.completions", "alignloop", 0, [{"role": "user", "content": f"q{n}"}],
+                                  [(f"first {n}", "stop")], {}, user_id=ids[app])],
+                        [SecondResponse(f"req-{app}", f"second {n}", 0, {})])
+    queue = LabelQueue(store, overlap=2, lease_s=60)
+    for who in ("ann", "bob"):
+        for _ in range(2):
+            pair = queue.next_pair(ids[who])
+            queue.submit(ids[who], pair["pair_id"], "first")
+    for app in ("app1", "app2"):
+        store.add_feedback(store.response_id(f"req-{app}", 0), "thumbs", 1.0, user_id=ids["ann"])
+
+    def snap(name: str) -> dict[str, list[dict]]:
+        export.snapshot(store, tmp_path / name, 0.0)
+        return {k: pq.read_table(tmp_path / name / f"{k}.parquet").to_pylist() for k in ("pairs", "prompts", "feedback")}
+
+    everything = snap("all")
+    assert sorted((r["contributor"], r["labellers"]) for r in everything["pairs"]) == [
+        ("app1", ["ann", "bob"]), ("app2", ["ann", "bob"])]
+    assert sorted(r["contributor"] for r in everything["prompts"]) == ["app1", "app2"]
+    assert [r["contributor"] for r in everything["feedback"]] == ["ann", "ann"]
+
+    store.exclude_user("bob", by="admin")   # a labeller: their votes go, the pairs stay on ann's
+    store.exclude_user("app2", by="admin")  # an app: its prompts, their pairs and the feedback on them go
+    after = snap("after")
+    assert [(r["contributor"], r["labellers"]) for r in after["pairs"]] == [("app1", ["ann"])]
+    assert [r["contributor"] for r in after["prompts"]] == ["app1"]
+    assert len(after["feedback"]) == 1
+    store.exclude_user("ann", by="admin")
+    assert snap("none")["feedback"] == [] and snap("none2")["pairs"] == []
+    store.exclude_user("ann", by="admin", excluded=False)
+    assert len(snap("back")["pairs"]) == 1
+    with pytest.raises(StoreError, match="no user"):
+        store.exclude_user("nobody", by="admin")

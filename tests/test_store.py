@@ -36,7 +36,8 @@ EXPECTED_SCHEMA = {
              "labels_at_start BIGINT", "started_at TIMESTAMP", "heartbeat_at TIMESTAMP", "finished_at TIMESTAMP"],
     "settings": ["key VARCHAR", "value VARCHAR", "updated_by VARCHAR", "updated_at TIMESTAMP"],
     "schema_migrations": ["version INTEGER", "name VARCHAR", "applied_at TIMESTAMP"],
-    "users": ["id BIGINT", "name VARCHAR", "role VARCHAR", "token_hash VARCHAR", "created_at TIMESTAMP"],
+    "users": ["id BIGINT", "name VARCHAR", "role VARCHAR", "token_hash VARCHAR", "excluded_at TIMESTAMP",
+              "excluded_by VARCHAR", "created_at TIMESTAMP"],
 }
 
 
@@ -84,7 +85,37 @@ def test_a_database_of_the_first_release_gains_the_reward_models_table(tmp_path,
     with Store(path) as s:
         assert s.counts()["pairs"] == 3
         assert "reward_models" in s.schema()
-        assert s._all("SELECT name FROM schema_migrations ORDER BY version")[-1][0] == "m002_reward_models"
+        assert s._all("SELECT name FROM schema_migrations ORDER BY version")[-1][0] == migrations.MIGRATIONS[-1].__name__
+
+
+def test_a_database_of_release_two_gains_apps_and_exclusions_keeping_users_and_their_tokens(tmp_path, monkeypatch):
+    path = tmp_path / "release2.duckdb"
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:2])
+    with Store(path) as s:
+        token = s.add_user("ann", "labeller")
+        s.add_labelled_pairs([_pair(1)], "test", "dataset:test")
+        a, _ = s.pair_response_ids(s.pair_ids()[0])
+        uid = s.user_by_token(token)["id"]
+        for value in (1.0, 0.0):  # release 2 kept every thumb of one caller
+            s.add_feedback(a, "thumbs", value, user_id=uid)
+        with pytest.raises(Exception):
+            s._all("INSERT INTO users (name, role) VALUES ('bot', 'app')")
+    monkeypatch.undo()
+    with Store(path) as s:
+        assert s.user_by_token(token) == {"id": uid, "name": "ann", "role": "labeller"}
+        assert s._all("SELECT value FROM feedback") == [(0.0,)]  # the caller's latest
+        s.add_user("bot", "app")
+        assert [u["name"] for u in s.users()] == ["ann", "dataset:test", "bot"]  # ids kept, the sequence goes on
+
+
+def test_a_later_feedback_of_one_caller_replaces_the_earlier(store):
+    store.add_labelled_pairs([_pair(1)], "test", "dataset:test")
+    a, _ = store.pair_response_ids(store.pair_ids()[0])
+    ann, bob = (store.user_by_token(store.add_user(n, "app"))["id"] for n in ("ann", "bob"))
+    for value, who in ((1.0, ann), (0.0, ann), (1.0, bob), (0.0, None), (1.0, None)):
+        store.add_feedback(a, "thumbs", value, user_id=who)
+    assert sorted(store._all("SELECT user_id, value FROM feedback"), key=str) == sorted(
+        [(ann, 0.0), (bob, 1.0), (None, 1.0)], key=str)
 
 
 def test_a_failing_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):

@@ -38,11 +38,11 @@ class Gateway:
 
 
 @contextmanager
-def running(root: Path, pairs: int = 10, samples: list[NewPair] = ()) -> Iterator[Gateway]:
+def running(root: Path, pairs: int = 10, samples: list[NewPair] = (), settings: list[str] = ()) -> Iterator[Gateway]:
     """A gateway over a fresh store holding `pairs` simple pairs (reply a, the good one, starts
-    "It is"), then `samples`, which are handed out first."""
+    "It is"), then `samples`, which are handed out first; `settings` as `--set` takes them."""
     port = free_port()
-    cfg = configuration.load(None, [f"data.dir={root}", f"gateway.port={port}", "labeling.overlap=2"])
+    cfg = configuration.load(None, [f"data.dir={root}", f"gateway.port={port}", "labeling.overlap=2", *settings])
     with Store(cfg.db_path) as s:
         s.add_labelled_pairs([NewPair([{"role": "user", "content": f"Question {i}: what is **{i} + {i}**?"}],
                                       f"It is `{2 * i}`.", f"Maybe {i}?") for i in range(pairs)],

@@ -24,6 +24,7 @@ from loop.demo import judge
 
 JUDGE_TO_CHOICE = {"a": "first", "b": "second", "tie": "tie"}
 FLIPPED = {"a": "second", "b": "first", "tie": "tie"}
+USERS = 8  # simulated users sending traffic at once, each an app with its own API key
 
 
 def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst: int = 16,
@@ -31,12 +32,14 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
     """Send demo prompts in bursts until the store holds `pairs` pairs; returns requests sent.
 
     After a share `feedback_share` of the answers, the user sends a thumb on it (up when the demo
-    judge calls it good, else down), with the response id the gateway returned."""
+    judge calls it good, else down), with the response id the gateway returned. The users are
+    `USERS` apps with API keys of their own (anonymous callers may not give feedback)."""
     if not 0.0 <= feedback_share <= 1.0:
         raise ValueError(f"feedback_share must be in [0, 1], got {feedback_share}")
     rng = random.Random(seed)
     rates = random.Random(f"feedback:{seed}")  # its own stream: the prompts drawn stay as they were
     prompts = demo_corpus.prompts("train")
+    keys = [{"Authorization": f"Bearer {client.user_token(f'sim-user-{i}', 'app')}"} for i in range(USERS)]
     sent, thumbs, deadline = 0, 0, time.monotonic() + timeout_s
     with httpx.Client(base_url=client.url, timeout=120) as http:
         while time.monotonic() < deadline:
@@ -47,22 +50,22 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
                 time.sleep(0.5)
                 continue
 
-            def ask(rate: bool) -> bool:
+            def ask(user: int, rate: bool) -> bool:
                 sampling_seed, prompt = rng.randrange(2**31), rng.choice(prompts)
                 body = {"model": alias, "max_tokens": max_tokens, "temperature": 1.0, "seed": sampling_seed,
                         "messages": [{"role": "user", "content": prompt}]}
                 for attempt in range(5):  # as OpenAI's clients do: a 503 or a dropped connection is retried
                     try:
-                        r = http.post("/v1/chat/completions", json=body)
+                        r = http.post("/v1/chat/completions", json=body, headers=keys[user])
                     except httpx.TransportError as e:
                         if attempt == 4:
                             raise
                         log(f"simulate: {type(e).__name__} ({e}); retrying")
                         time.sleep(1)
                         continue
-                    if r.status_code != 503:
+                    if r.status_code not in (429, 503):
                         break
-                    log(f"simulate: 503 ({r.json()['error']['message']}); retrying")
+                    log(f"simulate: {r.status_code} ({r.json()['error']['message']}); retrying")
                     time.sleep(min(float(r.headers.get("Retry-After", 1)), 10))
                 r.raise_for_status()
                 if not rate:
@@ -71,13 +74,14 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
                 choice = answer["choices"][0]
                 text = choice["message"].get("content") or ""
                 thumb = "up" if judge.is_good(prompt, text) else "down"
-                f = http.post("/v1/feedback", json={"id": answer["id"], "choice": choice["index"], "thumbs": thumb})
+                f = http.post("/v1/feedback", json={"id": answer["id"], "choice": choice["index"], "thumbs": thumb},
+                              headers=keys[user])
                 f.raise_for_status()
                 return True
 
             rate = [rates.random() < feedback_share for _ in range(burst)]
-            with ThreadPoolExecutor(8) as pool:
-                thumbs += sum(pool.map(ask, rate))
+            with ThreadPoolExecutor(USERS) as pool:
+                thumbs += sum(pool.map(ask, [i % USERS for i in range(burst)], rate))
             sent += burst
         counts = client.call("GET", "/api/status")["counts"]
         log(f"simulate: {sent} requests, {thumbs} thumbs sent; {counts['pairs']} pairs, "

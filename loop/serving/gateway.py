@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from loop.serving.metrics import Metrics
 from loop.serving.pair_maker import PairJob, PairMaker
 from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem
 from loop.serving.router import Router, UnknownModel
-from loop.serving.versions import Versions
+from loop.serving.versions import Versions, engine_headers
 from store.database import Exchange, Store
 from store.labelling import LabelQueue
 from store.reward_models import RewardModels
@@ -65,6 +66,7 @@ class Gateway:
             g = self.cfg.gateway
             self._session = aiohttp.ClientSession(
                 base_url=self.engine_url, connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEP_ALIVE_S - 15),
+                headers=engine_headers(self.engine.api_key if self.engine else None),
                 timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
         return self._session
 
@@ -111,10 +113,18 @@ class Gateway:
     async def complete(self, endpoint: str, path: str, req: ChatRequest | CompletionRequest, body: dict[str, Any],
                        user_id: int | None) -> Response:
         version, engine_model = self.route(req.model, req.max_tokens or req.max_completion_tokens)
-        upstream = {**body, "model": engine_model}
+        chat = isinstance(req, ChatRequest)
+        # The gateway owns the ids: the engine gets a fresh request_id (replacing any the client sent),
+        # and every id the client sees is rewritten to it, so a logged id can never be chosen or repeated.
+        request_id = uuid.uuid4().hex
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        upstream = {**body, "model": engine_model, "request_id": request_id}
         upstream.pop("priority", None)  # live traffic keeps the default, highest priority
-        messages = ([m.model_dump(include={"role", "content"}) for m in req.messages] if isinstance(req, ChatRequest)
-                    else [{"role": "user", "content": req.prompt}])
+        messages = req.text_messages() if chat else [{"role": "user", "content": req.prompt}]
+        # A prompt with tool definitions, calls or results is answered and counted but not logged:
+        # every logged prompt becomes training and evaluation data in plain {role, text} turns (pairs,
+        # PPO rollouts, held-out prompts, KTO feedback), and such a prompt is not one. No id: not logged.
+        logged_id = "" if chat and req.uses_tools() else response_id
         if req.stream:
             upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         started = time.perf_counter()
@@ -135,10 +145,11 @@ class Gateway:
             if r.status >= 500:
                 raise self.unavailable(f"engine answered {r.status}: {text[:300]!r}")
             return Response(text, status_code=r.status, media_type="application/json")
-        record = Exchange(request_id="", endpoint=endpoint, model_requested=req.model, version_id=version,
+        record = Exchange(request_id=logged_id, endpoint=endpoint, model_requested=req.model, version_id=version,
                           messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)
         if req.stream:
-            return StreamingResponse(self._relay(r, record, started, body), media_type="text/event-stream")
+            return StreamingResponse(self._relay(r, record, started, body, response_id),
+                                     media_type="text/event-stream")
         try:
             data = json.loads(await r.read())
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
@@ -146,29 +157,36 @@ class Gateway:
         finally:
             r.release()
             self.in_flight -= 1
-        data["model"] = req.model
-        record.request_id = data["id"]
+        data["id"], data["model"] = response_id, req.model
         record.choices = [(_choice_text(c), c.get("finish_reason")) for c in sorted(data["choices"], key=lambda c: c["index"])]
         self._finish(record, data.get("usage"), started)
         return JSONResponse(data)
 
     async def _relay(self, r: aiohttp.ClientResponse, record: Exchange, started: float,
-                     body: dict) -> AsyncIterator[bytes]:
-        """Pass the engine's server-sent events through, renaming the model; log the whole answer."""
+                     body: dict, response_id: str) -> AsyncIterator[bytes]:
+        """Pass the engine's server-sent events through under the gateway's id and the requested
+        model name; log the whole answer, also when the client goes away (then with status 499
+        unless the answer was complete: clients may close the connection as soon as they read [DONE])."""
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
         usage = None
+        done = False
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         try:
             async for raw in r.content:
                 line = raw.decode().rstrip("\r\n")
                 if not line.startswith("data: ") or line == "data: [DONE]":
+                    done = done or line == "data: [DONE]"
                     if line:
                         yield f"{line}\n\n".encode()
                     continue
                 chunk = json.loads(line[6:])
-                record.request_id = record.request_id or chunk.get("id", "")
-                chunk["model"] = record.model_requested
+                if "error" in chunk:  # the engine failed mid-answer: pass its error event on
+                    code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
+                    record.status = code if isinstance(code, int) and 400 <= code < 500 else 503
+                    yield f"{line}\n\n".encode()
+                    continue
+                chunk["id"], chunk["model"] = response_id, record.model_requested
                 for c in chunk.get("choices", []):
                     delta = c.get("delta") or {}
                     texts.setdefault(c["index"], []).append(delta.get("content") or c.get("text") or "")
@@ -185,11 +203,13 @@ class Gateway:
             err = {"error": {"message": "the model engine stopped mid-answer", "type": "service_unavailable"}}
             yield f"data: {json.dumps(err)}\n\n".encode()
             record.status = 503
-        finally:
+        finally:  # also on cancellation: the client disconnected
             r.release()
             self.in_flight -= 1
-        record.choices = [("".join(texts[i]), finish.get(i)) for i in sorted(texts)]
-        self._finish(record, usage, started)
+            if not done and record.status == 200:
+                record.status = 499
+            record.choices = [("".join(texts[i]), finish.get(i)) for i in sorted(texts)]
+            self._finish(record, usage, started)
 
     def _finish(self, record: Exchange, usage: dict | None, started: float) -> None:
         elapsed = time.perf_counter() - started
@@ -210,6 +230,11 @@ class Gateway:
     # --- feedback on a logged answer ------------------------------------------------------------
 
     def feedback(self, req: FeedbackRequest, user_id: int | None) -> int:
+        """One caller's thumb or score on a logged answer (a later one replaces theirs): a KTO
+        training example, so anonymous callers may give it only with `gateway.anonymous_feedback`."""
+        if user_id is None and not self.cfg.gateway.anonymous_feedback:
+            raise HTTPProblem(401, "feedback needs an API key ('Authorization: Bearer <key>'; an admin makes one "
+                                   "with `alignloop user add NAME --role app`)", "authentication_error")
         if (req.thumbs is None) == (req.score is None):
             raise HTTPProblem(400, "give exactly one of 'thumbs' ('up' or 'down') and 'score' (0 to 1)")
         response_id = self.store.response_id(req.id, req.choice)

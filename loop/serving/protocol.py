@@ -8,20 +8,93 @@ vLLM untouched (it checks them itself), so every sampling option vLLM has keeps 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loop.sections import METHODS
 
 MAX_N = 8
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class Message(BaseModel):
+    """A chat message as OpenAI clients send it. `content` is a string, a list of text parts (the
+    engine joins them with newlines), or null on an assistant message that carries `tool_calls`.
+    Other parts (images, audio, files) are refused: the models served here read text only."""
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+    name: StrictStr | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError("content must be a string, a list of text parts or null")
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                what = f"of type {kind!r}" if kind else "not a content part"
+                raise ValueError(f"part {i} is {what}: the models served here take text only (parts of type 'text')")
+        return content
+
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message may carry tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant message that carries "
+                             "tool_calls)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def text(self) -> str:
+        """The content as one string: text parts joined with newlines, as the engine joins them."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
 
 
 class SamplingFields(BaseModel):
@@ -35,6 +108,7 @@ class SamplingFields(BaseModel):
     top_p: StrictFloat | StrictInt | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = None
     user: StrictStr | None = None
+    stream_options: StreamOptions | None = None
 
     def sampling(self) -> dict[str, Any]:
         """The sampling parameters worth keeping with a logged response."""
@@ -46,6 +120,16 @@ class SamplingFields(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+
+    def uses_tools(self) -> bool:
+        """Tool definitions, tool calls or tool results: a prompt that is more than text turns."""
+        extra = self.model_extra or {}
+        return bool(extra.get("tools") or extra.get("functions")) or any(
+            m.role == "tool" or m.tool_calls for m in self.messages)
+
+    def text_messages(self) -> list[dict[str, str]]:
+        """The conversation as the store keeps it: role and text content."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
 class CompletionRequest(SamplingFields):
@@ -86,7 +170,8 @@ def validation_message(err: ValidationError) -> tuple[str, str | None]:
     for e in err.errors()[:3]:
         loc = ".".join(str(x) for x in e["loc"])
         param = param or loc or None
-        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+        msg = e["msg"].removeprefix("Value error, ")  # a validator's own sentence, as it wrote it
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts), param
 
 
@@ -101,85 +186,100 @@ def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
 
 # --- the labelling and admin API (/api) ----------------------------------------------------------
 
-class PromoteRequest(BaseModel):
-    version: str | int
+INT64_MAX = 2**63 - 1  # the store's ids are BIGINT; a larger number is no id, not a crash
+Id = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Seed = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Ref = Annotated[str, Field(min_length=1, max_length=100)] | Id  # a version by name ("v3") or id
+
+
+class ApiModel(BaseModel):
+    """A body of the /api surface: finite numbers only (JSON's NaN and Infinity, or 1e999, are refused)."""
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class PromoteRequest(ApiModel):
+    version: Ref
     reason: str | None = None
 
 
-class CanaryRequest(BaseModel):
-    version: str | int | None
-    share: float = 0.1
+class CanaryRequest(ApiModel):
+    version: Ref | None
+    share: float = Field(default=0.1, ge=0, le=1)
 
 
-class LabelRequest(BaseModel):
-    pair_id: int
+class LabelRequest(ApiModel):
+    pair_id: Id
     choice: Literal["first", "second", "tie", "both_bad", "skip"]
     rationale: str | None = Field(default=None, max_length=500)
-    seconds: float | None = Field(default=None, ge=0)
+    seconds: float | None = Field(default=None, ge=0, le=86_400)
 
 
-class ArenaRequest(BaseModel):
+class ArenaRequest(ApiModel):
     prompt: str = Field(min_length=1, max_length=4000)
     max_tokens: int = Field(default=64, ge=1, le=1024)
 
 
-class GuidelinesRequest(BaseModel):
+class GuidelinesRequest(ApiModel):
     text: str = Field(max_length=100_000)
 
 
-class RunStart(BaseModel):
-    method: str
-    trigger: str = "manual"
+class RunStart(ApiModel):
+    method: str = Field(max_length=100)
+    trigger: str = Field(default="manual", max_length=200)
     config: dict | None = None
 
 
-class RunMetrics(BaseModel):
+class RunMetrics(ApiModel):
     metrics: list[dict[str, Any]] = []
 
 
-class RunFinish(BaseModel):
+class RunFinish(ApiModel):
     status: Literal["promoted", "rejected", "failed", "skipped"]
     reason: str | None = None
     metrics: dict | None = None
-    candidate_version_id: int | None = None
+    candidate_version_id: Id | None = None
     snapshot_hash: str | None = None
 
 
-class RewardModelIn(BaseModel):
+class RewardModelIn(ApiModel):
     path: str
-    run_id: int | None = None
+    run_id: Id | None = None
     base_model: str | None = None
     snapshot_hash: str | None = None
-    accuracy: float | None = None
+    accuracy: float | None = Field(default=None, ge=0, le=1)
     metrics: dict | None = None
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(ApiModel):
     model: str
     prompts: list[list[dict[str, str]]] = Field(min_length=1, max_length=2048)
-    max_tokens: int = Field(default=64, ge=1)
+    max_tokens: int = Field(default=64, ge=1, le=100_000)
     temperature: float = Field(default=0.7, ge=0, le=2)
-    seed: int = 0
+    seed: Seed = 0
 
 
-class RetrainRequest(BaseModel):
+class RetrainRequest(ApiModel):
     method: Literal[METHODS] | None = None  # type: ignore[valid-type]
     force: bool = False
 
 
-class StatusRequest(BaseModel):
+class StatusRequest(ApiModel):
     status: Literal["candidate", "rejected", "failed", "retired"]
 
 
-class UserRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=100)
-    role: Literal["labeller", "admin"]
+class UserRequest(ApiModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]+$")
+    role: Literal["labeller", "admin", "app"]
 
 
-class VersionRequest(BaseModel):
+class ExcludeRequest(ApiModel):
+    excluded: bool = True
+
+
+class VersionRequest(ApiModel):
     adapter_path: str
-    method: str
-    parent_id: int | None = None
+    method: str = Field(max_length=100)
+    parent_id: Id | None = None
     snapshot_hash: str | None = None
     config: dict | None = None
     metrics: dict | None = None

@@ -43,7 +43,7 @@ def build(cfg: Config, engine_url: str | None = None):
     if engine_url is None:
         engine = Engine(cfg.base_model_dir, cfg.engine, "base", cfg.data_dir / "logs" / "engine.log")
         engine_url = engine.url
-    versions = Versions(store, router, engine_url)
+    versions = Versions(store, router, engine_url, api_key=engine.api_key if engine else None)
     if engine is not None:
         engine.on_ready = versions.restore
     else:

@@ -11,7 +11,12 @@ from store.labelling import LabelQueue
 from store.reward_models import RewardModels
 
 
-def stats(store: Store, queue: LabelQueue) -> dict[str, Any]:
+RUN_FIELDS_ADMIN_ONLY = ("config", "snapshot_hash")  # what a run was configured with (paths, settings)
+
+
+def stats(store: Store, queue: LabelQueue, admin: bool = True) -> dict[str, Any]:
+    """Everything the dashboard shows; a labeller's copy leaves out what runs were configured with
+    (admin-only data, as on the admin API's /api/runs)."""
     by_pair: dict[int, list[str]] = defaultdict(list)
     for pair_id, _, choice in store.human_labels():
         by_pair[pair_id].append(choice)
@@ -34,6 +39,8 @@ def stats(store: Store, queue: LabelQueue) -> dict[str, Any]:
     runs = store.runs()
     for run in runs:
         run["curve"] = store.run_metrics(run["id"])
+    if not admin:
+        runs = [{k: v for k, v in run.items() if k not in RUN_FIELDS_ADMIN_ONLY} for run in runs]
     return {
         "labels_per_day": store.labels_per_day(),
         "labels_per_labeller": store.labels_per_labeller(),

@@ -24,10 +24,16 @@ class VersionError(RuntimeError):
     pass
 
 
+def engine_headers(api_key: str | None) -> dict[str, str]:
+    """What every call to the engine carries: its API key, when the gateway started it with one."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class Versions:
-    def __init__(self, store: Store, router: Router, engine_url: str, timeout: float = 60.0) -> None:
+    def __init__(self, store: Store, router: Router, engine_url: str, timeout: float = 60.0,
+                 api_key: str | None = None) -> None:
         self.store, self.router = store, router
-        self.http = httpx.Client(base_url=engine_url, timeout=timeout)
+        self.http = httpx.Client(base_url=engine_url, timeout=timeout, headers=engine_headers(api_key))
         self._lock = threading.Lock()
         self.unload_failures = 0  # shown in status and /metrics; the adapter stays loaded until a restart
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
+import secrets
 import signal
 import statistics
 import sys
@@ -29,6 +31,11 @@ sys.path.insert(0, str(REPO))
 
 from tests.serving import free_port, make_adapter, start  # noqa: E402
 
+# The engine's API key, chosen here so the bench can call the engine directly beside the gateway
+# (the gateway sends it to the engine; sent to the gateway it is an unknown key: anonymous).
+ENGINE_KEY = secrets.token_urlsafe(16)
+AUTH = {"Authorization": f"Bearer {ENGINE_KEY}"}
+
 PROMPTS = [f"How often should I water {p}?" for p in ("basil", "tomatoes", "mint", "roses", "carrots", "lettuce",
                                                      "parsley", "peppers")]
 
@@ -42,7 +49,8 @@ async def load(url: str, model: str, clients: int, seconds: float, max_tokens: i
     """`clients` loops sending chat requests for `seconds`; returns latencies (s) and requests/s."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients),
+                                 headers=AUTH) as http:
         async def client(i: int) -> None:
             n = 0
             while time.perf_counter() < deadline:
@@ -86,7 +94,7 @@ def engine_vs_transformers(engine: str, model_dir: Path, max_tokens: int = 32, n
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
     async def via_engine() -> tuple[float, int]:
-        async with httpx.AsyncClient(base_url=engine, timeout=300) as http:
+        async with httpx.AsyncClient(base_url=engine, timeout=300, headers=AUTH) as http:
             t = time.perf_counter()
             rs = await asyncio.gather(*(http.post("/v1/chat/completions", json={
                 "model": "base", "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
@@ -174,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model = ensure_demo_model(configuration.load())
     with tempfile.TemporaryDirectory() as tmp:
-        server = start(Path(tmp) / "serve", model, free_port(), free_port(), ["gateway.pair_share=0.0"])
+        os.environ["ALIGNLOOP_ENGINE_KEY"] = ENGINE_KEY  # the server started next inherits it
+        server = start(Path(tmp) / "serve", model, free_port(), free_port(),
+                       ["gateway.pair_share=0.0", "gateway.rate_limit_per_s=0"])
         try:
             engine = f"http://127.0.0.1:{server.cfg.engine.port}"
             rows = gateway_overhead(server.url, engine, args.seconds)

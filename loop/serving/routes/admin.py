@@ -24,6 +24,7 @@ from loop.serving import sampling
 from loop.serving.auth import admin
 from loop.serving.protocol import (
     CanaryRequest,
+    ExcludeRequest,
     GenerateRequest,
     GuidelinesRequest,
     HTTPProblem,
@@ -59,6 +60,12 @@ async def _call(fn: Callable[[], Any], errors: tuple[type[Exception], ...] = (St
         raise HTTPProblem(status, str(e), code=code) from None
 
 
+@router.get("/openapi.json")
+async def schema(request: Request) -> dict[str, Any]:
+    """The gateway's OpenAPI schema, for admins (public only with `gateway.public_docs`)."""
+    return request.app.openapi()
+
+
 # --- people and guidelines ---------------------------------------------------------------------
 
 @router.post("/users")
@@ -71,6 +78,13 @@ async def add_user(body: UserRequest, request: Request) -> dict[str, Any]:
 async def new_token(name: str, request: Request) -> dict[str, Any]:
     token = await _call(partial(_gw(request).store.new_token, name), status=404, code="not_found")
     return {"name": name, "token": token}
+
+
+@router.post("/users/{name}/exclude")
+async def exclude_user(name: str, body: ExcludeRequest, request: Request, who=Depends(admin)) -> dict[str, Any]:
+    """Leave (or take back) everything `name` gave out of every future snapshot."""
+    exclude = partial(_gw(request).store.exclude_user, name, who["name"], body.excluded)
+    return await _call(exclude, status=404, code="not_found")
 
 
 @router.put("/guidelines")

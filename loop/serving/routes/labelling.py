@@ -13,7 +13,7 @@ from loop.serving import stats as dashboard
 from loop.serving.auth import signed_in
 from loop.serving.protocol import ArenaRequest, HTTPProblem, LabelRequest
 from store.database import StoreError
-from store.labelling import LabelConflict
+from store.labelling import LabelConflict, NotLeased
 
 router = APIRouter(prefix="/api")
 
@@ -58,6 +58,8 @@ async def label(body: LabelRequest, request: Request, response: Response, who=De
                                            body.rationale, body.seconds)
     except LabelConflict as e:
         raise HTTPProblem(409, str(e), code="conflict") from None
+    except NotLeased as e:
+        raise HTTPProblem(403, str(e), "permission_error", code="not_leased") from None
     except StoreError as e:
         raise HTTPProblem(404, str(e), code="not_found") from None
     gw.metrics.labels.inc()
@@ -84,7 +86,7 @@ async def arena(body: ArenaRequest, request: Request, who=Depends(signed_in)) ->
 @router.get("/stats")
 async def stats(request: Request, who=Depends(signed_in)) -> dict[str, Any]:
     gw = request.app.state.gateway
-    return await asyncio.to_thread(dashboard.stats, gw.store, gw.queue)
+    return await asyncio.to_thread(dashboard.stats, gw.store, gw.queue, who["role"] == "admin")
 
 
 @router.get("/guidelines")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -45,10 +46,25 @@ async def completions(request: Request, who=Depends(api_user)) -> Response:
     return await request.app.state.gateway.complete("completions", "/v1/completions", req, body, _user_id(who))
 
 
+STARTED = int(time.time())  # `created` of every model: the names are the gateway's, made at its start
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": STARTED, "owned_by": "alignloop"}
+
+
 @router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
+async def models(request: Request, who=Depends(api_user)) -> dict[str, Any]:
+    return {"object": "list", "data": [_model(name) for name in request.app.state.gateway.router.names()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(request: Request, model_id: str, who=Depends(api_user)) -> dict[str, Any]:
     names = request.app.state.gateway.router.names()
-    return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "alignloop"} for name in names]}
+    if model_id not in names:
+        raise HTTPProblem(404, f"the model {model_id!r} does not exist; available: {', '.join(names)}",
+                          param="model", code="model_not_found")
+    return _model(model_id)
 
 
 @router.post("/v1/feedback")
