@@ -25,7 +25,8 @@ HELLO = [{"role": "user", "content": "How often should I water basil?"}]
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    s = start(root, tiny_model, free_port(), free_port(), ["gateway.pair_share=1.0", "gateway.log_flush_ms=100"])
+    s = start(root, tiny_model, free_port(), free_port(), ["gateway.pair_share=1.0", "gateway.log_flush_ms=100",
+                                                               "gateway.rate_limit_per_s=0"])  # load tests
     yield s
     s.stop(signal.SIGKILL) if s.proc.poll() is None else None
 
@@ -90,17 +91,24 @@ def test_every_answered_request_is_logged_with_its_version(server, oai):
 
 def test_feedback_on_a_response(server, oai):
     r = oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=6)
-    with server.client(token="") as c:
+    with server.client(token="") as anon:  # every thumb is a training example: anonymous ones are refused
+        assert anon.post("/v1/feedback", json={"id": r.id, "thumbs": "up"}).status_code == 401
+    with server.client() as admin:
+        before = admin.get("/api/status").json()["counts"]["feedback"]
+        keys = [admin.post("/api/users", json={"name": f"shop-{i}", "role": "app"}).json()["token"] for i in range(2)]
+    with server.client(token=keys[0]) as c:
         ok = c.post("/v1/feedback", json={"id": r.id, "thumbs": "up", "comment": "nice"})
         assert ok.status_code == 200 and ok.json()["status"] == "recorded"
-        assert c.post("/v1/feedback", json={"id": r.id, "score": 0.3}).status_code == 200
+        assert c.post("/v1/feedback", json={"id": r.id, "score": 0.3}).status_code == 200  # replaces the thumb
         missing = c.post("/v1/feedback", json={"id": "chatcmpl-nope", "thumbs": "down"})
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         both = c.post("/v1/feedback", json={"id": r.id, "thumbs": "up", "score": 1})
         assert both.status_code == 400
         assert c.post("/v1/feedback", json={"id": r.id, "thumbs": "sideways"}).status_code == 400
+    with server.client(token=keys[1]) as c:
+        assert c.post("/v1/feedback", json={"id": r.id, "thumbs": "down"}).status_code == 200
     with server.client() as c:
-        assert c.get("/api/status").json()["counts"]["feedback"] == 2
+        assert c.get("/api/status").json()["counts"]["feedback"] == before + 2  # one per caller
 
 
 def test_pairs_are_made_from_live_traffic(server, oai):
@@ -171,6 +179,20 @@ def test_roles_and_tokens(server):
         refused = labeller.post("/api/promote", json={"version": "base"})
         assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
         assert labeller.post("/api/users", json={"name": "x", "role": "admin"}).status_code == 403
+
+
+def test_the_engine_answers_only_the_gateway(server):
+    """No other local process (or web page) can answer through the engine or unload what serves."""
+    engine = f"http://127.0.0.1:{server.cfg.engine.port}"
+    assert httpx.get(f"{engine}/v1/models", timeout=10).status_code == 401
+    unload = httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": "anything"}, timeout=10)
+    assert unload.status_code == 401
+    answer = httpx.post(f"{engine}/v1/chat/completions", json={"model": "base", "messages": HELLO, "max_tokens": 2},
+                        headers={"Authorization": "Bearer guess"}, timeout=10)
+    assert answer.status_code == 401
+    with server.client() as c:  # the gateway holds the key
+        assert c.post("/v1/chat/completions", json={"model": "alignloop", "messages": HELLO,
+                                                    "max_tokens": 2}).status_code == 200
 
 
 def test_cli_goes_through_the_running_gateway(server):

@@ -70,7 +70,7 @@ def api_user(request: Request) -> dict[str, Any] | None:
     wait = request.app.state.limiter.wait_s(key)
     if wait > 0:
         raise HTTPProblem(429, f"too many requests from this {'API key' if who else 'address'}; retry in "
-                               f"{wait:.1f} s", "rate_limit_error", code="rate_limit_exceeded",
+                               f"{wait:.2f} s", "rate_limit_error", code="rate_limit_exceeded",
                           headers={"Retry-After": retry_after(wait)})
     return who
 
