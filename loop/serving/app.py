@@ -7,11 +7,15 @@ import asyncio
 import sys
 import traceback
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loop.serving.auth import TokenCache
 from loop.serving.gateway import Gateway
@@ -37,15 +41,38 @@ def create_app(gw: Gateway) -> FastAPI:
     app.state.limiter = RateLimiter(g.rate_limit_per_s, g.rate_burst)
     app.add_middleware(BodyLimits, max_bytes=g.max_body_kb * 1024, max_depth=g.max_json_depth)
     app.add_exception_handler(HTTPProblem, _problem)
+    app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _bug)
     for routes in (openai, labelling, admin):
         app.include_router(routes.router)
+    app.openapi = partial(_schema, app, app.openapi)
     return app
+
+
+def _schema(app: FastAPI, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's schema, plus the request bodies of the routes that parse their body themselves."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = generate()
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in openai.RAW_BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    return schema
 
 
 async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
     return exc.response()
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The framework's own errors (an unknown path, a method not allowed, a body it cannot parse),
+    in the same OpenAI shape as every other error."""
+    return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

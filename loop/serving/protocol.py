@@ -145,6 +145,29 @@ class FeedbackRequest(BaseModel):
     comment: StrictStr | None = Field(default=None, max_length=4000)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error the gateway answers, in OpenAI's shape."""
+    error: ErrorDetail
+
+
+_WHY = {400: "the request is invalid (the message names the field)", 401: "no token, or an unknown one",
+        403: "the token's role may not do this", 404: "no such thing", 409: "it conflicts with the state",
+        413: "the body is too large", 415: "the body is not JSON", 429: "too many requests (see Retry-After)",
+        503: "the engine is unavailable (see Retry-After)", 504: "the engine did not answer in time"}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a router may give, for its OpenAPI schema."""
+    return {status: {"model": ErrorBody, "description": _WHY[status]} for status in statuses}
+
+
 class HTTPProblem(Exception):
     """An error answer in OpenAI's shape, raised from anywhere below a route."""
 
@@ -193,8 +216,9 @@ Ref = Annotated[str, Field(min_length=1, max_length=100)] | Id  # a version by n
 
 
 class ApiModel(BaseModel):
-    """A body of the /api surface: finite numbers only (JSON's NaN and Infinity, or 1e999, are refused)."""
-    model_config = ConfigDict(allow_inf_nan=False)
+    """A body of the /api surface: types as declared (no "1" for 1, no false for 0) and finite
+    numbers only (JSON's NaN and Infinity, or 1e999, are refused)."""
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
 
 
 class PromoteRequest(ApiModel):
@@ -229,8 +253,14 @@ class RunStart(ApiModel):
     config: dict | None = None
 
 
+class RunMetric(ApiModel):
+    step: int = Field(ge=0, le=2**31 - 1)
+    name: str = Field(min_length=1, max_length=200)
+    value: float
+
+
 class RunMetrics(ApiModel):
-    metrics: list[dict[str, Any]] = []
+    metrics: list[RunMetric] = Field(default=[], max_length=100_000)
 
 
 class RunFinish(ApiModel):

@@ -37,13 +37,14 @@ from loop.serving.protocol import (
     StatusRequest,
     UserRequest,
     VersionRequest,
+    errors,
 )
 from loop.serving.versions import VersionError
 from store import export
 from store.database import StoreError
 from store.runs import RunBusy
 
-router = APIRouter(prefix="/api", dependencies=[Depends(admin)])
+router = APIRouter(prefix="/api", dependencies=[Depends(admin)], responses=errors(400, 401, 403, 404, 409, 413, 415, 503, 504))
 VERSION_ERRORS = (VersionError, StoreError)
 
 
@@ -151,7 +152,7 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
 
 # --- data out ---------------------------------------------------------------------------------
 
-@router.get("/export/{kind}")
+@router.get("/export/{kind}", responses={200: {"content": {"application/x-ndjson": {}, "application/vnd.apache.parquet": {}}}})
 async def export_kind(kind: Literal["pairs", "prompts", "feedback"], request: Request,
                       format: Literal["jsonl", "parquet"] = "jsonl") -> Response:
     """The same export as `alignloop export KIND`, as a download; its manifest in a header."""
@@ -199,7 +200,7 @@ async def list_runs(request: Request) -> list[dict[str, Any]]:
 
 @router.post("/runs/{run_id}/heartbeat")
 async def heartbeat(run_id: int, body: RunMetrics, request: Request) -> dict[str, Any]:
-    await _call(partial(_gw(request).runs.heartbeat, run_id, body.metrics), status=409)
+    await _call(partial(_gw(request).runs.heartbeat, run_id, [m.model_dump() for m in body.metrics]), status=409)
     return {"ok": True}
 
 

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from loop.serving import sampling
 from loop.serving import stats as dashboard
 from loop.serving.auth import signed_in
-from loop.serving.protocol import ArenaRequest, HTTPProblem, LabelRequest
+from loop.serving.protocol import ArenaRequest, HTTPProblem, LabelRequest, errors
 from store.database import StoreError
 from store.labelling import LabelConflict, NotLeased
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", responses=errors(400, 401, 403, 404, 409, 413, 415, 429, 503, 504))
 
 DEFAULT_GUIDELINES = """\
 Pick the reply you would rather receive.

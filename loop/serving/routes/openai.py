@@ -8,12 +8,18 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loop.serving.auth import api_user
-from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem, parse
+from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem, errors, parse
 
-router = APIRouter()
+router = APIRouter(responses=errors(400, 401, 404, 413, 415, 429, 503, 504))
+SSE = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+              "description": "the answer; with `stream: true`, server-sent events"}}
+
+# The routes that read their body raw (to pass unknown fields to vLLM untouched and parse once),
+# and the model each parses it with: `loop.serving.app` puts these in the OpenAPI schema.
+RAW_BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/v1/feedback": FeedbackRequest}
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -31,7 +37,7 @@ def _user_id(who: dict[str, Any] | None) -> int | None:
     return who["id"] if who else None
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=SSE)
 async def chat_completions(request: Request, who=Depends(api_user)) -> Response:
     body = await json_body(request)
     req = parse(ChatRequest, body)
@@ -39,7 +45,7 @@ async def chat_completions(request: Request, who=Depends(api_user)) -> Response:
                                                      _user_id(who))
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=SSE)
 async def completions(request: Request, who=Depends(api_user)) -> Response:
     body = await json_body(request)
     req = parse(CompletionRequest, body)
@@ -84,6 +90,6 @@ async def healthz(request: Request) -> Response:
                         headers=None if ready else {"Retry-After": str(gw.cfg.gateway.retry_after_s)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.gateway.render_metrics(), media_type="text/plain; version=0.0.4")
