@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -166,6 +167,20 @@ def test_the_gateway_keeps_to_its_schema_for_every_audience(role, server, tokens
         summary = out.stdout[out.stdout.rfind("SUMMARY"):] if "SUMMARY" in out.stdout else out.stdout[-3000:]
         pytest.fail(f"schemathesis found problems as {role} (its whole report is in the captured stdout):\n"
                     f"{summary}{out.stderr[-2000:]}", pytrace=False)
+    generated = re.search(r"(\d+) generated", out.stdout)
+    assert generated and int(generated.group(1)) >= 200, "the fuzzer should have sent hundreds of requests"
+
+
+def test_the_gateway_is_healthy_after_the_fuzzing(server, tokens):
+    """Runs after every role's fuzzing (tests run in file order): it still answers, and the engine
+    never restarted (no input reached it in a form that crashes it). (The fuzz admin's token: the
+    fuzzer may have rotated the local admin's.)"""
+    with server.client(tokens["admin"]) as admin:
+        assert admin.get("/healthz").status_code == 200
+        chat = admin.post("/v1/chat/completions", json={"model": "alignloop", "max_tokens": 4,
+                                                        "messages": [{"role": "user", "content": "hello"}]})
+        assert chat.status_code == 200
+        assert admin.get("/api/status").json()["engine"]["restarts"] == 0
 
 
 def test_every_operation_describes_its_request_body(own_schema):
