@@ -33,3 +33,15 @@ def tiny_model(tmp_path_factory) -> Path:
     from loop.demo.model import DemoModelConfig, build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("tiny-model"), DemoModelConfig.tiny(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_model(tmp_path_factory) -> Path:
+    """The Qwen2-shaped chat model (`loop.demo.qwen`), tiny: ChatML, two EOS ids, pad != EOS, tied
+    embeddings, grouped-query attention. Built once per session, in seconds."""
+    from loop.demo.qwen import build_qwen_model
+    from loop.sections import DemoModelConfig
+
+    # ChatML adds a default system turn: longer sequences than the demo's, so a longer cut-off
+    cfg = DemoModelConfig.tiny(max_seq_len=128)
+    return build_qwen_model(tmp_path_factory.mktemp("tiny-qwen") / "model", cfg, progress=False)

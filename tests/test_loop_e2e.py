@@ -3,7 +3,9 @@ users and labellers through the HTTP API, `alignloop retrain` with DPO, the gate
 from the base again on the same data, a PPO cycle (reward model refreshed on the labels) and a KTO
 cycle (on the simulated users' thumbs).
 Then the failure cases: labels flipped against the judge (the gate must reject), a trainer killed
-mid-run (serving untouched, the run failed, the next run fine), two triggers at once (one run)."""
+mid-run (serving untouched, the run failed, the next run fine), two triggers at once (one run).
+Last, the same loop on a second base model shaped like the Hugging Face chat models users bring
+(`loop.demo.qwen`: a tiny Qwen2 in Qwen2.5-Instruct's layout), given as `model.base`."""
 
 from __future__ import annotations
 
@@ -219,3 +221,94 @@ def test_two_triggers_at_once_make_one_run(flipped, flipped_labels):
         runs = c.get("/api/runs").json()
     assert len(runs) == before + 1
     assert sum("skipped" in r.stdout and "one run at a time" in r.stdout for r in results) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The same loop on a second, real-shaped base model: a tiny Qwen2 in the layout of the Hugging Face
+# chat models users bring (ChatML, a chat template with a default system turn, two EOS ids, pad != EOS,
+# tied embeddings, grouped-query attention, Qwen's sampling defaults in generation_config.json), given
+# as `model.base` like any downloaded model. One server start and one set of labels for every step.
+
+QWEN_PAIRS = 200
+QWEN_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from loop.demo.qwen import build_qwen_model
+    from loop.sections import DemoModelConfig
+
+    root = tmp_path_factory.mktemp("qwen")
+    started = time.monotonic()
+    model = build_qwen_model(root / "Qwen2-tiny-Instruct", DemoModelConfig(), progress=False)
+    built = time.monotonic() - started
+    s = start(root / "system", model, free_port(), free_port(),
+              ["gateway.pair_share=1.0", "ppo.steps=8"], timeout=600)
+    print(f"\nQwen2-shaped model built in {built:.0f} s, served in {time.monotonic() - started - built:.0f} s")
+    yield s
+    s.stop(signal.SIGTERM, timeout=90)
+
+
+def _chat(server, model: str = "alignloop") -> dict:
+    with server.client(timeout=120) as c:
+        r = c.post("/v1/chat/completions", json={"model": model, "max_tokens": 64, "temperature": 1.0, "seed": 3,
+                                                  "messages": [{"role": "user", "content": "How do I grow basil?"}]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_whole_loop_on_a_qwen2_shaped_chat_model(qwen):
+    started = time.monotonic()
+    # served by vLLM: the answer stops at an EOS id of generation_config.json, with no ChatML left in it
+    answer = _chat(qwen)["choices"][0]
+    assert answer["finish_reason"] == "stop" and answer["message"]["content"].strip()
+    assert "<|im_" not in answer["message"]["content"] and "<|endoftext|>" not in answer["message"]["content"]
+
+    qwen.cli("simulate", "--labellers", "2", "--pairs", str(QWEN_PAIRS))
+    simulated = time.monotonic() - started
+    times = {}
+
+    def cycle(method: str) -> tuple[dict, dict]:
+        qwen.cli("promote", "base")  # each method gated against the base
+        t0 = time.monotonic()
+        out = qwen.cli("retrain", "--method", method)
+        times[method] = time.monotonic() - t0
+        with qwen.client() as c:
+            run = c.get("/api/runs").json()[0]
+        assert run["method"] == method and run["status"] in ("promoted", "rejected"), out.stdout + out.stderr
+        return run, json.loads(run["metrics"])
+
+    # DPO: trained with LoRA on the targets found in the model, loaded by vLLM, judged, promoted
+    dpo, m_dpo = cycle("dpo")
+    with qwen.client() as c:
+        versions = {v["id"]: v for v in c.get("/api/versions").json()}
+        status = c.get("/api/status").json()
+    adapter_dir = qwen.cfg.data_dir / versions[dpo["candidate_version_id"]]["adapter_path"]  # absolute or not
+    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == QWEN_TARGETS
+    assert dpo["status"] == "promoted", dpo["reason"]
+    assert status["serving"] == dpo["candidate_version_id"]
+    assert _chat(qwen)["choices"][0]["finish_reason"] in ("stop", "length")  # the alias answers from the adapter
+
+    # reward model + PPO, then KTO on the users' thumbs: each runs to the gate on this model
+    ppo, m_ppo = cycle("ppo")
+    with qwen.client() as c:
+        reward_models = c.get("/api/reward_models").json()
+    assert reward_models[0]["run_id"] == ppo["id"] and m_ppo["reward_model_id"] == reward_models[0]["id"]
+    kto, m_kto = cycle("kto")
+    assert m_kto["desirable"] > 0 and m_kto["undesirable"] > 0
+    for m in (m_dpo, m_ppo, m_kto):
+        assert 0 <= m["kl_to_base"] < 20 and 0 <= m["win_rate"] <= 1
+
+    # promote and roll back by hand
+    qwen.cli("promote", f"v{dpo['candidate_version_id']}")
+    qwen.cli("promote", "base")
+    qwen.cli("rollback")
+    with qwen.client() as c:
+        assert c.get("/api/status").json()["serving"] == dpo["candidate_version_id"]
+    assert _chat(qwen)["choices"][0]["message"]["content"]
+    print(f"\nE2E Qwen2-shaped: simulate {simulated:.0f} s; DPO {dpo['status']} (win rate {m_dpo['win_rate']:.3f}, "
+          f"KL {m_dpo['kl_to_base']:.2f}) {times['dpo']:.0f} s; PPO {ppo['status']} (reward model accuracy "
+          f"{reward_models[0]['accuracy']:.3f}, win rate {m_ppo['win_rate']:.3f}) {times['ppo']:.0f} s; KTO "
+          f"{kto['status']} (win rate {m_kto['win_rate']:.3f}) {times['kto']:.0f} s; whole test "
+          f"{time.monotonic() - started:.0f} s")

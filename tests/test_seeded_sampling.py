@@ -90,3 +90,16 @@ def test_concurrent_seeded_multi_turn_chats_do_not_crash_the_engine(server, hh_s
         again = [c.post("/v1/chat/completions", json=bodies[0]) for _ in range(2)]
     assert [r.status_code for r in again] == [200, 200]
     assert again[0].json()["choices"][0]["message"]["content"] == again[1].json()["choices"][0]["message"]["content"]
+
+
+def test_the_gates_seeded_evaluation_of_hh_prompts_completes(server, hh_sample):
+    """What a retrain on imported HH pairs does at evaluation: every held-out prompt answered with a
+    seed (`/api/generate`), many at once, behind live traffic."""
+    prompts = multi_turn_prompts(hh_sample)
+    batch = [[{"role": "system", "content": f"Evaluation {i}."}, *prompts[i % len(prompts)]] for i in range(CONCURRENCY)]
+    with server.client(timeout=300) as admin:
+        r = admin.post("/api/generate", json={"model": "base", "prompts": batch, "max_tokens": MAX_TOKENS,
+                                              "temperature": 1.0, "seed": 7})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["answers"]) == CONCURRENCY
+        assert admin.get("/api/status").json()["engine"]["restarts"] == 0

@@ -195,6 +195,7 @@ def ensure_demo_model(
     if (
         info is not None
         and info.get("format") == INFO_FORMAT
+        and info.get("shape") is None  # not a build of another shape (loop.demo.qwen)
         and info.get("config") == cfg.to_dict()
         and info.get("corpus_sha256") == demo_corpus.corpus_hash()
         and all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))

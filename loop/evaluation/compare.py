@@ -58,8 +58,11 @@ def run_trainer(job: dict[str, Any], run_dir: Path, timeout_s: float) -> dict[st
 
 def sample(model, tok, prompts: list[list[dict[str, str]]], temperature: float, max_new_tokens: int,
            seed: int) -> list[str]:
-    """One answer per prompt from a loaded model (HF generate, left padding)."""
+    """One answer per prompt from a loaded model (HF generate, left padding), sampled from the
+    model itself (none of its generation_config's sampling defaults)."""
     import torch
+
+    from loop.training.toolkit import policy_sampling
 
     side, tok.padding_side = tok.padding_side, "left"
     out: list[str] = []
@@ -68,7 +71,7 @@ def sample(model, tok, prompts: list[list[dict[str, str]]], temperature: float, 
         for i in range(0, len(prompts), 32):
             texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts[i: i + 32]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            gen = model.generate(**enc, **policy_sampling(temperature),
                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
             out.extend(t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))

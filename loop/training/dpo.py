@@ -115,7 +115,7 @@ def run(
         train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(heldout_pairs) if heldout_pairs else None,
         processing_class=tok,
-        peft_config=None if init_adapter else lora_config(cfg),
+        peft_config=None if init_adapter else lora_config(cfg, model),
         callbacks=[callback],
     )
     counts = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs)}

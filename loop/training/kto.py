@@ -157,7 +157,7 @@ def run(
         train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list(heldout) if heldout else None,
         processing_class=tok,
-        peft_config=None if init_adapter else toolkit.lora_config(train_cfg),
+        peft_config=None if init_adapter else toolkit.lora_config(train_cfg, model),
         callbacks=[callback],
     )
     if len(trainer.train_dataset) == 0:  # TRL drops the rows whose prompt alone fills max_length

@@ -43,6 +43,7 @@ from loop.training.toolkit import (
     kl_to_base,
     load_policy,
     lora_config,
+    policy_sampling,
     save_adapter,
     weights_mb,
 )
@@ -84,7 +85,7 @@ def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator
     model.eval()
     with torch.no_grad():  # not inference_mode: these tensors take part in the loss later
         torch.manual_seed(generator_seed)
-        seq = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+        seq = model.generate(**enc, **policy_sampling(cfg.temperature),
                              max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
         answer = seq[:, width:]
@@ -117,7 +118,7 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
     rng = random.Random(train_cfg.seed)
     model, tok = load_policy(base_model, init_adapter)
     if not init_adapter:
-        model = get_peft_model(model, lora_config(train_cfg))
+        model = get_peft_model(model, lora_config(train_cfg, model))
     head = value_head(model.config.hidden_size)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)

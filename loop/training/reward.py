@@ -31,12 +31,11 @@ from loop.config import RewardConfig, TrainConfig, extra_rewards
 META = "alignloop_reward.json"  # written beside the weights: base model, held-out metrics
 
 
-def lora_config(cfg: TrainConfig):
-    from peft import LoraConfig
+def lora_config(cfg: TrainConfig, model=None):
+    """[train]'s LoRA on the classifier's blocks (targets as for the policy), plus the score head."""
+    from loop.training import toolkit
 
-    targets = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, modules_to_save=["score"], bias="none", task_type="SEQ_CLS")
+    return toolkit.lora_config(cfg, model, modules_to_save=["score"], task_type="SEQ_CLS")
 
 
 def trainer_config(cfg: RewardConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
@@ -81,7 +80,7 @@ def train(train_pairs: list[dict[str, Any]], heldout_pairs: list[dict[str, Any]]
     callback = metrics_callback_class()(metrics_path, prefix="reward/")
     trainer = RewardTrainer(model=model, args=trainer_config(cfg, train_cfg, Path(work_dir) / "reward-trainer"),
                             train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
-                            peft_config=lora_config(train_cfg) if cfg.lora else None, callbacks=[callback])
+                            peft_config=lora_config(train_cfg, model) if cfg.lora else None, callbacks=[callback])
     t0 = time.perf_counter()
     out = trainer.train()
     if callback.failure:

@@ -40,21 +40,89 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def lora_config(cfg: TrainConfig):
-    """The LoRA adapter a fresh run trains (rank, alpha, dropout, target modules from [train])."""
+AUTO_TARGETS = "auto"  # train.target_modules: find the targets in the model (lora_targets)
+HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "v_head", "embed_out", "output"})  # never adapted
+
+
+def lora_targets(model) -> list[str]:
+    """The LoRA target modules `auto` finds in a model: the names (last path component) of every
+    linear layer inside its repeated blocks (a path with a numeric index: `model.layers.3.mlp.up_proj`),
+    sorted. The output head (`lm_head`, a classifier's `score`), embeddings and anything outside the
+    block stack are left out.
+
+    These are the layers vLLM serves adapters on: every linear layer of a block is a LoRA-capable
+    layer in vLLM (fused ones such as Qwen2's `qkv_proj` and `gate_up_proj` take the adapters of
+    their parts: q/k/v_proj, gate/up_proj), while a LoRA on the (tied) output head is refused.
+    Llama and Qwen2 give down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj."""
+    import torch
+
+    linear: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2 style blocks
+
+        linear += (Conv1D,)
+    except ImportError:  # pragma: no cover
+        pass
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        if (isinstance(module, linear) and module is not out and parts[-1] not in HEAD_NAMES
+                and any(p.isdigit() for p in parts[:-1])):
+            names.add(parts[-1])
+    if not names:
+        raise ValueError(f"found no linear layer inside the blocks of {type(model).__name__}; "
+                         "set train.target_modules to the names of the modules LoRA should adapt")
+    return sorted(names)
+
+
+def target_modules(cfg: TrainConfig, model=None) -> list[str]:
+    """train.target_modules as a list: `auto` (the default) asks the model (`lora_targets`); an
+    explicit list is checked against the model when one is given (a name that matches no linear
+    layer is an error that lists the ones there are)."""
+    names = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    if not names:
+        raise ValueError("train.target_modules names no module")
+    if names == [AUTO_TARGETS]:
+        if model is None:
+            raise ValueError("train.target_modules = 'auto' needs the model to find the targets in")
+        return lora_targets(model)
+    if AUTO_TARGETS in names:
+        raise ValueError("train.target_modules: 'auto' cannot be combined with module names")
+    if model is not None:
+        have = {path.rsplit(".", 1)[-1] for path, _ in model.named_modules()}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ValueError(f"train.target_modules: {', '.join(missing)} not in {type(model).__name__}; "
+                             f"its block layers are {','.join(lora_targets(model))} (or set 'auto')")
+    return names
+
+
+def lora_config(cfg: TrainConfig, model=None, **extra: Any):
+    """The LoRA adapter a fresh run trains: rank, alpha, dropout from [train], target modules from
+    `target_modules(cfg, model)`. `extra` goes to peft's LoraConfig (e.g. the reward model's
+    task_type and modules_to_save)."""
     from peft import LoraConfig
 
-    targets = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
-    if not targets:
-        raise ValueError("train.target_modules names no module")
+    settings: dict[str, Any] = dict(bias="none", task_type="CAUSAL_LM")
+    settings.update(extra)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
+        target_modules=target_modules(cfg, model),
+        **settings,
     )
+
+
+def policy_sampling(temperature: float = 1.0) -> dict[str, Any]:
+    """`generate` arguments that sample from the policy itself: temperature only. A model's own
+    generation_config.json may carry sampling defaults (Qwen2.5: top_k 20, top_p 0.8, a
+    repetition penalty), which transformers applies to every argument left unset; each is set
+    here to its neutral value, so rollouts and KL samples come from the distribution the losses
+    score."""
+    return dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
+                repetition_penalty=1.0, no_repeat_ngram_size=0)
 
 
 def trainer_settings(lora_dropout: float) -> dict[str, Any]:
@@ -170,7 +238,7 @@ def kl_to_base(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: 
                          for m in prompts[i: i + batch_size]]
                 enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 width = enc["input_ids"].shape[1]
-                seq = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                seq = model.generate(**enc, **policy_sampling(1.0),
                                      max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id)
                 answer = seq[:, width:]
