@@ -191,17 +191,19 @@ def ensure_demo_model(
     corpus; otherwise build it (see :func:`build_demo_model`)."""
     cfg = cfg or DemoModelConfig()
     out = Path(out_dir).expanduser().resolve()
+    return out if is_complete_build(out, cfg, shape=None) else build_demo_model(out, cfg, progress=progress)
+
+
+def is_complete_build(out: Path, cfg: DemoModelConfig, shape: str | None) -> bool:
+    """Whether `out` holds a complete build of `cfg`, of this `shape` (None: the demo Llama;
+    loop.demo.qwen has its own), on the current corpus."""
     info = demo_info(out)
-    if (
-        info is not None
-        and info.get("format") == INFO_FORMAT
-        and info.get("shape") is None  # not a build of another shape (loop.demo.qwen)
-        and info.get("config") == cfg.to_dict()
-        and info.get("corpus_sha256") == demo_corpus.corpus_hash()
-        and all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
-    ):
-        return out
-    return build_demo_model(out, cfg, progress=progress)
+    return (info is not None
+            and info.get("format") == INFO_FORMAT
+            and info.get("shape") == shape
+            and info.get("config") == cfg.to_dict()
+            and info.get("corpus_sha256") == demo_corpus.corpus_hash()
+            and all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,8 +317,10 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loop.demo.model", description="Build and/or report on the demo model.")
+def main(argv: Sequence[str] | None = None, build=None, prog: str = "python -m loop.demo.model") -> int:
+    """Build and/or report on a demo-corpus model (`build`: build_demo_model, or loop.demo.qwen's)."""
+    build = build or build_demo_model
+    ap = argparse.ArgumentParser(prog=prog, description="Build and/or report on the demo model.")
     ap.add_argument("--out", required=True, help="model directory to build (or to report on with --report-only)")
     ap.add_argument("--tiny", action="store_true", help="use the tiny test configuration")
     ap.add_argument("--seed", type=int, default=None)
@@ -335,10 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         over = {k: v for k, v in given if v is not None}
         cfg = DemoModelConfig.tiny(**over) if args.tiny else DemoModelConfig(**over)
         t0 = time.perf_counter()
-        out = build_demo_model(out, cfg, progress=not args.no_progress)
+        out = build(out, cfg, progress=not args.no_progress)
         print(f"built {out} in {time.perf_counter() - t0:.1f} s")
     info = demo_info(out) or {}
-    print(f"params: {info.get('param_count')}  vocab: {info.get('vocab_size')}  head_dim: {info.get('head_dim')}")
+    rows = f" (embedding rows {info['embedding_rows']})" if info.get("embedding_rows") else ""
+    print(f"params: {info.get('param_count')}  vocab: {info.get('vocab_size')}{rows}  head_dim: {info.get('head_dim')}")
     print(f"build seconds: {info.get('build_seconds')}  final train loss: {info.get('final_train_loss')}")
     print(f"directory size: {_dir_size(out) / 1e6:.2f} MB")
     if args.samples > 0:

@@ -27,7 +27,6 @@ DIR`` builds and prints the same report as ``python -m loop.demo.model``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,7 +36,14 @@ from pathlib import Path
 from typing import Sequence
 
 from loop.demo import corpus as demo_corpus
-from loop.demo.model import INFO_FILE, INFO_FORMAT, _dir_size, _prepare_target, _versions, demo_info, report
+from loop.demo.model import (
+    INFO_FILE,
+    INFO_FORMAT,
+    _prepare_target,
+    _versions,
+    is_complete_build,
+)
+from loop.demo.model import main as model_cli
 from loop.demo.pretrain import encode_training_set, torch_threads, train
 from loop.sections import DemoModelConfig
 
@@ -132,7 +138,16 @@ CHAT_TEMPLATE = """{%- if tools %}
 def train_tokenizer(cfg: DemoModelConfig):
     """Byte-level BPE on the corpus with Qwen2's normaliser and pre-tokenizer; the three special
     tokens come after the learned vocabulary, as in Qwen's (ids ``len(bpe)``, ``+1``, ``+2``)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -311,59 +326,11 @@ def ensure_qwen_model(out_dir: str | os.PathLike[str], cfg: DemoModelConfig | No
     """``out_dir`` if it holds a complete build of ``cfg`` on the current corpus, else a new build."""
     cfg = cfg or DemoModelConfig()
     out = Path(out_dir).expanduser().resolve()
-    info = demo_info(out)
-    if (
-        info is not None
-        and info.get("format") == INFO_FORMAT
-        and info.get("shape") == SHAPE
-        and info.get("config") == cfg.to_dict()
-        and info.get("corpus_sha256") == demo_corpus.corpus_hash()
-        and all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
-    ):
-        return out
-    return build_qwen_model(out, cfg, progress=progress)
+    return out if is_complete_build(out, cfg, shape=SHAPE) else build_qwen_model(out, cfg, progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loop.demo.qwen",
-                                 description="Build and/or report on the Qwen2-shaped demo model.")
-    ap.add_argument("--out", required=True, help="model directory to build (or to report on with --report-only)")
-    ap.add_argument("--tiny", action="store_true", help="use the tiny test configuration")
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (0 = automatic)")
-    ap.add_argument("--report-only", action="store_true", help="do not build; report on --out")
-    ap.add_argument("--samples", type=int, default=100, help="held-out samples to judge")
-    ap.add_argument("--show", type=int, default=5, help="sampled answers to print")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-
-    out = Path(args.out)
-    if not args.report_only:
-        given = (("seed", args.seed), ("steps", args.steps), ("num_threads", args.threads))
-        over = {k: v for k, v in given if v is not None}
-        cfg = DemoModelConfig.tiny(**over) if args.tiny else DemoModelConfig(**over)
-        t0 = time.perf_counter()
-        out = build_qwen_model(out, cfg, progress=not args.no_progress)
-        print(f"built {out} in {time.perf_counter() - t0:.1f} s")
-    info = demo_info(out) or {}
-    print(f"params: {info.get('param_count')}  vocab: {info.get('vocab_size')} (embedding rows "
-          f"{info.get('embedding_rows')})  head_dim: {info.get('head_dim')}")
-    print(f"build seconds: {info.get('build_seconds')}  final train loss: {info.get('final_train_loss')}")
-    print(f"directory size: {_dir_size(out) / 1e6:.2f} MB")
-    if args.samples > 0:
-        t0 = time.perf_counter()
-        rep = report(out, n_samples=args.samples, temperature=args.temperature)
-        for s in rep["samples"][: args.show]:
-            mark = "GOOD" if s["good"] else f"score {s['score']:.0f}"
-            print(f"- [{mark}] {s['prompt']!r} -> {s['reply']!r}")
-        print(
-            f"held-out, T={args.temperature}, n={rep['n']}: good {rep['good_share']:.0%}, on-topic "
-            f"{rep['on_topic_share']:.0%}, polite {rep['polite_share']:.0%}, mean score {rep['mean_score']:.2f} "
-            f"({time.perf_counter() - t0:.1f} s)"
-        )
-    return 0
+    return model_cli(argv, build=build_qwen_model, prog="python -m loop.demo.qwen")
 
 
 if __name__ == "__main__":
