@@ -30,6 +30,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,6 +85,30 @@ def _prepare_target(out_dir: Path) -> None:
             raise FileExistsError(f"{out_dir} is not empty and is not a demo model directory; refusing to overwrite it")
 
 
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` to build in: put in `out`'s place (every file 0644) when the
+    block ends, removed when it raises. So `out` is absent, the previous build, or a complete new one."""
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_demo_model(
     out_dir: str | os.PathLike[str], cfg: DemoModelConfig | None = None, progress: bool = True
 ) -> Path:
@@ -109,11 +135,7 @@ def build_demo_model(
         n_params = sum(p.numel() for p in model.parameters())
         final_loss = train(model, data, tok.pad_token_id, cfg, progress)
 
-        tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with staging(out) as tmp:
             model.generation_config = GenerationConfig(
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
             )
@@ -140,18 +162,6 @@ def build_demo_model(
                 "versions": _versions(),
             }
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            for f in tmp.iterdir():
-                f.chmod(0o644)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from loop.demo.model import (
     INFO_FILE,
     INFO_FORMAT,
     _prepare_target,
+    staging,
     _versions,
     is_complete_build,
 )
@@ -247,11 +247,7 @@ def build_qwen_model(out_dir: str | os.PathLike[str], cfg: DemoModelConfig | Non
         final_loss = train(model, data, tok.pad_token_id, cfg, progress)
         endoftext, im_end = tok.convert_tokens_to_ids([ENDOFTEXT, IM_END])
 
-        tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        with staging(out) as tmp:
             model.generation_config = GenerationConfig(
                 bos_token_id=endoftext, pad_token_id=endoftext, eos_token_id=[im_end, endoftext],
                 **GENERATION_DEFAULTS,
@@ -278,18 +274,6 @@ def build_qwen_model(out_dir: str | os.PathLike[str], cfg: DemoModelConfig | Non
                 "versions": _versions(),
             }
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            for f in tmp.iterdir():
-                f.chmod(0o644)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 
