@@ -83,17 +83,29 @@ def run_curves(curve: list[dict[str, Any]], title: str) -> alt.Chart:
 
 
 def run_win_rates(rows: list[dict[str, Any]]) -> alt.LayerChart:
-    """Each run's judged win rate of its candidate over what served then, coloured by the gate's verdict."""
+    """Each run's judged win rate of its candidate over what served then, with the gate's confidence
+    interval (rows may lack one: runs from before it), coloured by the gate's verdict."""
     data = pd.DataFrame(rows)
+    for bound in ("lower", "upper"):
+        if bound not in data:
+            data[bound] = data["win_rate"]
+    for part in ("held_out", "shadow", "judge"):
+        if part not in data:
+            data[part] = None
+    x = alt.X("run:O", title="run", axis=alt.Axis(labelAngle=0))
     bars = alt.Chart(data).mark_bar(**thick(len(data))).encode(
-        x=alt.X("run:O", title="run", axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("win_rate:Q", title="judged win rate", scale=alt.Scale(domain=[0, 1])),
+        x=x, y=alt.Y("win_rate:Q", title="judged win rate", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("status:N", title=None, scale=alt.Scale(
-            domain=["promoted", "rejected"], range=["#54a24b", "#e45756"]), legend=None),
-        tooltip=["run:O", "method:N", "status:N", alt.Tooltip("win_rate:Q", format=".2f")])
+            domain=["promoted", "rejected", "held"], range=["#54a24b", "#e45756", "#f2a93b"]), legend=None),
+        tooltip=["run:O", "method:N", "status:N", alt.Tooltip("win_rate:Q", format=".2f"),
+                 alt.Tooltip("lower:Q", format=".2f"), alt.Tooltip("upper:Q", format=".2f"),
+                 alt.Tooltip("held_out:Q", title="on held-out prompts", format=".2f"),
+                 alt.Tooltip("shadow:Q", title="on live prompts (shadow)", format=".2f"), "judge:N"])
+    interval = alt.Chart(data).mark_rule(color="black").encode(x=x, y="lower:Q", y2="upper:Q")
     even = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
-    return alt.layer(bars, even).properties(height=HEIGHT, title=alt.Title(
-        "Candidates against what served", subtitle="green: promoted, red: rejected by the gate"))
+    return alt.layer(bars, interval, even).properties(height=HEIGHT, title=alt.Title(
+        "Candidates against what served", subtitle="green: promoted, red: rejected, amber: held; "
+                                                    "black: the gate's interval"))
 
 
 def reward_model_accuracy(rows: list[dict[str, Any]]) -> alt.LayerChart:
@@ -102,7 +114,9 @@ def reward_model_accuracy(rows: list[dict[str, Any]]) -> alt.LayerChart:
     bars = alt.Chart(data).mark_bar(**thick(len(data))).encode(
         x=alt.X("id:O", title="reward model", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("accuracy:Q", title="held-out accuracy", scale=alt.Scale(domain=[0, 1])),
-        tooltip=["id:O", "run_id:O", alt.Tooltip("accuracy:Q", format=".2f")])
+        color=alt.Color("purpose:N", title=None, scale=alt.Scale(
+            domain=["judge", "reward"], range=["#4c78a8", "#b279a2"])),
+        tooltip=["id:O", "run_id:O", "purpose:N", alt.Tooltip("accuracy:Q", format=".2f")])
     coin = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
     return alt.layer(bars, coin).properties(height=HEIGHT, title=alt.Title(
-        "Reward models", subtitle="refreshed by each PPO run on every label so far"))
+        "Reward models", subtitle="judge: the gate's, refreshed every cycle; reward: what PPO optimised"))

@@ -9,6 +9,7 @@
     alignloop promote VERSION | rollback      hot-swap what the served alias points to
     alignloop versions [--add ADAPTER_DIR]
     alignloop retrain [--method dpo|ppo|kto] [--force]  one cycle: snapshot, train, evaluate, gate, promote
+    alignloop gate VERSION                    the gate on a registered candidate: promote, reject or hold
     alignloop scheduler                       retrain nightly / every N labels
     alignloop simulate --labellers N --pairs M
     alignloop compare [--methods dpo,ppo] [--seeds 0,1,2]  DPO vs RLHF measured on the same labelled data
@@ -209,7 +210,14 @@ def cmd_retrain(cfg: Config, args: argparse.Namespace) -> int:
     from loop.retrain import run_cycle
 
     result = run_cycle(cfg, method=args.method, trigger=args.trigger, force=args.force)
-    return 0 if result["status"] in ("promoted", "rejected", "skipped", "busy") else 1
+    return 0 if result["status"] in ("promoted", "rejected", "held", "skipped", "busy") else 1
+
+
+def cmd_gate(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.retrain import gate_version
+
+    gate_version(cfg, args.version)
+    return 0
 
 
 def cmd_scheduler(cfg: Config, args: argparse.Namespace) -> int:
@@ -250,7 +258,7 @@ def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
 
     client = _gateway(cfg)
     result = simulate(client, cfg.model.served_name, args.labellers, args.pairs, flip=args.flip, seed=args.seed,
-                      feedback_share=args.feedback_share)
+                      feedback_share=args.feedback_share, requests=args.requests)
     print(json.dumps(result["counts"]))
     return 0
 
@@ -325,6 +333,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
     s.set_defaults(run=cmd_retrain)
 
+    s = sub.add_parser("gate", help="judge a registered candidate against what serves; promote, reject or hold it")
+    s.add_argument("version", help="the candidate's name, e.g. v3")
+    s.set_defaults(run=cmd_gate)
+
     s = sub.add_parser("scheduler", help="retrain by the [schedule] rules until stopped")
     s.set_defaults(run=cmd_scheduler)
 
@@ -335,6 +347,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--feedback-share", type=float, default=0.5,
                    help="share of answers the simulated users rate with a thumb (what KTO learns from)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--requests", type=int, default=None,
+                   help="stop the traffic after this many requests, however many pairs there are")
     s.set_defaults(run=cmd_simulate)
 
     s = sub.add_parser("compare", help="DPO vs RLHF (reward model + PPO) on the same labelled data: memory, time, "

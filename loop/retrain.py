@@ -1,14 +1,19 @@
 """One retrain cycle, driven entirely through the gateway's API:
 
-    register run -> snapshot -> train (child: `accelerate launch -m loop.training.child RUN_DIR`)
-      -> register candidate -> evaluate against what serves -> gate -> promote, or reject
+    register run -> snapshot -> train (child: `accelerate launch -m loop.training.child RUN_DIR`; it
+      also refreshes the gate's reward model on every label) -> register candidate -> both versions
+      answer the held-out prompts -> the judge's verdicts -> gate -> promote, reject, or hold
 
 Nothing touches what serves until the gate passes: a failed or killed training, a NaN loss or a
 crash here leaves the serving version as it was, and the run is recorded as failed with the reason.
+When no judge can be trusted (none configured, a reward model under its accuracy floor, a judge
+that is unreachable, slow or answers garbage) the run is `held`: the candidate stays a candidate,
+the run says why, and only a person promotes it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict
@@ -17,7 +22,9 @@ from typing import Any
 
 from loop.client import GatewayClient, GatewayError
 from loop.config import Config, to_dict
-from loop.evaluation.gate import gate, heldout_prompts, make_judge, win_rate
+from loop.evaluation import judges
+from loop.evaluation.gate import Decision, decide, heldout_prompts, newest_prompt_id, shadow_prompts
+from loop.evaluation.judges import Judge, JudgeUnavailable
 from loop.training import launch
 
 
@@ -40,24 +47,78 @@ def train(cfg: Config, client: GatewayClient, run_id: int, run_dir: Path, job: d
     return done.result
 
 
-def latest_reward_model(client: GatewayClient) -> str | None:
-    rows = client.call("GET", "/api/reward_models")
-    return rows[0]["path"] if rows else None
+def register_reward_model(cfg: Config, client: GatewayClient, run_id: int, trained: dict[str, Any],
+                          snapshot_hash: str, purpose: str) -> dict[str, Any]:
+    return client.call("POST", "/api/reward_models", json={
+        "path": trained["path"], "run_id": run_id, "base_model": str(cfg.base_model_dir), "snapshot_hash": snapshot_hash,
+        "accuracy": trained["accuracy"], "metrics": trained["metrics"], "purpose": purpose})
 
 
-def evaluate(cfg: Config, client: GatewayClient, candidate: str, serving: str,
-             prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
+def latest_judge_model(client: GatewayClient) -> dict[str, Any] | None:
+    """The gate's newest reward model (refreshed by the last cycle), or None."""
+    rows = client.call("GET", "/api/reward_models", params={"purpose": "judge"})
+    if not rows:
+        return None
+    row = rows[0]
+    return {**row, "metrics": json.loads(row["metrics"]) if isinstance(row["metrics"], str) else row["metrics"]}
+
+
+def answers(cfg: Config, client: GatewayClient, model: str, prompts: list[list[dict[str, str]]],
+            seed: int) -> list[dict[str, Any]]:
     g = cfg.gate
-    body = {"prompts": prompts, "max_tokens": g.max_tokens, "temperature": g.temperature, "seed": cfg.train.seed}
-    cand = client.call("POST", "/api/generate", json={"model": candidate, **body})["answers"]
-    serv = client.call("POST", "/api/generate", json={"model": serving, **body})["answers"]
-    texts = [p[-1]["content"] for p in prompts]
-    judge = make_judge(g, latest_reward_model(client) if g.judge == "reward" else None)
-    result = win_rate(texts, [a["text"] for a in cand], [a["text"] for a in serv], judge)
-    result["eval_prompts"] = len(prompts)
-    result["mean_tokens_candidate"] = sum(a["completion_tokens"] for a in cand) / len(cand)
-    result["mean_tokens_serving"] = sum(a["completion_tokens"] for a in serv) / len(serv)
-    return result
+    body = {"model": model, "prompts": prompts, "max_tokens": g.max_tokens, "temperature": g.temperature, "seed": seed}
+    return client.call("POST", "/api/generate", json=body)["answers"]
+
+
+def evaluate(cfg: Config, client: GatewayClient, candidate: str, serving: str, prompts: list[list[dict[str, str]]],
+             judge: Judge) -> tuple[list[list[str]], dict[str, Any]]:
+    """Both versions answer every prompt `gate.eval_samples` times with the same seeds through the
+    engine; the judge's verdicts[sample][prompt] (the candidate as "a"), and the answers' lengths."""
+    verdicts, tokens = [], {"candidate": 0, "serving": 0}
+    for sample in range(cfg.gate.eval_samples):
+        seed = cfg.train.seed + 1000 * sample
+        cand, serv = answers(cfg, client, candidate, prompts, seed), answers(cfg, client, serving, prompts, seed)
+        verdicts.append(judge.verdicts(prompts, [a["text"] for a in cand], [a["text"] for a in serv]))
+        tokens["candidate"] += sum(a["completion_tokens"] for a in cand)
+        tokens["serving"] += sum(a["completion_tokens"] for a in serv)
+    n = len(prompts) * cfg.gate.eval_samples
+    return verdicts, {"eval_prompts": len(prompts), "mean_tokens_candidate": tokens["candidate"] / n,
+                      "mean_tokens_serving": tokens["serving"] / n}
+
+
+def judge_candidate(cfg: Config, client: GatewayClient, candidate: str, serving: str,
+                    prompts: list[list[dict[str, str]]], judge_model: dict[str, Any] | None,
+                    kl_to_base: float | None, shadow: list[list[dict[str, str]]] | None = None) -> Decision:
+    """The gate on `candidate` against `serving`, on the held-out `prompts` and the `shadow` live
+    prompts together: a decision, never an exception for a judge's fault (a judge that is missing,
+    untrustworthy, unreachable, slow or answering garbage holds the candidate)."""
+    shadow = shadow or []
+    manual = f"what serves is untouched; a person may still `alignloop promote {candidate}`"
+    try:
+        judge, why = judges.choose(cfg.gate, judge_model)
+    except (OSError, ValueError) as e:
+        return Decision("hold", f"the judge could not be loaded ({e}); {manual}")
+    if judge is None:
+        return Decision("hold", f"no trustworthy judge: {why}; {manual}")
+    if not prompts:
+        return Decision("hold", f"no held-out prompts to judge on; {manual}")
+    try:
+        verdicts, extra = evaluate(cfg, client, candidate, serving, prompts + shadow, judge)
+    except JudgeUnavailable as e:
+        return Decision("hold", f"the judge failed: {e}; {manual}")
+    decision = decide(verdicts, kl_to_base, cfg.gate, {"heldout": len(prompts), "shadow": len(shadow)})
+    decision.stats.update(extra, judge=judge.name)
+    if decision.outcome == "hold":
+        decision.reason += f"; {manual}"
+    return decision
+
+
+def settle(client: GatewayClient, candidate: dict[str, Any], decision: Decision, why: str) -> None:
+    """Carry out the gate's decision on a registered candidate: promote it, reject it, or leave it a candidate."""
+    if decision.outcome == "promote":
+        client.call("POST", "/api/promote", json={"version": candidate["name"], "reason": f"{why}: {decision.reason}"})
+    elif decision.outcome == "reject":
+        client.call("POST", f"/api/versions/{candidate['id']}/status", json={"status": "rejected"})
 
 
 def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", force: bool = False,
@@ -107,13 +168,24 @@ def trained_on(runs: list[dict[str, Any]], method: str, snapshot_hash: str) -> i
     return None
 
 
+def last_cycle_prompt(runs: list[dict[str, Any]]) -> int:
+    """The newest prompt id the last judged run saw (0 when none did): live prompts after it are new."""
+    for run in runs:  # newest first
+        metrics = json.loads(run["metrics"]) if isinstance(run.get("metrics"), str) else run.get("metrics") or {}
+        if "prompts_up_to" in metrics:
+            return int(metrics["prompts_up_to"])
+    return 0
+
+
 def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str, force: bool, log) -> dict[str, Any]:
     run_id = run["id"]
     snap = client.call("POST", "/api/snapshot")
     manifest = snap["manifest"]
     snapshot_hash, count, noun = training_data(manifest, method)
     log(f"run {run_id}: snapshot {snap['dir']}: {manifest['counts']}")
-    same = trained_on(client.call("GET", "/api/runs"), method, snapshot_hash)
+    runs = client.call("GET", "/api/runs")
+    same = trained_on(runs, method, snapshot_hash)
+    since = last_cycle_prompt(runs)
     if not force and same is not None:
         return {"status": "skipped", "reason": f"no new {noun} since {method} run {same}",
                 "snapshot_hash": snapshot_hash}
@@ -129,29 +201,58 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     run_dir = cfg.data_dir / "runs" / f"run-{run_id}"
     job = {"method": method, "snapshot": snap["dir"], "base_model": str(cfg.base_model_dir),
            "init_adapter": init_adapter, "output_adapter": str(run_dir / "adapter"), "train": asdict(cfg.train),
-           "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts}
+           "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts,
+           "judge": not cfg.gate.uses_llm()}
     started = time.monotonic()
     trained = train(cfg, client, run_id, run_dir, job)
     train_seconds = time.monotonic() - started
     log(f"run {run_id}: trained in {train_seconds:.0f} s: {trained['metrics']}")
-    reward_model = None
+    pairs_hash = manifest["content_hash"]["pairs"]
+    reward_model = judge_model = None
     if trained.get("reward_model"):
-        rm = trained["reward_model"]
-        reward_model = client.call("POST", "/api/reward_models", json={
-            "path": rm["path"], "run_id": run_id, "base_model": str(cfg.base_model_dir),
-            "snapshot_hash": manifest["content_hash"]["pairs"], "accuracy": rm["accuracy"], "metrics": rm["metrics"]})
-        log(f"run {run_id}: reward model {reward_model['id']}: held-out accuracy {rm['accuracy']}")
+        reward_model = register_reward_model(cfg, client, run_id, trained["reward_model"], pairs_hash, "reward")
+        log(f"run {run_id}: reward model {reward_model['id']}: held-out accuracy {reward_model['accuracy']}")
+    if trained.get("judge_model"):
+        judge_model = register_reward_model(cfg, client, run_id, trained["judge_model"], pairs_hash, "judge")
+        judge_model["metrics"] = trained["judge_model"]["metrics"]
+        log(f"run {run_id}: the gate's reward model {judge_model['id']}: held-out accuracy {judge_model['accuracy']}")
     candidate = client.call("POST", "/api/versions", json={
         "adapter_path": trained["adapter"], "method": method, "parent_id": serving_id,
         "snapshot_hash": snapshot_hash, "config": to_dict(cfg), "metrics": trained["metrics"]})
-    evaluation = evaluate(cfg, client, candidate["name"], versions[serving_id]["name"], prompts)
-    metrics = {**trained["metrics"], **evaluation, "train_seconds": train_seconds, "serving_version": serving_id,
-               "train_examples": count, "reward_model_id": reward_model["id"] if reward_model else None}
-    ok, reason = gate(metrics, cfg.gate)
-    log(f"run {run_id}: {candidate['name']} vs {versions[serving_id]['name']}: {reason}")
-    common = {"metrics": metrics, "candidate_version_id": candidate["id"], "snapshot_hash": snapshot_hash}
-    if not ok:
-        client.call("POST", f"/api/versions/{candidate['id']}/status", json={"status": "rejected"})
-        return {"status": "rejected", "reason": reason, **common}
-    client.call("POST", "/api/promote", json={"version": candidate["name"], "reason": f"run {run_id}: {reason}"})
-    return {"status": "promoted", "reason": reason, **common}
+    shadow = shadow_prompts(Path(snap["dir"]), cfg.gate.shadow_prompts, since, prompts)
+    decision = judge_candidate(cfg, client, candidate["name"], versions[serving_id]["name"], prompts, judge_model,
+                               trained["metrics"].get("kl_to_base"), shadow)
+    metrics = {**trained["metrics"], **decision.stats, "train_seconds": train_seconds, "serving_version": serving_id,
+               "prompts_up_to": newest_prompt_id(Path(snap["dir"])),
+               "train_examples": count, "reward_model_id": reward_model["id"] if reward_model else None,
+               "judge_model_id": judge_model["id"] if judge_model else None}
+    log(f"run {run_id}: {candidate['name']} vs {versions[serving_id]['name']}: {decision.outcome}: {decision.reason}")
+    settle(client, candidate, decision, f"run {run_id}")
+    status = {"promote": "promoted", "reject": "rejected", "hold": "held"}[decision.outcome]
+    return {"status": status, "reason": decision.reason, "metrics": metrics, "candidate_version_id": candidate["id"],
+            "snapshot_hash": snapshot_hash}
+
+
+def gate_version(cfg: Config, name: str, log=print) -> Decision:
+    """`alignloop gate vN`: the gate on a registered candidate (e.g. an adapter made elsewhere and
+    added with `alignloop versions --add`) against what serves, with the newest judge, on the
+    held-out prompts of a fresh snapshot; promoted, rejected or left a candidate, as a run would."""
+    client = GatewayClient.for_config(cfg, timeout=600)
+    versions = {v["name"]: v for v in client.call("GET", "/api/versions")}
+    if name not in versions:
+        raise GatewayError(404, f"no version {name!r} (known: {', '.join(versions)})")
+    candidate = versions[name]
+    if candidate["status"] != "candidate":
+        raise GatewayError(409, f"{name} is {candidate['status']}, not a candidate: only a candidate is gated")
+    serving = next(v for v in versions.values() if v["id"] == client.call("GET", "/api/status")["serving"])
+    snap = client.call("POST", "/api/snapshot")
+    prompts = heldout_prompts(Path(snap["dir"]), cfg.gate.eval_prompts)
+    shadow = shadow_prompts(Path(snap["dir"]), cfg.gate.shadow_prompts, last_cycle_prompt(client.call("GET", "/api/runs")),
+                            prompts)
+    metrics = json.loads(candidate["metrics"]) if isinstance(candidate.get("metrics"), str) else candidate.get("metrics")
+    decision = judge_candidate(cfg, client, name, serving["name"], prompts,
+                               None if cfg.gate.uses_llm() else latest_judge_model(client),
+                               (metrics or {}).get("kl_to_base"), shadow)
+    log(f"{name} vs {serving['name']}: {decision.outcome}: {decision.reason}")
+    settle(client, candidate, decision, f"alignloop gate {name}")
+    return decision

@@ -236,22 +236,81 @@ class KTOConfig:
 
 @dataclass
 class GateConfig:
-    """Evaluation and the promotion gate."""
+    """Evaluation and the promotion gate. The demo's rule is never a judge here: it stands for the
+    simulated people (it labels in `simulate` and grades benchmarks), and what it labels must not
+    also grade the candidate."""
 
-    judge: str = _f("demo", "who judges win rate: 'demo' (the demo judge's rule), 'reward' (the newest reward model; "
-                     "lenient to a PPO candidate trained against it) or an OpenAI-compatible URL")
-    judge_model: str = _f("", "model name at the judge URL (LLM-as-judge, i.e. RLAIF)")
-    margin: float = _f(0.05, "promote only if the candidate's win rate over what serves is above 0.5 + margin")
+    judge: str = _f("auto", "who judges the candidate against what serves: 'auto' (the LLM judge when judge_url is set, "
+                     "else the reward model refreshed on every label this cycle), 'reward' or 'llm'")
+    judge_url: str = _f("", "OpenAI-compatible base URL of an LLM judge (RLAIF), e.g. http://127.0.0.1:9000/v1")
+    judge_model: str = _f("", "model name at judge_url")
+    judge_timeout_s: float = _f(60.0, "one LLM judge request may take this long; then the run is held, nothing promoted")
+    reward_floor: float = _f(0.65, "the reward model judges only while its accuracy on held-out pairs is at least this")
+    reward_min_heldout: int = _f(16, "... measured on at least this many held-out pairs; else no automatic promotion")
+    alpha: float = _f(0.05, "one-sided error rate: a candidate no better than what serves is promoted at most this often")
+    margin: float = _f(0.0, "promote only if the lower confidence bound of the win rate is above 0.5 + margin")
     kl_budget: float = _f(20.0, "reject a candidate whose KL to the base (nats per answer) is above this")
-    eval_prompts: int = _f(64, "held-out prompts used to judge win rate")
+    eval_prompts: int = _f(64, "held-out prompts judged at most (prompts are the unit of the gate's test)")
+    shadow_prompts: int = _f(32, "live prompts logged since the last cycle (newest first, in no training pair) the "
+                             "candidate answers in the background before it may serve, judged too (0: none)")
+    min_prompts: int = _f(24, "fewer held-out prompts than this: too little to decide, the candidate is held")
+    eval_samples: int = _f(2, "answers per prompt and version (different seeds); a prompt's score is their mean")
     max_tokens: int = _f(64, "answer length when judging")
     temperature: float = _f(1.0, "sampling temperature when judging (1.0: what clients get by default)")
 
     def __post_init__(self) -> None:
+        if self.judge == "demo":
+            raise ValueError("judge = 'demo' is refused: the demo's rule is the simulated people (it labels in "
+                             "`simulate` and grades benchmarks), so it may not also judge the gate; use 'auto', "
+                             "'reward' or 'llm'")
+        if self.judge.startswith(("http://", "https://")):
+            raise ValueError(f"judge is 'auto', 'reward' or 'llm'; put the URL in judge_url = {self.judge!r} "
+                             "and set judge = 'llm'")
+        if self.judge not in ("auto", "reward", "llm"):
+            raise ValueError(f"judge must be 'auto', 'reward' or 'llm', not {self.judge!r}")
+        if self.judge == "llm" and not (self.judge_url and self.judge_model):
+            raise ValueError("judge = 'llm' needs judge_url and judge_model")
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError("alpha must be in (0, 0.5)")
         if not 0.0 <= self.margin < 0.5:
             raise ValueError("margin must be in [0, 0.5)")
-        if self.eval_prompts < 1 or self.max_tokens < 1:
-            raise ValueError("eval_prompts and max_tokens must be at least 1")
+        if not 0.5 <= self.reward_floor <= 1.0:
+            raise ValueError("reward_floor must be in [0.5, 1]")
+        if self.shadow_prompts < 0:
+            raise ValueError("shadow_prompts must be >= 0")
+        if min(self.eval_prompts, self.min_prompts, self.eval_samples, self.max_tokens, self.reward_min_heldout) < 1:
+            raise ValueError("eval_prompts, min_prompts, eval_samples, max_tokens and reward_min_heldout must be at least 1")
+        if self.judge_timeout_s <= 0:
+            raise ValueError("judge_timeout_s must be positive")
+
+    def uses_llm(self) -> bool:
+        """Whether the LLM judge decides (else the refreshed reward model)."""
+        return self.judge == "llm" or (self.judge == "auto" and bool(self.judge_url))
+
+
+@dataclass
+class MonitorConfig:
+    """The watch after every promotion: the new version against the one it replaced, on live signals
+    (errors, answers cut off, empty answers, thumbs down); a significant regression rolls back."""
+
+    enabled: bool = _f(True, "watch each promoted version and roll it back by itself on a significant regression")
+    check_every_s: float = _f(2.0, "how often the monitor reads the new live outcomes from the store")
+    alpha: float = _f(0.01, "a version as good as its predecessor is rolled back at most this often (all signals together)")
+    beta: float = _f(0.1, "a regression of min_regression goes unnoticed at most this often, per signal")
+    min_regression: float = _f(0.1, "the smallest rise in a bad-outcome rate (absolute, e.g. 0.1 = +10 points) "
+                               "the test is built to catch")
+    baseline: int = _f(500, "the predecessor's newest live requests (and as many thumbs) its rates come from")
+    min_baseline: int = _f(30, "a signal with fewer baseline observations than this is not watched (no data, no verdict)")
+    rate_floor: float = _f(0.01, "baseline rates below this count as this (a few errors are not a regression of 0)")
+    watch_requests: int = _f(2000, "stop watching after this many of the new version's requests with no verdict")
+
+    def __post_init__(self) -> None:
+        if not (0 < self.alpha < 0.5 and 0 < self.beta < 0.5):
+            raise ValueError("alpha and beta must be in (0, 0.5)")
+        if not 0 < self.min_regression < 1 or not 0 < self.rate_floor < 1:
+            raise ValueError("min_regression and rate_floor must be in (0, 1)")
+        if self.check_every_s <= 0 or min(self.baseline, self.min_baseline, self.watch_requests) < 1:
+            raise ValueError("check_every_s must be positive; baseline, min_baseline and watch_requests at least 1")
 
 
 @dataclass

@@ -200,10 +200,38 @@ def m003_apps_and_exclusions(db: duckdb.DuckDBPyConnection) -> None:
     db.execute("CREATE INDEX feedback_response ON feedback (response_id)")
 
 
+def m004_held_runs_and_judges(db: duckdb.DuckDBPyConnection) -> None:
+    """A run may end `held`: the gate could not decide (no trustworthy judge, a judge that failed,
+    too few prompts), so its candidate waits for a person. Reward models say what they are for:
+    `reward` (PPO optimises against it) or `judge` (the gate's, refreshed every cycle). (The runs
+    table is made anew with the same ids, as DuckDB cannot alter a CHECK.)"""
+    db.execute("""
+        CREATE TABLE runs_m004 (
+            id BIGINT PRIMARY KEY DEFAULT nextval('runs_id_seq'),
+            method VARCHAR NOT NULL,
+            trigger VARCHAR NOT NULL,             -- 'manual', 'cron', 'labels', ...
+            status VARCHAR NOT NULL CHECK (status IN ('running', 'promoted', 'rejected', 'held', 'failed', 'skipped')),
+            snapshot_hash VARCHAR,
+            candidate_version_id BIGINT,
+            config VARCHAR,
+            metrics VARCHAR,                      -- JSON: final metrics
+            reason VARCHAR,                       -- why rejected, held, failed or skipped
+            labels_at_start BIGINT,               -- human labels in the store when it started
+            started_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp(),
+            heartbeat_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp(),
+            finished_at TIMESTAMP
+        )""")
+    db.execute("INSERT INTO runs_m004 SELECT * FROM runs")
+    db.execute("DROP TABLE runs")
+    db.execute("ALTER TABLE runs_m004 RENAME TO runs")
+    db.execute("ALTER TABLE reward_models ADD COLUMN purpose VARCHAR NOT NULL DEFAULT 'reward'")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial,
     m002_reward_models,
     m003_apps_and_exclusions,
+    m004_held_runs_and_judges,
 ]
 
 

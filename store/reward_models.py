@@ -14,12 +14,14 @@ class RewardModels:
 
     def add(self, path: str, run_id: int | None = None, base_model: str | None = None,
             snapshot_hash: str | None = None, accuracy: float | None = None,
-            metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+            metrics: dict[str, Any] | None = None, purpose: str = "reward") -> dict[str, Any]:
+        """`purpose`: "reward" (PPO optimises against it) or "judge" (the gate's)."""
         with self.store.transaction() as db:
-            new_id = db.execute("""INSERT INTO reward_models (run_id, path, base_model, snapshot_hash, accuracy, metrics)
-                                   VALUES (?, ?, ?, ?, ?, ?) RETURNING id""",
+            new_id = db.execute("""INSERT INTO reward_models (run_id, path, base_model, snapshot_hash, accuracy, metrics,
+                                                              purpose)
+                                   VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id""",
                                 [run_id, path, base_model, snapshot_hash, accuracy,
-                                 json.dumps(metrics) if metrics is not None else None]).fetchone()[0]
+                                 json.dumps(metrics) if metrics is not None else None, purpose]).fetchone()[0]
         return self.get(new_id)
 
     def get(self, reward_model_id: int) -> dict[str, Any]:
@@ -28,10 +30,13 @@ class RewardModels:
             raise StoreError(f"no reward model {reward_model_id}")
         return rows[0]
 
-    def list(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first."""
-        return self.store._dicts("SELECT * FROM reward_models ORDER BY id DESC LIMIT ?", [limit])
+    def list(self, limit: int = 100, purpose: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; only those for `purpose` when given."""
+        if purpose is None:
+            return self.store._dicts("SELECT * FROM reward_models ORDER BY id DESC LIMIT ?", [limit])
+        return self.store._dicts("SELECT * FROM reward_models WHERE purpose = ? ORDER BY id DESC LIMIT ?",
+                                 [purpose, limit])
 
-    def latest(self) -> dict[str, Any] | None:
-        rows = self.list(1)
+    def latest(self, purpose: str | None = None) -> dict[str, Any] | None:
+        rows = self.list(1, purpose)
         return rows[0] if rows else None

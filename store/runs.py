@@ -14,7 +14,7 @@ from typing import Any
 
 from store.database import Store, StoreError
 
-FINAL = ("promoted", "rejected", "failed", "skipped")
+FINAL = ("promoted", "rejected", "held", "failed", "skipped")
 
 
 class RunBusy(StoreError):

@@ -101,3 +101,10 @@ def test_every_third_party_import_is_declared():
     third = {m for m in used if m and m not in sys.stdlib_module_names and m not in FIRST_PARTY}
     missing = sorted(m for m in third if DISTRIBUTIONS.get(m, m).replace("-", "_") not in declared)
     assert missing == []
+
+
+def test_the_gate_never_imports_the_demo_rule():
+    """The demo's rule stands for the simulated people; what judges promotion must not reach it."""
+    gate = [REPO / "loop/evaluation/gate.py", REPO / "loop/evaluation/judges.py", REPO / "loop/retrain.py",
+            REPO / "loop/scheduler.py"]
+    assert offending(gate, ("loop.demo",)) == []

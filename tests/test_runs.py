@@ -1,4 +1,4 @@
-"""Retrain runs: one at a time, dead runs detected by heartbeat, the gate's rule, the scheduler's skip."""
+"""Retrain runs: one at a time, dead runs detected by heartbeat, the scheduler's skip (the gate: tests/test_gate.py)."""
 
 import threading
 import time
@@ -6,7 +6,6 @@ import time
 import pytest
 
 from loop import config as configuration
-from loop.evaluation.gate import gate, win_rate
 from store.runs import RunBusy, Runs
 
 
@@ -46,23 +45,6 @@ def test_two_triggers_at_once_make_one_run(store):
     for t in threads:
         t.join()
     assert len([r for r in results if r is not None]) == 1
-
-
-def test_gate_promotes_only_a_clear_win_within_the_kl_budget():
-    cfg = configuration.GateConfig(margin=0.05, kl_budget=10.0)
-    assert gate({"win_rate": 0.8, "kl_to_base": 3.0}, cfg)[0]
-    ok, why = gate({"win_rate": 0.55, "kl_to_base": 3.0}, cfg)
-    assert not ok and "not above 0.550" in why
-    ok, why = gate({"win_rate": 0.9, "kl_to_base": 12.0}, cfg)
-    assert not ok and "over the budget" in why
-
-
-def test_win_rate_counts_ties_half():
-    def judge(prompt, a, b):
-        return "a" if a > b else "b" if b > a else "tie"
-
-    result = win_rate(["p"] * 4, ["b", "a", "c", "a"], ["a", "b", "c", "a"], judge)
-    assert result == {"win_rate": (1 + 0.5 * 2) / 4, "wins": 1, "losses": 1, "ties": 2}
 
 
 def test_the_scheduler_takes_the_methods_in_turn():

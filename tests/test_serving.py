@@ -111,6 +111,31 @@ def test_feedback_on_a_response(server, oai):
         assert c.get("/api/status").json()["counts"]["feedback"] == before + 2  # one per caller
 
 
+def test_the_llm_judge_asks_a_real_openai_compatible_server_in_both_orders(server):
+    """The gate's LLM judge against a real server (the project's own engine, as an RLAIF judge would
+    be served): every comparison is asked twice, the replies swapped, and whatever the tiny model
+    answers (rarely a clean letter) the verdicts are well-formed and never promote on their own."""
+    from loop.evaluation.gate import decide
+    from loop.evaluation.judges import LLMJudge
+    from loop.sections import GateConfig
+
+    prompts = [[{"role": "user", "content": f"How often should I water basil, plant {i}?"}] for i in range(3)]
+    cand, serv = [f"CANDIDATE reply {i}" for i in range(3)], [f"SERVING reply {i}" for i in range(3)]
+    verdicts = LLMJudge(f"{server.url}/v1", "alignloop", timeout_s=60).verdicts(prompts, cand, serv)
+    assert len(verdicts) == 3 and set(verdicts) <= {"a", "b", "tie", "invalid"}
+    asked = []
+    deadline = time.monotonic() + 10
+    while len(asked) < 6 and time.monotonic() < deadline:  # the log is written in batches
+        asked = [json.loads(e["messages"])[0]["content"] for e in exchanges(server, 50)
+                 if "Reply A:" in (e["messages"] or "")]
+        time.sleep(0.2)
+    for i in range(3):
+        mine = [q for q in asked if f"plant {i}?" in q]
+        first = sorted(q.index(f"CANDIDATE reply {i}") < q.index(f"SERVING reply {i}") for q in mine)
+        assert first == [False, True], mine  # once as A, once as B
+    assert decide([verdicts * 10], 1.0, GateConfig()).outcome != "promote"
+
+
 def test_pairs_are_made_from_live_traffic(server, oai):
     for i in range(4):
         oai.chat.completions.create(model="alignloop", messages=[{"role": "user", "content": f"Pair me {i}"}],

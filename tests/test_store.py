@@ -30,7 +30,7 @@ EXPECTED_SCHEMA = {
                   "completion_tokens INTEGER", "finish_reason VARCHAR", "source VARCHAR", "created_at TIMESTAMP"],
     "run_metrics": ["run_id BIGINT", "step INTEGER", "name VARCHAR", "value DOUBLE", "created_at TIMESTAMP"],
     "reward_models": ["id BIGINT", "run_id BIGINT", "path VARCHAR", "base_model VARCHAR", "snapshot_hash VARCHAR",
-                      "accuracy DOUBLE", "metrics VARCHAR", "created_at TIMESTAMP"],
+                      "accuracy DOUBLE", "metrics VARCHAR", "created_at TIMESTAMP", "purpose VARCHAR"],
     "runs": ["id BIGINT", "method VARCHAR", "trigger VARCHAR", "status VARCHAR", "snapshot_hash VARCHAR",
              "candidate_version_id BIGINT", "config VARCHAR", "metrics VARCHAR", "reason VARCHAR",
              "labels_at_start BIGINT", "started_at TIMESTAMP", "heartbeat_at TIMESTAMP", "finished_at TIMESTAMP"],
@@ -86,6 +86,32 @@ def test_a_database_of_the_first_release_gains_the_reward_models_table(tmp_path,
         assert s.counts()["pairs"] == 3
         assert "reward_models" in s.schema()
         assert s._all("SELECT name FROM schema_migrations ORDER BY version")[-1][0] == migrations.MIGRATIONS[-1].__name__
+
+
+def test_a_database_of_release_three_keeps_its_runs_and_gains_held_runs_and_judges(tmp_path, monkeypatch):
+    from store.reward_models import RewardModels
+    from store.runs import Runs
+
+    path = tmp_path / "release3.duckdb"
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:3])
+    with Store(path) as s:
+        run = Runs(s).start("dpo", "manual")
+        Runs(s).finish(run["id"], "rejected", "win rate 0.5", {"win_rate": 0.5})
+        s._all(f"INSERT INTO reward_models (run_id, path, accuracy) VALUES ({run['id']}, '/rm', 0.8)")
+        with pytest.raises(Exception):
+            s._all("UPDATE runs SET status = 'held'")
+    monkeypatch.undo()
+    with Store(path) as s:
+        runs = Runs(s)
+        old = runs.get(run["id"])
+        assert (old["status"], old["reason"], old["method"]) == ("rejected", "win rate 0.5", "dpo")
+        assert RewardModels(s).latest()["purpose"] == "reward"  # what PPO trained against, before judges
+        new = runs.start("ppo", "cron")
+        assert new["id"] == run["id"] + 1  # the sequence goes on
+        assert runs.finish(new["id"], "held", "no trustworthy judge")["status"] == "held"
+        RewardModels(s).add("/judge", run_id=new["id"], accuracy=0.9, purpose="judge")
+        assert RewardModels(s).latest("judge")["path"] == "/judge"
+        assert [r["path"] for r in RewardModels(s).list(purpose="reward")] == ["/rm"]
 
 
 def test_a_database_of_release_two_gains_apps_and_exclusions_keeping_users_and_their_tokens(tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ def plot(column, rows, chart, empty: str) -> None:
         column.info(empty)
 
 
-FIRST_NUMBERS = ("win_rate", "kl_to_base", "train_pairs", "eval_rewards/accuracies", "eval_loss", "train_seconds")
+FIRST_NUMBERS = ("win_rate", "win_rate_lower", "win_rate_heldout", "win_rate_shadow", "kl_to_base", "train_pairs",
+                 "eval_rewards/accuracies", "eval_loss", "train_seconds")
 
 
 def metrics(run: dict) -> dict:
@@ -51,8 +52,10 @@ plot(columns[2], [r for r in per_labeller if r["median_seconds"] is not None], c
 
 st.subheader("Model versions")
 runs = s["runs"]
-judged = [{"run": r["id"], "method": r["method"], "status": r["status"], "win_rate": metrics(r)["win_rate"]}
-          for r in reversed(runs) if "win_rate" in metrics(r)]
+judged = [{"run": r["id"], "method": r["method"], "status": r["status"], "win_rate": m["win_rate"],
+           "lower": m.get("win_rate_lower", m["win_rate"]), "upper": m.get("win_rate_upper", m["win_rate"]),
+           "judge": m.get("judge", ""), "held_out": m.get("win_rate_heldout"), "shadow": m.get("win_rate_shadow"),
+           "shadow_prompts": m.get("shadow_prompts", 0)} for r in reversed(runs) if "win_rate" in (m := metrics(r))]
 columns = st.columns(3)
 plot(columns[0], s["win_rate_over_parent"], charts.win_rate_over_parent,
      "No version has been compared with its parent by people yet (arena votes and live pairs do that).")

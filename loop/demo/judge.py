@@ -127,3 +127,14 @@ def prefer(prompt: str, a: str, b: str) -> Literal["a", "b", "tie"]:
 def is_good(prompt: str, reply: str) -> bool:
     """True when the reply has the best possible score (on-topic and polite)."""
     return score(prompt, reply) >= MAX_SCORE
+
+
+class Grader:
+    """The rule as a grader of benchmarks and end-to-end tests (the simulated people's verdict on
+    two answers), in the shape of the gate's judges (`loop.evaluation.judges.Judge`). Never the
+    gate's judge: `tests/test_boundaries.py` keeps the gate from importing this module."""
+
+    name = "the demo rule (simulated people)"
+
+    def verdicts(self, prompts: list[list[dict[str, str]]], a: list[str], b: list[str]) -> list[str]:
+        return [prefer(p[-1]["content"], x, y) for p, x, y in zip(prompts, a, b, strict=True)]

@@ -28,8 +28,10 @@ USERS = 8  # simulated users sending traffic at once, each an app with its own A
 
 
 def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst: int = 16,
-            max_tokens: int = 64, timeout_s: float = 900, feedback_share: float = 0.5, log=print) -> int:
-    """Send demo prompts in bursts until the store holds `pairs` pairs; returns requests sent.
+            max_tokens: int = 64, timeout_s: float = 900, feedback_share: float = 0.5, requests: int | None = None,
+            log=print) -> int:
+    """Send demo prompts in bursts until the store holds `pairs` pairs (or `requests` were sent);
+    returns requests sent.
 
     After a share `feedback_share` of the answers, the user sends a thumb on it (up when the demo
     judge calls it good, else down), with the response id the gateway returned. The users are
@@ -44,7 +46,7 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
     with httpx.Client(base_url=client.url, timeout=120) as http:
         while time.monotonic() < deadline:
             status = client.call("GET", "/api/status")
-            if status["counts"]["pairs"] >= pairs:
+            if status["counts"]["pairs"] >= pairs or (requests is not None and sent >= requests):
                 break
             if status["pair_queue"] > burst:  # let the background pair maker catch up
                 time.sleep(0.5)
@@ -116,6 +118,8 @@ def labeller(url: str, token: str, flip: bool, stop: threading.Event, limit: int
 
 def label(client: GatewayClient, labellers: int, flip: bool = False, limit: int = 10**9, log=print) -> int:
     """Create scripted labellers (or reuse them) and label the queue empty; returns labels given."""
+    if labellers < 1:
+        return 0
     tokens = []
     for i in range(labellers):
         name = f"sim-labeller-{i}"
@@ -128,7 +132,7 @@ def label(client: GatewayClient, labellers: int, flip: bool = False, limit: int 
 
 
 def simulate(client: GatewayClient, alias: str, labellers: int, pairs: int, flip: bool = False,
-             seed: int = 0, feedback_share: float = 0.5, log=print) -> dict[str, Any]:
-    sent = traffic(client, alias, pairs, seed=seed, feedback_share=feedback_share, log=log)
+             seed: int = 0, feedback_share: float = 0.5, requests: int | None = None, log=print) -> dict[str, Any]:
+    sent = traffic(client, alias, pairs, seed=seed, feedback_share=feedback_share, requests=requests, log=log)
     given = label(client, labellers, flip=flip, log=log)
     return {"requests": sent, "labels": given, "counts": client.call("GET", "/api/status")["counts"]}

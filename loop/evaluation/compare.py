@@ -5,7 +5,8 @@ For each method and seed, the trainer child (`python -m loop.training.child RUN_
 runs) trains on one snapshot; this process measures its wall time and peak memory (the child's
 maximum resident set, from `wait4`; GPU memory the child reports where there is CUDA), then lets
 base and candidate answer the snapshot's held-out prompts (HF `generate`, the gate's temperature
-and length, `samples` answers per prompt) and the configured judge compare them. Nothing here
+and length, `samples` answers per prompt) and a grader compares them (`grader`: the demo rule on the demo model, an LLM judge on a
+real one). Nothing here
 touches what serves.
 
 The report: per method, the weights it holds (parameters and buffers of every model, counted in
@@ -84,7 +85,6 @@ def judge_against_base(cfg: Config, adapter: str, prompts: list[list[dict[str, s
     """The candidate's judged win rate over the base (ties half) on `prompts` x `samples`."""
     from peft import PeftModel
 
-    from loop.evaluation.gate import win_rate
     from loop.training.toolkit import load_policy
 
     base, tok = load_policy(cfg.base_model_dir, None)
@@ -95,7 +95,33 @@ def judge_against_base(cfg: Config, adapter: str, prompts: list[list[dict[str, s
     cand = sample(model, tok, asked, g.temperature, g.max_tokens, seed=10_000 + seed)
     with model.disable_adapter():
         serv = sample(model, tok, asked, g.temperature, g.max_tokens, seed=20_000 + seed)
-    return win_rate([p[-1]["content"] for p in asked], cand, serv, judge)
+    return win_rate(judge.verdicts(asked, cand, serv))
+
+
+def win_rate(verdicts: list[str]) -> dict[str, float]:
+    """The candidate's win rate (ties half; invalid verdicts left out) and the counts behind it."""
+    from loop.evaluation.gate import POINTS
+
+    points = [POINTS[v] for v in verdicts if v in POINTS]
+    return {"win_rate": sum(points) / max(len(points), 1), "wins": verdicts.count("a"),
+            "losses": verdicts.count("b"), "ties": verdicts.count("tie"), "invalid": verdicts.count("invalid")}
+
+
+def grader(cfg: Config):
+    """What grades a comparison: on a model of the demo world (built by `loop.demo`) the demo rule,
+    the simulated people whose preferences are the truth there; on any other model the configured
+    LLM judge. Never a reward model trained on the candidates' labels (PPO optimises against one)."""
+    from loop.demo.model import demo_info
+    from loop.evaluation.judges import LLMJudge
+
+    if demo_info(cfg.base_model_dir) is not None:
+        from loop.demo.judge import Grader
+
+        return Grader()
+    if cfg.gate.judge_url:
+        return LLMJudge(cfg.gate.judge_url, cfg.gate.judge_model, cfg.gate.judge_timeout_s)
+    raise ValueError("compare grades a real model with an LLM judge: set gate.judge_url and gate.judge_model "
+                     "(the demo rule knows only the demo model's world)")
 
 
 def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_prompts: list, samples: int,
@@ -228,13 +254,13 @@ def plot(rows: list[dict[str, Any]], work: Path, path: Path) -> Path:
 def compare(cfg: Config, snapshot: Path, out: Path, methods: list[str], seeds: list[int], samples: int = 2,
             judge=None, log=print) -> dict[str, Any]:
     """Train every method with every seed on `snapshot`; write report.md, trials.jsonl, compare.png to `out`."""
-    from loop.evaluation.gate import heldout_prompts, make_judge
+    from loop.evaluation.gate import heldout_prompts
 
     out.mkdir(parents=True, exist_ok=True)
     eval_prompts = heldout_prompts(snapshot, cfg.gate.eval_prompts)
     if not eval_prompts:
         raise ValueError(f"{snapshot} has no held-out prompts to judge on")
-    judge = judge or make_judge(cfg.gate)
+    judge = judge or grader(cfg)
     rows = []
     for method in methods:
         for seed in seeds:
@@ -247,7 +273,7 @@ def compare(cfg: Config, snapshot: Path, out: Path, methods: list[str], seeds: l
     table = markdown(summary, base)
     manifest = json.loads((snapshot / "manifest.json").read_text())
     header = (f"Snapshot {snapshot} ({manifest['counts']}); {len(eval_prompts)} held-out prompts x {samples} "
-              f"answers per seed, judge {cfg.gate.judge!r} at temperature {cfg.gate.temperature}; a process holding only "
+              f"answers per seed, judged by {judge.name} at temperature {cfg.gate.temperature}; a process holding only "
               f"the base model: {base['weights_mb']:.1f} MB of weights, {base['rss_mb']:.0f} MB RSS.\n\n")
     (out / "report.md").write_text(header + table, encoding="utf-8")
     plot(rows, out, out / "compare.png")

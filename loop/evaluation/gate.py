@@ -1,75 +1,36 @@
-"""Evaluation of a candidate against what serves, and the promotion gate.
+"""The promotion gate: a decision on paired per-prompt verdicts that knows its own noise.
 
-Win rate: both versions answer the same held-out prompts with the same sampling seeds (through the
-gateway's `/api/generate`, i.e. the real engine), and the judge picks the better answer of each
-pair; ties count half. The judge is the demo judge's rule (`loop.demo.judge`), the newest reward model
-(`gate.judge = "reward"`), or an OpenAI-compatible LLM asked which answer is better (RLAIF).
+Both versions answer the same held-out prompts, `gate.eval_samples` times each with the same seeds
+(through the gateway's `/api/generate`, i.e. the real engine), and a judge (`loop.evaluation.judges`)
+compares the two answers of each (prompt, seed). A prompt's score is the mean of its verdicts (win 1,
+tie 1/2, loss 0), so prompts, not samples, are the independent unit. The gate promotes only when the
+one-sided lower confidence bound (Student's t, level 1 - `gate.alpha`) of the mean score is above
+0.5 + `gate.margin`: a candidate no better than what serves passes at most `alpha` of the time,
+whatever the judge's tie rate or spread. It holds the candidate (kept as a candidate, nothing
+promoted) when the verdicts cannot decide anything: too few prompts, or a judge whose answers were
+mostly not verdicts at all.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from loop.sections import GateConfig
 
-from loop.config import GateConfig
-from loop.demo import judge as demo_judge
-
-Judge = Callable[[str, str, str], str]  # (prompt, a, b) -> "a" | "b" | "tie"
-
-LLM_JUDGE_PROMPT = """You compare two assistant replies to the same user message.
-User message:
-{prompt}
-
-Reply A:
-{a}
-
-Reply B:
-{b}
-
-Which reply is more helpful, correct and polite? Answer with one letter: A, B, or T for a tie."""
+POINTS = {"a": 1.0, "tie": 0.5, "b": 0.0}
 
 
-def llm_judge(url: str, model: str, timeout: float = 60.0) -> Judge:
-    """An OpenAI-compatible chat model as judge; an answer it gives that is not A/B/T counts as a tie."""
-    http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+@dataclass
+class Decision:
+    """What the gate decided: "promote", "reject" or "hold" (no decision: the candidate waits for a person)."""
 
-    def prefer(prompt: str, a: str, b: str) -> str:
-        r = http.post("/chat/completions", json={
-            "model": model, "temperature": 0.0, "max_tokens": 2,
-            "messages": [{"role": "user", "content": LLM_JUDGE_PROMPT.format(prompt=prompt, a=a, b=b)}]})
-        r.raise_for_status()
-        letter = (r.json()["choices"][0]["message"]["content"] or "").strip()[:1].upper()
-        return {"A": "a", "B": "b"}.get(letter, "tie")
-
-    return prefer
-
-
-def reward_judge(path: str) -> Judge:
-    """A reward model as judge: the answer it scores higher wins (equal scores tie)."""
-    from loop.training.reward import RewardModel
-
-    model = RewardModel.load(path)
-
-    def prefer(prompt: str, a: str, b: str) -> str:
-        sa, sb = model.score([[{"role": "user", "content": prompt}]] * 2, [a, b]).tolist()
-        return "a" if sa > sb else "b" if sb > sa else "tie"
-
-    return prefer
-
-
-def make_judge(cfg: GateConfig, reward_model: str | None = None) -> Judge:
-    """The configured judge; `reward_model` is the newest reward model's directory (for judge = "reward")."""
-    if cfg.judge == "demo":
-        return demo_judge.prefer
-    if cfg.judge == "reward":
-        if not reward_model:
-            raise ValueError("gate.judge = \"reward\" but no reward model exists yet: run a PPO cycle first")
-        return reward_judge(reward_model)
-    return llm_judge(cfg.judge, cfg.judge_model)
+    outcome: str
+    reason: str
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def heldout_prompts(snapshot_dir: Path, limit: int) -> list[list[dict[str, str]]]:
@@ -91,25 +52,94 @@ def heldout_prompts(snapshot_dir: Path, limit: int) -> list[list[dict[str, str]]
     return out
 
 
-def win_rate(prompts: list[str], candidate: list[str], serving: list[str], judge: Judge) -> dict[str, float]:
-    """The candidate's win rate over what serves (ties half), and the counts behind it."""
-    wins = losses = ties = 0
-    for prompt, c, s in zip(prompts, candidate, serving, strict=True):
-        verdict = judge(prompt, c, s)
-        wins += verdict == "a"
-        losses += verdict == "b"
-        ties += verdict == "tie"
-    n = max(len(prompts), 1)
-    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "losses": losses, "ties": ties}
+def shadow_prompts(snapshot_dir: Path, limit: int, since_id: int,
+                   exclude: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
+    """Live prompts logged after prompt `since_id` (the last cycle's newest), newest first, in no
+    training pair and not in `exclude` (the held-out set): what users asked lately, for the candidate
+    to answer in the background before it may serve them."""
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_table(snapshot_dir / "pairs.parquet").to_pylist()
+    seen = {json.dumps(p["prompt"], sort_keys=True) for p in pairs if p["split"] == "train"}
+    seen |= {json.dumps(p, sort_keys=True) for p in exclude}
+    rows = pq.read_table(snapshot_dir / "prompts.parquet").to_pylist()
+    out = []
+    for row in sorted((r for r in rows if r["source"] == "live" and r["id"] > since_id), key=lambda r: -r["id"]):
+        key = json.dumps(row["prompt"], sort_keys=True)
+        if key not in seen and len(out) < limit:
+            seen.add(key)
+            out.append(row["prompt"])
+    return out
 
 
-def gate(metrics: dict[str, Any], cfg: GateConfig) -> tuple[bool, str]:
-    """Promote only if the candidate beats what serves by the margin and stays within the KL budget."""
+def newest_prompt_id(snapshot_dir: Path) -> int:
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(snapshot_dir / "prompts.parquet", columns=["id"]).column("id").to_pylist()
+    return max(ids, default=0)
+
+
+def prompt_scores(verdicts: list[list[str]]) -> tuple[list[float], int]:
+    """Per-prompt scores from `verdicts[sample][prompt]` (the candidate as "a"), and how many verdicts
+    were invalid. Invalid verdicts are left out of a prompt's mean; a prompt with none valid is left out."""
+    scores, invalid = [], 0
+    for per_prompt in zip(*verdicts, strict=True):
+        valid = [POINTS[v] for v in per_prompt if v in POINTS]
+        invalid += len(per_prompt) - len(valid)
+        if valid:
+            scores.append(sum(valid) / len(valid))
+    return scores, invalid
+
+
+def confidence_bounds(scores: list[float], alpha: float) -> tuple[float, float, float]:
+    """(mean, lower, upper): the one-sided bounds at level 1 - alpha each (Student's t), so [lower,
+    upper] is a two-sided 1 - 2 alpha interval. With no spread at all the bounds are the mean."""
+    from scipy import stats
+
+    n = len(scores)
+    mean = sum(scores) / n
+    if n < 2:
+        return mean, -math.inf, math.inf
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1))
+    half = float(stats.t.ppf(1 - alpha, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def counts(verdicts: list[list[str]]) -> dict[str, int]:
+    flat = [v for sample in verdicts for v in sample]
+    return {"wins": flat.count("a"), "losses": flat.count("b"), "ties": flat.count("tie"),
+            "invalid": flat.count("invalid")}
+
+
+def decide(verdicts: list[list[str]], kl_to_base: float | None, cfg: GateConfig,
+           sets: dict[str, int] | None = None) -> Decision:
+    """Promote, reject or hold on `verdicts[sample][prompt]` (the candidate as "a") and the KL budget.
+    `sets` names consecutive runs of prompts (e.g. {"heldout": 64, "shadow": 32}); each one's own win
+    rate is recorded beside the decision, which is on all of them."""
+    scores, invalid = prompt_scores(verdicts)
+    total = sum(len(v) for v in verdicts)
+    stats: dict[str, Any] = {**counts(verdicts), "judged_prompts": len(scores), "samples": len(verdicts),
+                             "alpha": cfg.alpha}
+    start = 0
+    for name, n in (sets or {}).items():
+        part, _ = prompt_scores([v[start: start + n] for v in verdicts])
+        stats[f"{name}_prompts"] = n
+        stats[f"win_rate_{name}"] = sum(part) / len(part) if part else None
+        start += n
+    if total and invalid > total / 2:
+        return Decision("hold", f"the judge gave no usable verdict in {invalid} of {total} comparisons", stats)
+    if len(scores) < cfg.min_prompts:
+        return Decision("hold", f"{len(scores)} judged prompts, fewer than gate.min_prompts = {cfg.min_prompts}: "
+                                "too few to tell a better candidate from luck", stats)
+    mean, lower, upper = confidence_bounds(scores, cfg.alpha)
     need = 0.5 + cfg.margin
-    rate = metrics["win_rate"]
-    kl = metrics.get("kl_to_base")
-    if rate <= need:
-        return False, f"win rate {rate:.3f} over the serving version is not above {need:.3f} (0.5 + margin)"
-    if kl is not None and kl > cfg.kl_budget:
-        return False, f"KL to the base {kl:.2f} nats is over the budget {cfg.kl_budget:.2f}"
-    return True, f"win rate {rate:.3f} > {need:.3f}" + (f", KL {kl:.2f} <= {cfg.kl_budget:.2f}" if kl is not None else "")
+    stats.update(win_rate=mean, win_rate_lower=lower, win_rate_upper=upper)
+    level = f"{1 - 2 * cfg.alpha:.0%}"
+    rate = f"win rate {mean:.3f} ({level} interval {lower:.3f}-{upper:.3f}, {len(scores)} prompts)"
+    if lower <= need:
+        return Decision("reject", f"{rate}: its lower bound is not above {need:.3f}", stats)
+    if kl_to_base is not None and kl_to_base > cfg.kl_budget:
+        return Decision("reject", f"{rate}, but KL to the base {kl_to_base:.2f} nats is over the budget "
+                                  f"{cfg.kl_budget:.2f}", stats)
+    kl = f", KL {kl_to_base:.2f} <= {cfg.kl_budget:.2f}" if kl_to_base is not None else ""
+    return Decision("promote", f"{rate}: lower bound above {need:.3f}{kl}", stats)

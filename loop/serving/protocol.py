@@ -264,7 +264,7 @@ class RunMetrics(ApiModel):
 
 
 class RunFinish(ApiModel):
-    status: Literal["promoted", "rejected", "failed", "skipped"]
+    status: Literal["promoted", "rejected", "held", "failed", "skipped"]
     reason: str | None = None
     metrics: dict | None = None
     candidate_version_id: Id | None = None
@@ -278,6 +278,7 @@ class RewardModelIn(ApiModel):
     snapshot_hash: str | None = None
     accuracy: float | None = Field(default=None, ge=0, le=1)
     metrics: dict | None = None
+    purpose: Literal["reward", "judge"] = "reward"
 
 
 class GenerateRequest(ApiModel):

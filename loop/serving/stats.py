@@ -51,6 +51,6 @@ def stats(store: Store, queue: LabelQueue, admin: bool = True) -> dict[str, Any]
         "ranking": sorted(({"version": names.get(v, str(v)), "bradley_terry": s, "elo": elo[v]}
                            for v, s in strengths.items()), key=lambda r: -r["bradley_terry"]),
         "runs": runs,
-        "reward_models": [{k: r[k] for k in ("id", "run_id", "accuracy", "created_at")}
+        "reward_models": [{k: r[k] for k in ("id", "run_id", "purpose", "accuracy", "created_at")}
                           for r in RewardModels(store).list()],
     }

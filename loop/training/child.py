@@ -11,7 +11,8 @@ RUN_DIR/job.json:
     {"method": "dpo" | "ppo" | "kto", "snapshot": "/abs/snapshot_dir", "base_model": "/abs/model_dir",
      "init_adapter": null | "/abs/adapter_dir", "output_adapter": "/abs/RUN_DIR/adapter",
      "train": {...[train]...}, "reward": {...}, "ppo": {...}, "kto": {...} (the config's sections),
-     "eval_prompts": [prompt messages the gate will judge on: PPO does not roll out on them]}
+     "eval_prompts": [prompt messages the gate will judge on: PPO does not roll out on them],
+     "judge": true | false (also refresh the gate's reward model on every labelled pair)}
 
 What it writes (only the main process writes):
 
@@ -20,7 +21,9 @@ What it writes (only the main process writes):
 - on success: the LoRA adapter (PEFT format) at output_adapter, and RUN_DIR/result.json
   {"adapter": path, "metrics": {"kl_to_base", "train_seconds", ... the method's own}}; a PPO run also
   leaves its refreshed reward model in RUN_DIR/reward-model and adds "reward_model": {"path",
-  "accuracy", "metrics"};
+  "accuracy", "metrics"}; with "judge", whatever the method, the gate's own reward model is fitted
+  on the same pairs with another seed (RUN_DIR/judge-model) and "judge_model" added in the same
+  shape, or null when there are no labelled pairs to fit it on;
 - on failure: RUN_DIR/error.txt with the reason, no adapter, and exit status
   2 = no training data (pairs, or both kinds of feedback for KTO), 3 = NaN/inf loss, 1 = anything else.
 
@@ -139,13 +142,36 @@ TRAINERS = {"dpo": train_dpo, "ppo": train_ppo, "kto": train_kto}
 assert set(TRAINERS) == set(METHODS), "loop.sections.METHODS and the trainers must name the same methods"
 
 
+def train_judge(job: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The gate's reward model, refreshed on every labelled pair whatever the method. Its seed is not
+    the trainer's, so a PPO candidate is not judged by the very fit it was optimised against (both
+    still learn from the same labels: the gate's independent checks are an LLM judge and people)."""
+    import dataclasses
+
+    from loop.config import RewardConfig, TrainConfig
+    from loop.training import dpo, reward
+
+    train_cfg = TrainConfig(**job["train"])
+    train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
+    if not train_pairs:
+        return None
+    judge_dir = run_dir / "judge-model"
+    rm = reward.train(train_pairs, heldout_pairs, job["base_model"], judge_dir, RewardConfig(**job["reward"]),
+                      dataclasses.replace(train_cfg, seed=train_cfg.seed + 1), work_dir=run_dir,
+                      metrics_path=run_dir / "metrics.jsonl", prefix="judge/")
+    return {"path": str(judge_dir), "accuracy": rm.get("accuracy"), "metrics": rm}
+
+
 def run(run_dir: Path) -> dict[str, Any]:
     """Run the job in `run_dir`; returns what goes into result.json."""
     job = read_job(run_dir)
     method = job["method"]
     if method not in TRAINERS:
         raise ValueError(f"unknown train method {method!r}; expected {', '.join(METHODS)}")
-    return TRAINERS[method](job, run_dir)
+    result = TRAINERS[method](job, run_dir)
+    if job.get("judge"):
+        result["judge_model"] = train_judge(job, run_dir)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,8 +65,10 @@ def load_classifier(base_model: str | os.PathLike[str]):
 
 def train(train_pairs: list[dict[str, Any]], heldout_pairs: list[dict[str, Any]], base_model: str | os.PathLike[str],
           output_dir: str | os.PathLike[str], cfg: RewardConfig, train_cfg: TrainConfig,
-          work_dir: str | os.PathLike[str], metrics_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Fit a reward model on the pairs, measure it on the held-out ones, save it; returns its metrics."""
+          work_dir: str | os.PathLike[str], metrics_path: str | os.PathLike[str] | None = None,
+          prefix: str = "reward/") -> dict[str, Any]:
+    """Fit a reward model on the pairs, measure it on the held-out ones, save it; returns its metrics
+    (its curve goes to `metrics_path` under `prefix`)."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import RewardTrainer
@@ -77,8 +79,8 @@ def train(train_pairs: list[dict[str, Any]], heldout_pairs: list[dict[str, Any]]
         raise NoTrainingPairs("no labelled pairs to fit the reward model on")
     set_seed(train_cfg.seed)  # before the new head is drawn
     model, tok = load_classifier(base_model)
-    callback = metrics_callback_class()(metrics_path, prefix="reward/")
-    trainer = RewardTrainer(model=model, args=trainer_config(cfg, train_cfg, Path(work_dir) / "reward-trainer"),
+    callback = metrics_callback_class()(metrics_path, prefix=prefix)
+    trainer = RewardTrainer(model=model, args=trainer_config(cfg, train_cfg, Path(work_dir) / f"{prefix.strip('/')}-trainer"),
                             train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
                             peft_config=lora_config(train_cfg, model) if cfg.lora else None, callbacks=[callback])
     t0 = time.perf_counter()

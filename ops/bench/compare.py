@@ -93,8 +93,8 @@ def second_round(cfg: Config, first: dict, snapshot: Path, out: Path, pairs: int
     from its own adapter on all labels so far (PPO: the reward model refreshed on them)."""
     import pyarrow.parquet as pq
 
-    from loop.evaluation.compare import markdown, summarise, trial
-    from loop.evaluation.gate import heldout_prompts, make_judge
+    from loop.evaluation.compare import grader, markdown, summarise, trial
+    from loop.evaluation.gate import heldout_prompts
 
     old = pq.read_table(snapshot / "pairs.parquet").to_pylist()
     eval_prompts = heldout_prompts(snapshot, cfg.gate.eval_prompts)
@@ -108,7 +108,7 @@ def second_round(cfg: Config, first: dict, snapshot: Path, out: Path, pairs: int
         write_snapshot_like(snapshot, snap, old + new)
         log(f"round 2: {r['method']} seed {r['seed']}: {len(new)} new training pairs from its own answers")
         rows.append(trial(cfg, snap, r["method"], r["seed"], out / "round2", eval_prompts, samples,
-                          make_judge(cfg.gate), log, init_adapter=r["adapter"]))
+                          grader(cfg), log, init_adapter=r["adapter"]))
     return markdown(summarise(rows))
 
 

@@ -215,8 +215,9 @@ async def add_reward_model(body: RewardModelIn, request: Request) -> dict[str, A
 
 
 @router.get("/reward_models")
-async def list_reward_models(request: Request) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(_gw(request).reward_models.list)
+async def list_reward_models(request: Request, purpose: Literal["reward", "judge"] | None = None) -> list[dict[str, Any]]:
+    """Newest first; `purpose=judge`: only the gate's reward models, `reward`: only PPO's."""
+    return await asyncio.to_thread(_gw(request).reward_models.list, 100, purpose)
 
 
 @router.post("/retrain")
