@@ -24,6 +24,7 @@ from loop.sections import (  # noqa: F401
     KTOConfig,
     LabelingConfig,
     ModelConfig,
+    MonitorConfig,
     PPOConfig,
     RewardConfig,
     ScheduleConfig,
@@ -55,6 +56,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     path: Path | None = field(default=None, metadata={"toml": False})
 

@@ -383,6 +383,43 @@ class Store:
                             ORDER BY id DESC LIMIT 1""", [alias])
         return rows[0] if rows else (0, None)
 
+    # --- after a promotion: what the monitor watches ----------------------------------------
+
+    def newest_ids(self) -> tuple[int, int]:
+        """(newest exchange id, newest feedback id): where a watch starts."""
+        return tuple(self._all("SELECT (SELECT coalesce(max(id), 0) FROM exchanges), "
+                               "(SELECT coalesce(max(id), 0) FROM feedback)")[0])
+
+    def live_outcomes(self, version_id: int, after_id: int = 0, before_id: int | None = None,
+                      limit: int = 1000) -> list[dict[str, Any]]:
+        """A version's live exchanges (oldest first after `after_id`; or the newest up to `before_id`),
+        each with its HTTP status and whether an answer was cut off (finish_reason 'length') or empty."""
+        newest = before_id is not None
+        rows = self._dicts(f"""
+            SELECT e.id, e.status, bool_or(r.finish_reason = 'length') AS cut_off,
+                   bool_or(trim(r.text) = '') AS empty
+            FROM exchanges e LEFT JOIN responses r ON r.exchange_id = e.id
+            WHERE e.version_id = ? AND e.id > ? AND e.id <= ?
+            GROUP BY e.id, e.status ORDER BY e.id {'DESC' if newest else 'ASC'} LIMIT ?""",
+                           [version_id, after_id, before_id if newest else 2**62, limit])
+        return [{**r, "cut_off": bool(r["cut_off"]), "empty": bool(r["empty"])} for r in rows]
+
+    def live_thumbs(self, version_id: int, after_id: int = 0, before_id: int | None = None,
+                    limit: int = 1000) -> list[dict[str, Any]]:
+        """Thumbs on a version's live answers (oldest first after `after_id`; or the newest up to
+        `before_id`): {id, down}."""
+        newest = before_id is not None
+        return self._dicts(f"""
+            SELECT f.id, f.value < 0.5 AS down FROM feedback f JOIN responses r ON r.id = f.response_id
+            WHERE r.version_id = ? AND r.exchange_id IS NOT NULL AND f.kind = 'thumbs' AND f.id > ? AND f.id <= ?
+            ORDER BY f.id {'DESC' if newest else 'ASC'} LIMIT ?""",
+                           [version_id, after_id, before_id if newest else 2**62, limit])
+
+    def rolled_back_automatically(self, version_id: int) -> bool:
+        """Whether the monitor has rolled this version back before (promoting it again is a person's override)."""
+        return bool(self._all("""SELECT count(*) FROM promotions WHERE actor = 'monitor'
+                                 AND previous_version_id = ?""", [version_id])[0][0])
+
     # --- dashboard ---------------------------------------------------------------------------
 
     def labels_per_day(self) -> list[dict[str, Any]]:

@@ -2,8 +2,11 @@
 users and labellers through the HTTP API, `alignloop retrain` with DPO, the gate, promotion; then
 from the base again on the same data, a PPO cycle (reward model refreshed on the labels) and a KTO
 cycle (on the simulated users' thumbs).
-Then the failure cases: labels flipped against the judge (the gate must reject), a trainer killed
-mid-run (serving untouched, the run failed, the next run fine), two triggers at once (one run).
+The gate judges with what a real deployment has (the reward model refreshed on the labels each
+cycle); the demo rule only stands for the simulated people: it labels in `simulate` and grades the
+result here. Then the failure cases: a candidate trained on labels flipped against the people,
+gated by a system whose judge learned from true labels (it must reject), a trainer killed mid-run
+(serving untouched, the run failed, the next run fine), two triggers at once (one run).
 Last, the same loop on a second base model shaped like the Hugging Face chat models users bring
 (`loop.demo.qwen`: a tiny Qwen2 in Qwen2.5-Instruct's layout), given as `model.base`."""
 
@@ -76,9 +79,13 @@ def test_one_cycle_raises_the_judged_win_rate(up, simulated):
     assert run["status"] == "promoted", out.stdout + out.stderr
     assert status["serving"] == run["candidate_version_id"] != 0
     metrics = json.loads(run["metrics"])
+    # the gate judged with the reward model refreshed this cycle, not the demo rule
+    assert metrics["judge"].startswith("reward model") and metrics["judge_model_id"] is not None
+    assert metrics["win_rate_lower"] > 0.5
     rate = judged_win_rate(up, f"v{status['serving']}", "base")
-    print(f"\nE2E: {metrics['train_pairs']} training pairs, gate win rate {metrics['win_rate']:.3f}, "
-          f"held-out judged win rate over base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; "
+    print(f"\nE2E: {metrics['train_pairs']} training pairs, gate win rate {metrics['win_rate']:.3f} "
+          f"({metrics['win_rate_lower']:.3f}-{metrics['win_rate_upper']:.3f}) by {metrics['judge']}, "
+          f"held-out judged win rate over base by the demo rule {rate:.3f}, KL {metrics['kl_to_base']:.2f}; "
           f"simulate {simulated:.0f} s, whole cycle {cycle:.0f} s")
     assert metrics["train_pairs"] <= 500
     # Measured: offline, 400 pairs, judged as here (ops/bench/results/dpo_demo.md) 0.737 / 0.776 / 0.783
@@ -137,6 +144,9 @@ def test_kto_cycle_learns_from_thumbs_and_is_gated(up, simulated):
     # margin) sits ~2.5 standard errors under the lower run: missing it is a regression, not noise.
     assert metrics["win_rate"] > 0.55, run["reason"]
     assert run["status"] == "promoted" and status["serving"] == run["candidate_version_id"], run["reason"]
+    rate = judged_win_rate(up, f"v{status['serving']}", "base", seeds=(0,))
+    print(f"E2E KTO: held-out judged win rate over base by the demo rule {rate:.3f}")
+    assert rate > 0.55
 
 
 def test_up_serves_the_labelling_app(up):
@@ -168,16 +178,75 @@ def flipped_labels(flipped) -> None:
     flipped.cli("simulate", "--labellers", "2", "--pairs", "200", "--flip")
 
 
-def test_flipped_labels_are_rejected_and_serving_stays(flipped, flipped_labels):
+@pytest.fixture(scope="module")
+def truthful_judge(up, simulated) -> dict:
+    """The gate's reward model of `up`, refreshed on its true labels by a cycle (one is run if no test
+    ran one before)."""
+    with up.client() as c:
+        if not c.get("/api/reward_models", params={"purpose": "judge"}).json():
+            up.cli("retrain", "--force")
+        return c.get("/api/reward_models", params={"purpose": "judge"}).json()[0]
+
+
+@pytest.fixture(scope="module")
+def flipped_adapter(flipped, flipped_labels):
+    """The adapter a DPO cycle trains on the flipped labels (made once, by whichever test asks first)."""
     out = flipped.cli("retrain")
     with flipped.client() as c:
         run = c.get("/api/runs").json()[0]
-        status = c.get("/api/status").json()
         versions = {v["id"]: v for v in c.get("/api/versions").json()}
-    assert run["status"] == "rejected", out.stdout + out.stderr
-    assert "win rate" in run["reason"]
-    assert status["serving"] == 0
-    assert versions[run["candidate_version_id"]]["status"] == "rejected"
+    assert run["status"] in ("promoted", "rejected", "held") and run["candidate_version_id"], out.stdout + out.stderr
+    return flipped.cfg.data_dir / versions[run["candidate_version_id"]]["adapter_path"]  # absolute or not
+
+
+def register(server, adapter) -> str:
+    """`alignloop versions --add`: the adapter as a new candidate; its name."""
+    return server.cli("versions", "--add", str(adapter)).stdout.split()[1]
+
+
+def test_a_candidate_trained_on_flipped_labels_is_rejected_by_the_gate(up, truthful_judge, flipped_adapter):
+    """Trained where labellers chose against the people, the candidate is worse by the demo rule; the
+    other system's gate, whose reward model learned from true labels, rejects it and serves on. (In
+    the flipped system itself the judge learned the flipped labels too: no label-trained judge can see
+    that every labeller is wrong; labeller reliability and gold pairs are what catch that.)"""
+    with up.client() as c:
+        serving = c.get("/api/status").json()["serving"]
+    name = register(up, flipped_adapter)
+    rate = judged_win_rate(up, name, "base", seeds=(0,))
+    gated = up.cli("gate", name)
+    with up.client() as c:
+        status = c.get("/api/status").json()
+        versions = {v["name"]: v for v in c.get("/api/versions").json()}
+    print(f"\nE2E flipped: the flipped candidate by the demo rule over base {rate:.3f}; {gated.stdout.strip()}")
+    assert rate < 0.5  # truly worse than the base, by the simulated people
+    assert f"{name} vs " in gated.stdout and ": reject: " in gated.stdout, gated.stdout
+    assert versions[name]["status"] == "rejected" and status["serving"] == serving
+
+
+def test_a_worse_version_pushed_live_is_rolled_back_by_the_monitor(up, simulated, flipped_adapter):
+    """An admin pushes the flipped candidate live past the gate; the monitor compares its live thumbs
+    (and errors, cut-off and empty answers) with the base's and rolls it back by itself."""
+    up.cli("promote", "base")
+    name = register(up, flipped_adapter)
+    up.cli("promote", name)
+    vid = int(name[1:])
+    up.cli("simulate", "--labellers", "0", "--pairs", str(10**9), "--requests", "480", "--seed", "7")
+    deadline = time.monotonic() + 60
+    with up.client() as c:
+        while c.get("/api/status").json()["serving"] == vid and time.monotonic() < deadline:
+            time.sleep(1)  # the last batch of thumbs may still be on its way to the store
+        status = c.get("/api/status").json()
+        served = sum(e["version_id"] == vid for e in c.get("/api/exchanges", params={"limit": 2000}).json())
+        metrics = c.get("/metrics").text
+    monitor = status["monitor"]
+    print(f"\nE2E monitor: {served} live requests answered by {name} before the rollback; "
+          f"{monitor['last_rollback']}")
+    assert status["serving"] == 0, monitor
+    assert monitor["last_rollback"]["version"] == vid and monitor["rollbacks"] >= 1
+    assert "alignloop_automatic_rollbacks 1.0" in metrics or "alignloop_automatic_rollbacks 2.0" in metrics
+    assert served <= 480
+    out = up.cli("status", "--json").stdout
+    assert json.loads(out)["monitor"]["last_rollback"]["version"] == vid
 
 
 def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped, flipped_labels):
@@ -202,8 +271,8 @@ def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped, flipp
     again = flipped.cli("retrain", "--force")
     with flipped.client() as c:
         last = c.get("/api/runs").json()[0]
-    # it runs to the end (not "failed"), and on labels flipped against the judge the gate rejects it
-    assert last["status"] == "rejected" and "win rate" in last["reason"], again.stdout
+    # it runs to the end (not "failed") and the gate decides
+    assert last["status"] in ("promoted", "rejected", "held") and json.loads(last["metrics"])["judge"], again.stdout
 
 
 def test_two_triggers_at_once_make_one_run(flipped, flipped_labels):
@@ -244,8 +313,9 @@ def qwen(tmp_path_factory):
     started = time.monotonic()
     model = build_qwen_model(root / "Qwen2-tiny-Instruct", DemoModelConfig(), progress=False)
     built = time.monotonic() - started
+    # a fifth of the pairs held out, so the gate's reward model is measured on enough of them to be trusted
     s = start(root / "system", model, free_port(), free_port(),
-              ["gateway.pair_share=1.0", "ppo.steps=8"], timeout=600)
+              ["gateway.pair_share=1.0", "ppo.steps=8", "store.heldout_share=0.2"], timeout=600)
     print(f"\nQwen2-shaped model built in {built:.0f} s, served in {time.monotonic() - started - built:.0f} s")
     yield s
     s.stop(signal.SIGTERM, timeout=90)

@@ -70,6 +70,17 @@ with status:
         for row in range(0, len(counts), 5):
             for column, (table, n) in zip(st.columns(5), counts[row:row + 5]):
                 column.metric(table.replace("_", " "), n)
+        monitor = s.get("monitor") or {}
+        watch, last = monitor.get("watch"), monitor.get("last_rollback")
+        if last:
+            st.warning(f"Version {last['version']} was rolled back automatically to {last['to']}: {last['reason']}. "
+                       f"Promoting it again overrides the monitor.")
+        if watch:
+            st.caption(f"After promotion: version {watch['version']} against {watch['against']}: {watch['outcome']}"
+                       f" after {watch['requests']} live requests" + (f" ({watch['reason']})" if watch["reason"] else ""))
+            rows = [{"signal": name, **test} for name, test in watch["signals"].items()]
+            if rows:
+                st.dataframe(rows, hide_index=True)
         with st.expander("Everything /api/status says"):
             st.json(s)
     except api.ApiError as e:

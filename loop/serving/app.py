@@ -29,8 +29,10 @@ def create_app(gw: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pair_task = asyncio.create_task(gw.pairs.run())
+        monitor_task = asyncio.create_task(gw.monitor.run())
         yield
         pair_task.cancel()
+        monitor_task.cancel()
         await gw.close()
 
     g = gw.cfg.gateway

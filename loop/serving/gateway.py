@@ -29,6 +29,7 @@ from loop.sections import METHODS
 from loop.serving.engine import KEEP_ALIVE_S, Engine
 from loop.serving.log_writer import LogWriter
 from loop.serving.metrics import Metrics
+from loop.serving.monitor import Monitor
 from loop.serving.pair_maker import PairJob, PairMaker
 from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem
 from loop.serving.router import Router, UnknownModel
@@ -57,6 +58,7 @@ class Gateway:
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
         self.runs = Runs(self.store)
         self.reward_models = RewardModels(self.store)
+        self.monitor = Monitor(self.cfg.monitor, self.store, self.router, self.versions, self.engine_ready)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -252,7 +254,8 @@ class Gateway:
     def errors(self) -> dict[str, int]:
         """Failures the gateway survives without a client seeing them, by where they happened."""
         return {"pair_maker": self.pairs.failed, "pair_queue_full": self.pairs.dropped,
-                "log_dropped": self.writer.dropped, "adapter_unload": self.versions.unload_failures}
+                "log_dropped": self.writer.dropped, "adapter_unload": self.versions.unload_failures,
+                "monitor": self.monitor.failures}
 
     def status(self) -> dict[str, Any]:
         r = self.router.routes
@@ -263,7 +266,8 @@ class Gateway:
                            "restarts": self.engine.restarts if self.engine else 0},
                 "log_queue": self.writer.depth, "log_dropped": self.writer.dropped,
                 "pair_queue": self.pairs.queue.qsize(), "pairs_made": self.writer.pairs_made,
-                "errors": self.errors(), "methods": list(METHODS), "counts": self.store.counts()}
+                "errors": self.errors(), "monitor": self.monitor.status(), "methods": list(METHODS),
+                "counts": self.store.counts()}
 
     def render_metrics(self) -> bytes:
         m = self.metrics
@@ -277,6 +281,9 @@ class Gateway:
         m.serving.set(self.router.routes.serving)
         m.engine_up.set(1 if self.engine_ready() else 0)
         m.engine_restarts.set(self.engine.restarts if self.engine else 0)
+        m.rollbacks.set(self.monitor.rollbacks)
+        watch = self.monitor.watch
+        m.watching.set(watch.version if watch is not None and watch.outcome == "watching" else -1)
         return m.render()
 
     async def close(self) -> None:

@@ -23,13 +23,17 @@ class Metrics:
         self.pairs = Gauge("alignloop_pairs_made", "Pairs made from live traffic since the gateway started",
                            registry=r)
         self.errors = Gauge("alignloop_background_errors", "Failures no client saw, by where (pair_maker, "
-                            "pair_queue_full, log_dropped, adapter_unload), since the gateway started",
+                            "pair_queue_full, log_dropped, adapter_unload, monitor), since the gateway started",
                             ["where"], registry=r)
         self.labels = Counter("alignloop_labels", "Labels submitted", registry=r)
         self.feedback = Counter("alignloop_feedback", "Feedback received", ["kind"], registry=r)
         self.serving = Gauge("alignloop_serving_version", "Version id the served alias points to", registry=r)
         self.engine_up = Gauge("alignloop_engine_up", "1 while the vLLM engine answers health checks", registry=r)
         self.engine_restarts = Gauge("alignloop_engine_restarts", "Times the engine was restarted", registry=r)
+        self.rollbacks = Gauge("alignloop_automatic_rollbacks", "Versions the monitor rolled back since the gateway "
+                               "started (why: /api/status monitor.last_rollback, and the promotion record)", registry=r)
+        self.watching = Gauge("alignloop_monitor_watching_version", "Version the monitor is watching after its "
+                              "promotion (-1: none)", registry=r)
         self.log_dropped = Gauge("alignloop_log_dropped", "Records dropped because the log queue was full",
                                  registry=r)
 

@@ -1,0 +1,177 @@
+"""The watch after a promotion: is the new version worse, live, than the one it replaced?
+
+When what serves changes (a retrain's promotion, or an admin's), the monitor takes the previous
+version's rates of bad outcomes from its newest live traffic (`monitor.baseline` requests and as
+many thumbs) and then follows the new version's live requests as the log writer stores them:
+
+    errors       the gateway answered 5xx (a 503 is the engine being away, not the version: skipped)
+    cut_off      an answer stopped at max_tokens (finish_reason "length")
+    empty        an answer with no text
+    thumbs_down  a user's thumb down on one of its answers
+
+Each signal with enough baseline (`monitor.min_baseline`) gets a sequential test
+(`loop.evaluation.sequential.SPRT`, error rate `monitor.alpha` shared among the signals). The first
+signal that finds a regression rolls the version back (to the one it replaced, actor "monitor",
+the reason in the promotion record); when every test accepts, or after `monitor.watch_requests`
+requests, the version is kept. No data is no verdict: while the engine is down or the store cannot
+be read, nothing is counted and nothing rolled back. A person who promotes a version the monitor
+rolled back overrides it: that version then serves unwatched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loop.evaluation.sequential import FINE, REGRESSION, SPRT, smoothed_rate
+from loop.sections import MonitorConfig
+from loop.serving.router import Router
+from loop.serving.versions import Versions, VersionError
+from store.database import Store
+
+SIGNALS = ("errors", "cut_off", "empty", "thumbs_down")
+ENGINE_AWAY = 503
+
+
+@dataclass
+class Watch:
+    version: int
+    previous: int
+    exchange_after: int
+    feedback_after: int
+    tests: dict[str, SPRT] = field(default_factory=dict)
+    unwatched: dict[str, str] = field(default_factory=dict)  # signal -> why it is not watched
+    requests: int = 0
+    outcome: str = "watching"  # watching | regression (rolling back) | rolled back | kept
+    reason: str = ""
+    started: float = field(default_factory=time.time)
+
+    def summary(self) -> dict[str, Any]:
+        return {"version": self.version, "against": self.previous, "outcome": self.outcome, "reason": self.reason,
+                "requests": self.requests, "since": self.started,
+                "signals": {name: t.summary() for name, t in self.tests.items()}, "unwatched": self.unwatched}
+
+
+def bad(signal: str, outcome: dict[str, Any]) -> bool | None:
+    """Whether a live exchange was bad by `signal` (None: it says nothing about that signal)."""
+    status = outcome["status"]
+    if status == ENGINE_AWAY or 400 <= status < 500:
+        return None  # the engine was away, or the client erred: not the version's doing
+    if signal == "errors":
+        return status >= 500
+    return bool(outcome[signal]) if status == 200 else None
+
+
+class Monitor:
+    def __init__(self, cfg: MonitorConfig, store: Store, router: Router, versions: Versions,
+                 engine_ready: Callable[[], bool], log: Callable[[str], None] | None = None) -> None:
+        self.cfg, self.store, self.router, self.versions, self.engine_ready = cfg, store, router, versions, engine_ready
+        self.log = log or (lambda m: print(f"alignloop monitor: {m}", file=sys.stderr, flush=True))
+        self.watch: Watch | None = None
+        self.seen = router.routes.serving  # what served when the gateway started: not a promotion seen here
+        self.rollbacks = 0
+        self.failures = 0  # checks that could not read the store or could not roll back
+        self.last_rollback: dict[str, Any] | None = None
+
+    # --- one pass ---------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Notice a promotion, count the new live outcomes, decide; never raises."""
+        if not self.cfg.enabled:
+            return
+        try:
+            routes = self.router.routes
+            if routes.serving != self.seen:
+                self.seen = routes.serving
+                self.watch = self._start(routes.serving, routes.previous)
+            w = self.watch
+            if w is None or w.outcome in ("kept", "rolled back") or w.version != routes.serving:
+                return
+            if w.outcome == "watching":
+                if not self.engine_ready():
+                    return  # no data, no verdict
+                self._count(w)
+            if w.outcome == REGRESSION:
+                self._roll_back(w)
+        except Exception as e:  # the store unreadable, a bug: count it, decide nothing
+            self.failures += 1
+            self.log(f"check failed, nothing decided: {type(e).__name__}: {e}")
+
+    def _start(self, version: int, previous: int | None) -> Watch | None:
+        if previous is None or previous == version:
+            return None
+        if self.store.rolled_back_automatically(version):
+            self.log(f"version {version} serves again after an automatic rollback: a person's override, not watched")
+            return None
+        exchange_after, feedback_after = self.store.newest_ids()
+        w = Watch(version, previous, exchange_after, feedback_after)
+        c = self.cfg
+        baseline = {s: [] for s in SIGNALS}
+        for outcome in self.store.live_outcomes(previous, before_id=exchange_after, limit=c.baseline):
+            for s in SIGNALS[:3]:
+                if (b := bad(s, outcome)) is not None:
+                    baseline[s].append(b)
+        baseline["thumbs_down"] = [bool(t["down"]) for t in
+                                   self.store.live_thumbs(previous, before_id=feedback_after, limit=c.baseline)]
+        watched = [s for s in SIGNALS if len(baseline[s]) >= c.min_baseline]
+        for s in SIGNALS:
+            if s not in watched:
+                w.unwatched[s] = f"{len(baseline[s])} baseline observations of version {previous}, fewer than {c.min_baseline}"
+                continue
+            p0 = smoothed_rate(sum(baseline[s]), len(baseline[s]), c.rate_floor)
+            w.tests[s] = SPRT.for_baseline(p0, c.min_regression, c.alpha / len(watched), c.beta)
+        if not w.tests:
+            w.outcome, w.reason = "kept", f"not watched: no signal has a baseline ({'; '.join(w.unwatched.values())})"
+        self.log(f"watching version {version} against {previous}: {sorted(w.tests)}" + (f" ({w.reason})" if w.reason else ""))
+        return w
+
+    def _count(self, w: Watch) -> None:
+        for outcome in self.store.live_outcomes(w.version, after_id=w.exchange_after, limit=10_000):
+            w.exchange_after = outcome["id"]
+            if bad("errors", outcome) is not None:
+                w.requests += 1
+            for s in SIGNALS[:3]:
+                if s in w.tests and (b := bad(s, outcome)) is not None:
+                    w.tests[s].update(b)
+        for thumb in self.store.live_thumbs(w.version, after_id=w.feedback_after, limit=10_000):
+            w.feedback_after = thumb["id"]
+            if "thumbs_down" in w.tests:
+                w.tests["thumbs_down"].update(bool(thumb["down"]))
+        found = [s for s, t in w.tests.items() if t.state == REGRESSION]
+        if found:
+            s, t = found[0], w.tests[found[0]]
+            w.outcome = REGRESSION
+            w.reason = (f"{s}: {t.bad} of {t.n} ({t.bad / t.n:.0%}) against {t.p0:.0%} for version {w.previous}; "
+                        f"sequential test at alpha {t.alpha:.4f}, after {w.requests} live requests")
+        elif all(t.state == FINE for t in w.tests.values()):
+            w.outcome, w.reason = "kept", f"every signal as good as version {w.previous}'s after {w.requests} requests"
+        elif w.requests >= self.cfg.watch_requests:
+            w.outcome, w.reason = "kept", f"no regression found in {w.requests} requests (monitor.watch_requests)"
+
+    def _roll_back(self, w: Watch) -> None:
+        try:
+            self.versions.promote(w.previous, actor="monitor", reason=f"automatic rollback of version {w.version}: {w.reason}")
+        except VersionError as e:
+            self.failures += 1
+            self.log(f"rollback of version {w.version} failed, will retry: {e}")
+            return
+        self.seen = w.previous
+        w.outcome = "rolled back"
+        self.rollbacks += 1
+        self.last_rollback = {"version": w.version, "to": w.previous, "reason": w.reason, "at": time.time()}
+        self.log(f"rolled back version {w.version} to {w.previous}: {w.reason}")
+
+    # --- for the gateway ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.check)
+            await asyncio.sleep(self.cfg.check_every_s)
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": self.cfg.enabled, "watch": self.watch.summary() if self.watch else None,
+                "rollbacks": self.rollbacks, "last_rollback": self.last_rollback, "failures": self.failures}
