@@ -34,12 +34,16 @@ def test_a_failed_second_answer_is_counted_and_live_traffic_goes_on():
 def test_status_and_metrics_show_the_counted_failures(tmp_path):
     with running(tmp_path, pairs=1) as gateway:
         gateway.gw.pairs.failed = 3  # as three failed second answers would leave it
+        gateway.gw.monitor.failures = 2  # as two checks that could not read the store would
         admin = GatewayClient(gateway.url, gateway.admin_token)
         status = admin.call("GET", "/api/status")
-        assert status["errors"] == {"pair_maker": 3, "pair_queue_full": 0, "log_dropped": 0, "adapter_unload": 0}
+        assert status["errors"] == {"pair_maker": 3, "pair_queue_full": 0, "log_dropped": 0, "adapter_unload": 0,
+                                    "monitor": 2}
         assert status["methods"] == ["dpo", "ppo", "kto"]
         metrics = httpx.get(f"{gateway.url}/metrics").text
         assert 'alignloop_background_errors{where="pair_maker"} 3.0' in metrics
+        assert 'alignloop_background_errors{where="monitor"} 2.0' in metrics
+        assert "alignloop_automatic_rollbacks 0.0" in metrics and "alignloop_monitor_watching_version -1.0" in metrics
 
 
 def test_an_existing_user_is_a_409_and_user_token_rotates_it(tmp_path):

@@ -109,7 +109,7 @@ def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up, simula
     cycle = time.monotonic() - started
     with up.client() as c:
         run = c.get("/api/runs").json()[0]
-        reward_models = c.get("/api/reward_models").json()
+        reward_models = c.get("/api/reward_models", params={"purpose": "reward"}).json()
         status = c.get("/api/status").json()
     assert run["method"] == "ppo" and run["status"] == "promoted", out.stdout + out.stderr
     metrics = json.loads(run["metrics"])
@@ -135,18 +135,19 @@ def test_kto_cycle_learns_from_thumbs_and_is_gated(up, simulated):
         status = c.get("/api/status").json()
     assert run["method"] == "kto" and run["metrics"], out.stdout + out.stderr
     metrics = json.loads(run["metrics"])
+    rate = judged_win_rate(up, f"v{run['candidate_version_id']}", "base", seeds=(0,))
     print(f"\nE2E KTO: {metrics.get('desirable')} up / {metrics.get('undesirable')} down, gate win rate "
-          f"{metrics.get('win_rate')}: {run['status']} ({run['reason']})")
+          f"{metrics.get('win_rate')}: {run['status']} ({run['reason']}); held-out judged win rate over base by "
+          f"the demo rule {rate:.3f}")
     assert metrics["desirable"] > 0 and metrics["undesirable"] > 0
-    # Learning: the gate's judged win rate over the base (64 held-out prompts, temperature 1). Two runs
-    # of this test measured 0.690 and 0.719 (offline, README/compare.md: 0.723-0.738 over 3 seeds). With
-    # 64 judgements the standard error near 0.7 is at most ~0.057, so 0.55 (also what the gate needs: 0.5 +
-    # margin) sits ~2.5 standard errors under the lower run: missing it is a regression, not noise.
-    assert metrics["win_rate"] > 0.55, run["reason"]
-    assert run["status"] == "promoted" and status["serving"] == run["candidate_version_id"], run["reason"]
-    rate = judged_win_rate(up, f"v{status['serving']}", "base", seeds=(0,))
-    print(f"E2E KTO: held-out judged win rate over base by the demo rule {rate:.3f}")
+    # Learning, by the simulated people: offline (README/compare.md) 0.723-0.738 over 3 seeds; 68
+    # judgements here, standard error ~0.055, so 0.55 is ~3 standard errors under them.
     assert rate > 0.55
+    # Gated by the reward model refreshed on the pairs: it learned politeness far better than topic
+    # (ops/bench/results/compare.md), and KTO's gain is partly topic, so the gate has measured KTO's
+    # candidates at 0.56 (rejected: lower bound 0.496) as well as above; both decisions are honest ones.
+    assert metrics["judge"].startswith("reward model") and run["status"] in ("promoted", "rejected"), run["reason"]
+    assert (status["serving"] == run["candidate_version_id"]) == (run["status"] == "promoted")
 
 
 def test_up_serves_the_labelling_app(up):
@@ -365,7 +366,7 @@ def test_the_whole_loop_on_a_qwen2_shaped_chat_model(qwen):
     # reward model + PPO, then KTO on the users' thumbs: each runs to the gate on this model
     ppo, m_ppo = cycle("ppo")
     with qwen.client() as c:
-        reward_models = c.get("/api/reward_models").json()
+        reward_models = c.get("/api/reward_models", params={"purpose": "reward"}).json()
     assert reward_models[0]["run_id"] == ppo["id"] and m_ppo["reward_model_id"] == reward_models[0]["id"]
     kto, m_kto = cycle("kto")
     assert m_kto["desirable"] > 0 and m_kto["undesirable"] > 0

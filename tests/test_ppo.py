@@ -28,7 +28,9 @@ class ShareOfE:
 def toy_run(model, kl_coef: float, tmp_path):
     from loop.training import ppo
 
-    cfg = PPOConfig(steps=24, rollout_batch=32, minibatch=8, max_new_tokens=16, learning_rate=1e-2,
+    # 48 steps: in 24 the tiny model built on some machines (AMD EPYC, 2026-12) did not move yet
+    # (reward 0.85 -> 0.92, bit-identical across peft and tokenizers releases)
+    cfg = PPOConfig(steps=48, rollout_batch=32, minibatch=8, max_new_tokens=16, learning_rate=1e-2,
                     kl_coef=kl_coef, missing_eos_penalty=0.0)
     metrics_path = tmp_path / f"metrics-{kl_coef}.jsonl"
     metrics, _ = ppo.run(PROMPTS, ShareOfE(), model, None, cfg, TrainConfig(), metrics_path=metrics_path,
@@ -43,7 +45,7 @@ def test_ppo_raises_a_toy_reward_while_the_kl_penalty_bounds_the_drift(tiny_mode
     assert weak["kl_last"] < 15, weak  # nats per 16-token answer
     names = {r["name"] for r in rows}
     assert {"reward", "kl", "entropy", "clipfrac", "value_loss", "policy_loss", "approx_kl", "kl_coef"} <= names
-    assert max(r["step"] for r in rows) == 24
+    assert max(r["step"] for r in rows) == 48
     strong, _ = toy_run(tiny_model, 5.0, tmp_path)
     assert strong["kl_last"] < weak["kl_last"] / 2, (strong, weak)  # the penalty is what holds it back
 
