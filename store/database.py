@@ -415,6 +415,11 @@ class Store:
             ORDER BY f.id {'DESC' if newest else 'ASC'} LIMIT ?""",
                            [version_id, after_id, before_id if newest else 2**62, limit])
 
+    def newest_promotion(self, alias: str) -> dict[str, Any] | None:
+        rows = self._dicts("""SELECT id, version_id, previous_version_id, actor FROM promotions WHERE alias = ?
+                              ORDER BY id DESC LIMIT 1""", [alias])
+        return rows[0] if rows else None
+
     def rolled_back_automatically(self, version_id: int) -> bool:
         """Whether the monitor has rolled this version back before (promoting it again is a person's override)."""
         return bool(self._all("""SELECT count(*) FROM promotions WHERE actor = 'monitor'

@@ -1,6 +1,9 @@
 """Config: defaults, the file `init` writes, every shipped config file, and clear errors."""
 
 import dataclasses
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,19 @@ def test_ints_are_accepted_for_floats(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[engine]\nstartup_timeout_s = 60\n")
     assert configuration.load(path).engine.startup_timeout_s == 60.0
+
+
+def test_init_for_a_real_model_writes_a_gate_that_is_not_the_demo_rule(tmp_path):
+    model = tmp_path / "Qwen2.5-0.5B-Instruct"
+    model.mkdir()
+    path = tmp_path / "alignloop.toml"
+    done = subprocess.run([sys.executable, "-m", "loop.cli", "--config", str(path), "init", "--set",
+                           f"model.base={model}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    gate = tomllib.loads(path.read_text())["gate"]
+    assert gate["judge"] == "auto" and gate["judge_url"] == ""  # the refreshed reward model, or held for a person
+    assert configuration.load(path).gate.judge == "auto"
+    for shipped in ("gpu.toml", "qwen-cpu.toml"):  # each says which judge and why
+        text = (REPO / "ops" / "configs" / shipped).read_text()
+        section = text[text.index("[gate]"):]
+        assert "judge =" in section and "# " in section and "demo" not in tomllib.loads(text)["gate"]["judge"]

@@ -43,6 +43,15 @@ def test_the_bounds_widen_with_spread_and_shrink_with_prompts():
     assert confidence_bounds([0.75] * 30, alpha=0.05) == (0.75, 0.75, 0.75)  # no spread
 
 
+def test_the_gate_says_which_win_rate_its_prompts_could_detect():
+    from loop.evaluation.gate import detectable
+
+    spread = [1.0, 0.0, 0.5, 0.5] * 16  # 64 prompts, sd ~0.36
+    assert 0.6 < detectable(spread, 0.05, 0.5) < 0.7 < detectable(spread[:16], 0.05, 0.5)
+    d = decide([["a"] * 48 + ["b"] * 16], 1.0, CFG)
+    assert d.stats["detectable_win_rate"] > 0.5
+
+
 def test_a_point_estimate_above_the_old_margin_is_not_enough():
     # 64 prompts, 36 wins and 28 losses: 0.5625 would have passed the old rule (> 0.55)
     verdicts = [["a"] * 36 + ["b"] * 28]

@@ -136,6 +136,34 @@ def test_the_llm_judge_asks_a_real_openai_compatible_server_in_both_orders(serve
     assert decide([verdicts * 10], 1.0, GateConfig()).outcome != "promote"
 
 
+def test_a_judge_that_is_unreachable_or_answers_garbage_holds_the_candidate(server, adapters):
+    """The gate through the real engine, with a judge that cannot be had: nothing is promoted or
+    rejected, what serves is untouched, and the decision says why."""
+    import dataclasses
+
+    from loop.client import GatewayClient
+    from loop.retrain import judge_candidate, settle
+    from loop.sections import GateConfig
+
+    client = GatewayClient(server.url, server.admin_token, timeout=300)
+    before = client.call("GET", "/api/status")["serving"]
+    version = client.call("POST", "/api/versions", json={"adapter_path": str(adapters[0]), "method": "dpo"})
+    prompts = [[{"role": "user", "content": f"How often should I water basil, plant {i}?"}] for i in range(30)]
+    judges = {"unreachable": f"http://127.0.0.1:{free_port()}/v1",
+              "garbage": f"{server.url}/v1"}  # the tiny garden model asked to judge: not a letter
+    for what, url in judges.items():
+        gate = GateConfig(judge="llm", judge_url=url, judge_model="alignloop", judge_timeout_s=60, eval_samples=1,
+                          max_tokens=8)
+        decision = judge_candidate(dataclasses.replace(server.cfg, gate=gate), client, version["name"], "base",
+                                   prompts, None, 1.0)
+        settle(client, version, decision, "test")
+        assert decision.outcome == "hold", (what, decision)
+        assert ("ConnectError" in decision.reason) if what == "unreachable" else ("no usable verdict" in decision.reason)
+        assert "what serves is untouched" in decision.reason
+    versions = {v["id"]: v for v in client.call("GET", "/api/versions")}
+    assert versions[version["id"]]["status"] == "candidate" and client.call("GET", "/api/status")["serving"] == before
+
+
 def test_pairs_are_made_from_live_traffic(server, oai):
     for i in range(4):
         oai.chat.completions.create(model="alignloop", messages=[{"role": "user", "content": f"Pair me {i}"}],

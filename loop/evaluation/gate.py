@@ -22,6 +22,7 @@ from typing import Any
 from loop.sections import GateConfig
 
 POINTS = {"a": 1.0, "tie": 0.5, "b": 0.0}
+POWER = 0.9  # what `detectable` reports: the win rate promoted 9 times in 10
 
 
 @dataclass
@@ -105,6 +106,20 @@ def confidence_bounds(scores: list[float], alpha: float) -> tuple[float, float, 
     return mean, mean - half, mean + half
 
 
+def detectable(scores: list[float], alpha: float, need: float, power: float = POWER) -> float:
+    """The smallest true win rate this many prompts, with this spread, would promote `power` of the
+    time: need + (t(1 - alpha) + t(power)) x the standard error. Above 1: these prompts cannot
+    tell a better candidate from luck at all."""
+    from scipy import stats
+
+    n = len(scores)
+    if n < 2:
+        return math.inf
+    mean = sum(scores) / n
+    se = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) / math.sqrt(n)
+    return need + (float(stats.t.ppf(1 - alpha, n - 1)) + float(stats.t.ppf(power, n - 1))) * se
+
+
 def counts(verdicts: list[list[str]]) -> dict[str, int]:
     flat = [v for sample in verdicts for v in sample]
     return {"wins": flat.count("a"), "losses": flat.count("b"), "ties": flat.count("tie"),
@@ -133,7 +148,8 @@ def decide(verdicts: list[list[str]], kl_to_base: float | None, cfg: GateConfig,
                                 "too few to tell a better candidate from luck", stats)
     mean, lower, upper = confidence_bounds(scores, cfg.alpha)
     need = 0.5 + cfg.margin
-    stats.update(win_rate=mean, win_rate_lower=lower, win_rate_upper=upper)
+    stats.update(win_rate=mean, win_rate_lower=lower, win_rate_upper=upper,
+                 detectable_win_rate=detectable(scores, cfg.alpha, need))
     level = f"{1 - 2 * cfg.alpha:.0%}"
     rate = f"win rate {mean:.3f} ({level} interval {lower:.3f}-{upper:.3f}, {len(scores)} prompts)"
     if lower <= need:

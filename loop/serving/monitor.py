@@ -1,6 +1,7 @@
 """The watch after a promotion: is the new version worse, live, than the one it replaced?
 
-When what serves changes (a retrain's promotion, or an admin's), the monitor takes the previous
+When a promotion is recorded (a retrain's, or an admin's; not one from before the gateway started,
+nor the monitor's own rollback), the monitor takes the previous
 version's rates of bad outcomes from its newest live traffic (`monitor.baseline` requests and as
 many thumbs) and then follows the new version's live requests as the log writer stores them:
 
@@ -72,7 +73,8 @@ class Monitor:
         self.cfg, self.store, self.router, self.versions, self.engine_ready = cfg, store, router, versions, engine_ready
         self.log = log or (lambda m: print(f"alignloop monitor: {m}", file=sys.stderr, flush=True))
         self.watch: Watch | None = None
-        self.seen = router.routes.serving  # what served when the gateway started: not a promotion seen here
+        newest = store.newest_promotion(router.routes.alias)
+        self.seen = newest["id"] if newest else 0  # promotions before the gateway started are not watched
         self.rollbacks = 0
         self.failures = 0  # checks that could not read the store or could not roll back
         self.last_rollback: dict[str, Any] | None = None
@@ -85,9 +87,13 @@ class Monitor:
             return
         try:
             routes = self.router.routes
-            if routes.serving != self.seen:
-                self.seen = routes.serving
-                self.watch = self._start(routes.serving, routes.previous)
+            newest = self.store.newest_promotion(routes.alias)
+            if newest and newest["id"] > self.seen:
+                self.seen = newest["id"]
+                if newest["actor"] != "monitor" and newest["version_id"] == routes.serving:
+                    self.watch = self._start(newest["version_id"], newest["previous_version_id"])
+                else:
+                    self.watch = None
             w = self.watch
             if w is None or w.outcome in ("kept", "rolled back") or w.version != routes.serving:
                 return
@@ -159,7 +165,6 @@ class Monitor:
             self.failures += 1
             self.log(f"rollback of version {w.version} failed, will retry: {e}")
             return
-        self.seen = w.previous
         w.outcome = "rolled back"
         self.rollbacks += 1
         self.last_rollback = {"version": w.version, "to": w.previous, "reason": w.reason, "at": time.time()}
