@@ -94,20 +94,29 @@ def judge_candidate(cfg: Config, client: GatewayClient, candidate: str, serving:
     untrustworthy, unreachable, slow or answering garbage holds the candidate)."""
     shadow = shadow or []
     manual = f"what serves is untouched; a person may still `alignloop promote {candidate}`"
+    people = client.call("GET", f"/api/versions/{candidate}/votes", params={"against": serving})["verdicts"]
+    enough_people = len(people) >= cfg.gate.people_min_votes
     try:
         judge, why = judges.choose(cfg.gate, judge_model)
     except (OSError, ValueError) as e:
-        return Decision("hold", f"the judge could not be loaded ({e}); {manual}")
-    if judge is None:
-        return Decision("hold", f"no trustworthy judge: {why}; {manual}")
-    if not prompts:
+        judge, why = None, f"the judge could not be loaded ({e})"
+    if judge is None and not enough_people:
+        return Decision("hold", f"no trustworthy judge: {why}; {len(people)} people's votes, fewer than "
+                                f"gate.people_min_votes = {cfg.gate.people_min_votes}; {manual}")
+    if not prompts and not enough_people:
         return Decision("hold", f"no held-out prompts to judge on; {manual}")
-    try:
-        verdicts, extra = evaluate(cfg, client, candidate, serving, prompts + shadow, judge)
-    except JudgeUnavailable as e:
-        return Decision("hold", f"the judge failed: {e}; {manual}")
-    decision = decide(verdicts, kl_to_base, cfg.gate, {"heldout": len(prompts), "shadow": len(shadow)})
-    decision.stats.update(extra, judge=judge.name)
+    verdicts: list[list[str]] = []
+    extra: dict[str, Any] = {}
+    if judge is not None and prompts:
+        try:
+            verdicts, extra = evaluate(cfg, client, candidate, serving, prompts + shadow, judge)
+        except JudgeUnavailable as e:
+            if not enough_people:
+                return Decision("hold", f"the judge failed: {e}; {manual}")
+            verdicts, why = [], f"the judge failed ({e})"
+    decision = decide(verdicts, kl_to_base, cfg.gate, {"heldout": len(prompts), "shadow": len(shadow)} if verdicts
+                      else None, people)
+    decision.stats.update(extra, judge=judge.name if verdicts else f"people's votes only ({why})")
     if decision.outcome == "hold":
         decision.reason += f"; {manual}"
     return decision

@@ -254,6 +254,8 @@ class GateConfig:
     shadow_prompts: int = _f(32, "live prompts logged since the last cycle (newest first, in no training pair) the "
                              "candidate answers in the background before it may serve, judged too (0: none)")
     min_prompts: int = _f(24, "fewer held-out prompts than this: too little to decide, the candidate is held")
+    people_min_votes: int = _f(30, "people's votes between the candidate and what serves (arena, canary pairs) count "
+                               "in the gate, each as one more judged prompt, once there are at least this many")
     eval_samples: int = _f(2, "answers per prompt and version (different seeds); a prompt's score is their mean")
     max_tokens: int = _f(64, "answer length when judging")
     temperature: float = _f(1.0, "sampling temperature when judging (1.0: what clients get by default)")
@@ -278,8 +280,10 @@ class GateConfig:
             raise ValueError("reward_floor must be in [0.5, 1]")
         if self.shadow_prompts < 0:
             raise ValueError("shadow_prompts must be >= 0")
-        if min(self.eval_prompts, self.min_prompts, self.eval_samples, self.max_tokens, self.reward_min_heldout) < 1:
-            raise ValueError("eval_prompts, min_prompts, eval_samples, max_tokens and reward_min_heldout must be at least 1")
+        if min(self.eval_prompts, self.min_prompts, self.eval_samples, self.max_tokens, self.reward_min_heldout,
+               self.people_min_votes) < 1:
+            raise ValueError("eval_prompts, min_prompts, eval_samples, max_tokens, reward_min_heldout and "
+                             "people_min_votes must be at least 1")
         if self.judge_timeout_s <= 0:
             raise ValueError("judge_timeout_s must be positive")
 

@@ -452,6 +452,20 @@ class Store:
               AND ra.version_id <> rb.version_id
             ORDER BY l.id""")
 
+    def head_to_head(self, version_id: int, other_id: int) -> list[str]:
+        """People's votes on pairs of one answer by `version_id` and one by `other_id` (arena pairs,
+        live pairs during a canary), as that version's verdicts in label order: "a" it won, "b" it
+        lost, "tie"; "both bad" and skips say nothing and are left out."""
+        rows = self._all("""
+            SELECT ra.version_id, l.choice FROM labels l
+            JOIN users u ON u.id = l.user_id JOIN pairs p ON p.id = l.pair_id
+            JOIN responses ra ON ra.id = p.response_a_id JOIN responses rb ON rb.id = p.response_b_id
+            WHERE u.role <> 'system' AND l.choice IN ('a', 'b', 'tie')
+              AND ((ra.version_id = ? AND rb.version_id = ?) OR (ra.version_id = ? AND rb.version_id = ?))
+            ORDER BY l.id""", [version_id, other_id, other_id, version_id])
+        flip = {"a": "b", "b": "a", "tie": "tie"}
+        return [choice if first == version_id else flip[choice] for first, choice in rows]
+
     def runs(self, limit: int = 50) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])
 

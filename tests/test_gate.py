@@ -226,3 +226,13 @@ def test_each_set_of_prompts_gets_its_own_win_rate_and_the_decision_is_on_all():
     assert d.stats["win_rate_heldout"] == pytest.approx(40 / 64)
     assert d.stats["win_rate_shadow"] == pytest.approx(12 / 32)
     assert d.stats["win_rate"] == pytest.approx(52 / 96) and d.stats["shadow_prompts"] == 32
+
+
+def test_peoples_votes_count_once_there_are_enough():
+    few = decide([], 1.0, CFG, None, ["a"] * 8 + ["b"] * 2)
+    assert few.outcome == "hold" and few.stats["people_votes"] == 10 and few.stats["win_rate_people"] == 0.8
+    enough = decide([], 1.0, CFG, None, ["a"] * 24 + ["b"] * 6)
+    assert enough.outcome == "promote" and enough.stats["judged_prompts"] == 30
+    # beside a judge that sees no difference, 40 votes of people who do tip the decision
+    with_judge = decide([["tie"] * 64], 1.0, CFG, {"heldout": 64}, ["a"] * 36 + ["b"] * 4)
+    assert with_judge.outcome == "promote" and with_judge.stats["win_rate_heldout"] == 0.5

@@ -226,3 +226,15 @@ def test_same_pair_twice_is_stored_once(store):
     assert store.add_labelled_pairs([_pair(1), _pair(1), _pair(2)], "test", "dataset:test") == (2, 1)
     assert store.add_labelled_pairs([_pair(2)], "test", "dataset:test") == (0, 1)
     assert store.counts()["pairs"] == 2
+
+
+def test_head_to_head_gives_one_versions_verdicts_against_another(store):
+    store.add_version("/a", "dpo")  # v1
+    uid = store.user_by_token(store.add_user("ann", "labeller"))["id"]
+    msgs = [{"role": "user", "content": "hi"}]
+    for i, (first, choice) in enumerate([(1, "a"), (0, "a"), (1, "tie"), (0, "b"), (1, "both_bad"), (1, "skip")]):
+        other = 0 if first == 1 else 1
+        pid = store.add_generated_pair(msgs, (f"x{i}", first), (f"y{i}", other), "arena", 2)
+        store._all("INSERT INTO labels (pair_id, user_id, choice) VALUES (?, ?, ?)", [pid, uid, choice])
+    assert store.head_to_head(1, 0) == ["a", "b", "tie", "a"]  # v1 won, lost (as b), tied, won (as b)
+    assert store.head_to_head(0, 1) == ["b", "a", "tie", "b"]

@@ -6,8 +6,9 @@ compares the two answers of each (prompt, seed). A prompt's score is the mean of
 tie 1/2, loss 0), so prompts, not samples, are the independent unit. The gate promotes only when the
 one-sided lower confidence bound (Student's t, level 1 - `gate.alpha`) of the mean score is above
 0.5 + `gate.margin`: a candidate no better than what serves passes at most `alpha` of the time,
-whatever the judge's tie rate or spread. It holds the candidate (kept as a candidate, nothing
-promoted) when the verdicts cannot decide anything: too few prompts, or a judge whose answers were
+whatever the judge's tie rate or spread. People's votes between the two versions (arena pairs, a canary's
+live pairs) count as more judged prompts once there are `gate.people_min_votes` of them. It holds
+the candidate (kept as a candidate, nothing promoted) when the verdicts cannot decide anything: too few prompts, or a judge whose answers were
 mostly not verdicts at all.
 """
 
@@ -127,11 +128,13 @@ def counts(verdicts: list[list[str]]) -> dict[str, int]:
 
 
 def decide(verdicts: list[list[str]], kl_to_base: float | None, cfg: GateConfig,
-           sets: dict[str, int] | None = None) -> Decision:
+           sets: dict[str, int] | None = None, people: list[str] | None = None) -> Decision:
     """Promote, reject or hold on `verdicts[sample][prompt]` (the candidate as "a") and the KL budget.
     `sets` names consecutive runs of prompts (e.g. {"heldout": 64, "shadow": 32}); each one's own win
-    rate is recorded beside the decision, which is on all of them."""
-    scores, invalid = prompt_scores(verdicts)
+    rate is recorded beside the decision, which is on all of them. `people`: people's votes between
+    the two versions (the candidate as "a"); once there are `gate.people_min_votes`, each counts as
+    one more judged prompt."""
+    scores, invalid = prompt_scores(verdicts) if verdicts else ([], 0)
     total = sum(len(v) for v in verdicts)
     stats: dict[str, Any] = {**counts(verdicts), "judged_prompts": len(scores), "samples": len(verdicts),
                              "alpha": cfg.alpha}
@@ -141,6 +144,13 @@ def decide(verdicts: list[list[str]], kl_to_base: float | None, cfg: GateConfig,
         stats[f"{name}_prompts"] = n
         stats[f"win_rate_{name}"] = sum(part) / len(part) if part else None
         start += n
+    people = [POINTS[v] for v in people or [] if v in POINTS]
+    stats["people_votes"] = len(people)
+    if people:
+        stats["win_rate_people"] = sum(people) / len(people)
+    if len(people) >= cfg.people_min_votes:
+        scores = scores + people
+        stats["judged_prompts"] = len(scores)
     if total and invalid > total / 2:
         return Decision("hold", f"the judge gave no usable verdict in {invalid} of {total} comparisons", stats)
     if len(scores) < cfg.min_prompts:

@@ -118,6 +118,17 @@ async def add_version(body: VersionRequest, request: Request) -> dict[str, Any]:
     return await asyncio.to_thread(_gw(request).store.add_version, **body.model_dump())
 
 
+@router.get("/versions/{ref}/votes")
+async def votes(ref: str, request: Request, against: str = "base") -> dict[str, Any]:
+    """People's votes between this version and another (`against`, default the base), as this
+    version's verdicts: what the gate counts beside its judge when there are enough."""
+    gw = _gw(request)
+    version = await _call(partial(gw.store.version, ref), status=404)
+    other = await _call(partial(gw.store.version, against), status=404)
+    return {"version": version["name"], "against": other["name"],
+            "verdicts": await asyncio.to_thread(gw.store.head_to_head, version["id"], other["id"])}
+
+
 @router.post("/versions/{ref}/status")
 async def set_status(ref: str, body: StatusRequest, request: Request) -> dict[str, Any]:
     gw = _gw(request)
