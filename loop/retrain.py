@@ -94,7 +94,7 @@ def judge_candidate(cfg: Config, client: GatewayClient, candidate: str, serving:
     untrustworthy, unreachable, slow or answering garbage holds the candidate)."""
     shadow = shadow or []
     manual = f"what serves is untouched; a person may still `alignloop promote {candidate}`"
-    people = client.call("GET", f"/api/versions/{candidate}/votes", params={"against": serving})["verdicts"]
+    people = client.call("GET", f"/api/versions/{candidate}/votes", params={"against": serving})["scores"]
     enough_people = len(people) >= cfg.gate.people_min_votes
     try:
         judge, why = judges.choose(cfg.gate, judge_model)
@@ -113,7 +113,11 @@ def judge_candidate(cfg: Config, client: GatewayClient, candidate: str, serving:
         except JudgeUnavailable as e:
             if not enough_people:
                 return Decision("hold", f"the judge failed: {e}; {manual}")
-            verdicts, why = [], f"the judge failed ({e})"
+            why = f"the judge failed ({e})"
+        finally:
+            getattr(judge, "close", lambda: None)()
+    elif judge is not None:
+        why = "no held-out prompts to judge on"
     decision = decide(verdicts, kl_to_base, cfg.gate, {"heldout": len(prompts), "shadow": len(shadow)} if verdicts
                       else None, people)
     decision.stats.update(extra, judge=judge.name if verdicts else f"people's votes only ({why})")
@@ -170,8 +174,9 @@ def training_data(manifest: dict[str, Any], method: str) -> tuple[str, int, str]
 
 
 def trained_on(runs: list[dict[str, Any]], method: str, snapshot_hash: str) -> int | None:
-    """The run that was promoted last with `method` if it trained on the same data (else None)."""
-    promoted = [r for r in runs if r["status"] == "promoted" and r["method"] == method]  # newest first
+    """The run that was promoted (or held for a person) last with `method`, if it trained on the same
+    data (else None). A held run's candidate waits for a person; another on the same data would too."""
+    promoted = [r for r in runs if r["status"] in ("promoted", "held") and r["method"] == method]  # newest first
     if promoted and promoted[0]["snapshot_hash"] == snapshot_hash:
         return promoted[0]["id"]
     return None
@@ -201,6 +206,7 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     if count == 0:
         return {"status": "skipped", "reason": f"no {noun} to train on", "snapshot_hash": snapshot_hash}
     prompts = heldout_prompts(Path(snap["dir"]), cfg.gate.eval_prompts)
+    shadow = shadow_prompts(Path(snap["dir"]), cfg.gate.shadow_prompts, since, prompts)  # chosen now: never trained on
     if not prompts:
         return {"status": "skipped", "reason": "no held-out prompts to evaluate on", "snapshot_hash": snapshot_hash}
     status = client.call("GET", "/api/status")
@@ -210,7 +216,7 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     run_dir = cfg.data_dir / "runs" / f"run-{run_id}"
     job = {"method": method, "snapshot": snap["dir"], "base_model": str(cfg.base_model_dir),
            "init_adapter": init_adapter, "output_adapter": str(run_dir / "adapter"), "train": asdict(cfg.train),
-           "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts,
+           "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts + shadow,
            "judge": not cfg.gate.uses_llm()}
     started = time.monotonic()
     trained = train(cfg, client, run_id, run_dir, job)
@@ -221,6 +227,8 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     if trained.get("reward_model"):
         reward_model = register_reward_model(cfg, client, run_id, trained["reward_model"], pairs_hash, "reward")
         log(f"run {run_id}: reward model {reward_model['id']}: held-out accuracy {reward_model['accuracy']}")
+    if trained.get("judge_error"):
+        log(f"run {run_id}: the gate's reward model could not be fitted: {trained['judge_error']}")
     if trained.get("judge_model"):
         judge_model = register_reward_model(cfg, client, run_id, trained["judge_model"], pairs_hash, "judge")
         judge_model["metrics"] = trained["judge_model"]["metrics"]
@@ -228,13 +236,12 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     candidate = client.call("POST", "/api/versions", json={
         "adapter_path": trained["adapter"], "method": method, "parent_id": serving_id,
         "snapshot_hash": snapshot_hash, "config": to_dict(cfg), "metrics": trained["metrics"]})
-    shadow = shadow_prompts(Path(snap["dir"]), cfg.gate.shadow_prompts, since, prompts)
     decision = judge_candidate(cfg, client, candidate["name"], versions[serving_id]["name"], prompts, judge_model,
                                trained["metrics"].get("kl_to_base"), shadow)
     metrics = {**trained["metrics"], **decision.stats, "train_seconds": train_seconds, "serving_version": serving_id,
                "prompts_up_to": newest_prompt_id(Path(snap["dir"])),
                "train_examples": count, "reward_model_id": reward_model["id"] if reward_model else None,
-               "judge_model_id": judge_model["id"] if judge_model else None}
+               "judge_model_id": judge_model["id"] if judge_model else None, "judge_error": trained.get("judge_error")}
     log(f"run {run_id}: {candidate['name']} vs {versions[serving_id]['name']}: {decision.outcome}: {decision.reason}")
     settle(client, candidate, decision, f"run {run_id}")
     status = {"promote": "promoted", "reject": "rejected", "hold": "held"}[decision.outcome]

@@ -236,9 +236,10 @@ class KTOConfig:
 
 @dataclass
 class GateConfig:
-    """Evaluation and the promotion gate. The demo's rule is never a judge here: it stands for the
-    simulated people (it labels in `simulate` and grades benchmarks), and what it labels must not
-    also grade the candidate."""
+    """Evaluation and the promotion gate (never judged by the demo's rule, which stands for the people).
+
+    The demo's rule labels in `simulate` and grades benchmarks; what it labels must not also grade
+    the candidate."""
 
     judge: str = _f("auto", "who judges the candidate against what serves: 'auto' (the LLM judge when judge_url is set, "
                      "else the reward model refreshed on every label this cycle), 'reward' or 'llm'")
@@ -253,7 +254,8 @@ class GateConfig:
     eval_prompts: int = _f(64, "held-out prompts judged at most (prompts are the unit of the gate's test)")
     shadow_prompts: int = _f(32, "live prompts logged since the last cycle (newest first, in no training pair) the "
                              "candidate answers in the background before it may serve, judged too (0: none)")
-    min_prompts: int = _f(24, "fewer held-out prompts than this: too little to decide, the candidate is held")
+    min_prompts: int = _f(24, "fewer judged prompts than this (held-out, shadow and people's votes together): too "
+                          "little to decide, the candidate is held")
     people_min_votes: int = _f(30, "people's votes between the candidate and what serves (arena, canary pairs) count "
                                "in the gate, each as one more judged prompt, once there are at least this many")
     eval_samples: int = _f(2, "answers per prompt and version (different seeds); a prompt's score is their mean")
@@ -270,8 +272,10 @@ class GateConfig:
                              "and set judge = 'llm'")
         if self.judge not in ("auto", "reward", "llm"):
             raise ValueError(f"judge must be 'auto', 'reward' or 'llm', not {self.judge!r}")
-        if self.judge == "llm" and not (self.judge_url and self.judge_model):
+        if self.judge == "llm" and not self.judge_url:
             raise ValueError("judge = 'llm' needs judge_url and judge_model")
+        if self.uses_llm() and not self.judge_model:
+            raise ValueError("an LLM judge (judge_url) needs judge_model, the model name to ask there")
         if not 0.0 < self.alpha < 0.5:
             raise ValueError("alpha must be in (0, 0.5)")
         if not 0.0 <= self.margin < 0.5:
@@ -280,10 +284,12 @@ class GateConfig:
             raise ValueError("reward_floor must be in [0.5, 1]")
         if self.shadow_prompts < 0:
             raise ValueError("shadow_prompts must be >= 0")
-        if min(self.eval_prompts, self.min_prompts, self.eval_samples, self.max_tokens, self.reward_min_heldout,
+        if min(self.eval_prompts, self.eval_samples, self.max_tokens, self.reward_min_heldout,
                self.people_min_votes) < 1:
-            raise ValueError("eval_prompts, min_prompts, eval_samples, max_tokens, reward_min_heldout and "
+            raise ValueError("eval_prompts, eval_samples, max_tokens, reward_min_heldout and "
                              "people_min_votes must be at least 1")
+        if self.min_prompts < 2:
+            raise ValueError("min_prompts must be at least 2 (a confidence bound needs a spread)")
         if self.judge_timeout_s <= 0:
             raise ValueError("judge_timeout_s must be positive")
 
@@ -294,8 +300,10 @@ class GateConfig:
 
 @dataclass
 class MonitorConfig:
-    """The watch after every promotion: the new version against the one it replaced, on live signals
-    (errors, answers cut off, empty answers, thumbs down); a significant regression rolls back."""
+    """The watch after every promotion: a significant live regression rolls the new version back.
+
+    It compares the new version with the one it replaced on errors, answers cut off, empty answers
+    and thumbs down."""
 
     enabled: bool = _f(True, "watch each promoted version and roll it back by itself on a significant regression")
     check_every_s: float = _f(2.0, "how often the monitor reads the new live outcomes from the store")

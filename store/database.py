@@ -452,19 +452,20 @@ class Store:
               AND ra.version_id <> rb.version_id
             ORDER BY l.id""")
 
-    def head_to_head(self, version_id: int, other_id: int) -> list[str]:
+    def head_to_head(self, version_id: int, other_id: int) -> list[float]:
         """People's votes on pairs of one answer by `version_id` and one by `other_id` (arena pairs,
-        live pairs during a canary), as that version's verdicts in label order: "a" it won, "b" it
-        lost, "tie"; "both bad" and skips say nothing and are left out."""
-        rows = self._all("""
-            SELECT ra.version_id, l.choice FROM labels l
+        live pairs during a canary), as that version's score per pair in pair order: 1 it won, 0 it
+        lost, 1/2 a tie, averaged over the pair's labellers (so a pair counts once). "Both bad" and
+        skips say nothing and are left out, and so are excluded users' votes."""
+        return [r[0] for r in self._all("""
+            SELECT avg(CASE WHEN l.choice = 'tie' THEN 0.5
+                            WHEN (l.choice = 'a') = (ra.version_id = ?) THEN 1.0 ELSE 0.0 END)
+            FROM labels l
             JOIN users u ON u.id = l.user_id JOIN pairs p ON p.id = l.pair_id
             JOIN responses ra ON ra.id = p.response_a_id JOIN responses rb ON rb.id = p.response_b_id
-            WHERE u.role <> 'system' AND l.choice IN ('a', 'b', 'tie')
+            WHERE u.role <> 'system' AND u.excluded_at IS NULL AND l.choice IN ('a', 'b', 'tie')
               AND ((ra.version_id = ? AND rb.version_id = ?) OR (ra.version_id = ? AND rb.version_id = ?))
-            ORDER BY l.id""", [version_id, other_id, other_id, version_id])
-        flip = {"a": "b", "b": "a", "tie": "tie"}
-        return [choice if first == version_id else flip[choice] for first, choice in rows]
+            GROUP BY p.id ORDER BY p.id""", [version_id, version_id, other_id, other_id, version_id])]
 
     def runs(self, limit: int = 50) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])

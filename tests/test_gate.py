@@ -229,10 +229,10 @@ def test_each_set_of_prompts_gets_its_own_win_rate_and_the_decision_is_on_all():
 
 
 def test_peoples_votes_count_once_there_are_enough():
-    few = decide([], 1.0, CFG, None, ["a"] * 8 + ["b"] * 2)
+    few = decide([], 1.0, CFG, None, [1.0] * 8 + [0.0] * 2)
     assert few.outcome == "hold" and few.stats["people_votes"] == 10 and few.stats["win_rate_people"] == 0.8
-    enough = decide([], 1.0, CFG, None, ["a"] * 24 + ["b"] * 6)
+    enough = decide([], 1.0, CFG, None, [1.0] * 24 + [0.0] * 6)
     assert enough.outcome == "promote" and enough.stats["judged_prompts"] == 30
     # beside a judge that sees no difference, 40 votes of people who do tip the decision
-    with_judge = decide([["tie"] * 64], 1.0, CFG, {"heldout": 64}, ["a"] * 36 + ["b"] * 4)
+    with_judge = decide([["tie"] * 64], 1.0, CFG, {"heldout": 64}, [1.0] * 36 + [0.0] * 4)
     assert with_judge.outcome == "promote" and with_judge.stats["win_rate_heldout"] == 0.5

@@ -14,6 +14,7 @@ from loop.evaluation.sequential import FINE, REGRESSION, SPRT, smoothed_rate
 from loop.sections import MonitorConfig
 from loop.serving.monitor import Monitor
 from loop.serving.router import Router
+from loop.serving.versions import StaleServing
 from store.database import Exchange
 
 
@@ -23,8 +24,10 @@ class Promoter:
     def __init__(self, store, router):
         self.store, self.router, self.calls = store, router, []
 
-    def promote(self, ref, actor=None, reason=None):
+    def promote(self, ref, actor=None, reason=None, expect_serving=None):
         routes = self.router.routes
+        if expect_serving is not None and routes.serving != expect_serving:
+            raise StaleServing("what serves changed")
         self.calls.append((ref, actor, reason))
         self.router.update(serving=ref, previous=routes.serving)
         self.store.record_promotion(routes.alias, ref, routes.serving, actor, reason)
@@ -176,3 +179,19 @@ def test_the_monitor_can_be_switched_off(store):
     traffic(store, 1, 200, down=1.0, rng=random.Random(7))
     monitor.check()
     assert monitor.watch is None and router.routes.serving == 1
+
+
+def test_a_rollback_never_undoes_a_newer_promotion(system):
+    store, router, promoter, monitor, _ = system
+    rng = random.Random(8)
+    traffic(store, 0, 400, down=0.6, rng=rng)
+    promoter.promote(2)
+    monitor.check()
+    traffic(store, 2, 200, down=1.0, rng=rng)
+    monitor._count(monitor.watch)  # a regression found ...
+    assert monitor.watch.outcome == "regression"
+    promoter.promote(1, actor="admin")  # ... while a person promotes another version
+    monitor._roll_back(monitor.watch)
+    assert router.routes.serving == 1 and monitor.watch.outcome == "superseded"
+    monitor.check()  # the person's promotion is watched in its turn
+    assert monitor.watch.version == 1 and monitor.watch.previous == 2

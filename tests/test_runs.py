@@ -90,3 +90,5 @@ def test_a_run_is_skipped_only_when_its_own_method_already_trained_on_the_same_d
     assert trained_on(runs, "dpo", "P2") is None  # new labels (the rejected run does not count)
     assert trained_on(runs, "ppo", "P+Q") == 3
     assert trained_on(runs, "kto", "F") is None
+    held = [{"id": 4, "status": "held", "method": "dpo", "snapshot_hash": "P3"}, *runs]
+    assert trained_on(held, "dpo", "P3") == 4  # its candidate waits for a person; another would too

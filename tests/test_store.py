@@ -230,11 +230,17 @@ def test_same_pair_twice_is_stored_once(store):
 
 def test_head_to_head_gives_one_versions_verdicts_against_another(store):
     store.add_version("/a", "dpo")  # v1
-    uid = store.user_by_token(store.add_user("ann", "labeller"))["id"]
+    ann = store.user_by_token(store.add_user("ann", "labeller"))["id"]
+    bob = store.user_by_token(store.add_user("bob", "labeller"))["id"]
     msgs = [{"role": "user", "content": "hi"}]
-    for i, (first, choice) in enumerate([(1, "a"), (0, "a"), (1, "tie"), (0, "b"), (1, "both_bad"), (1, "skip")]):
-        other = 0 if first == 1 else 1
-        pid = store.add_generated_pair(msgs, (f"x{i}", first), (f"y{i}", other), "arena", 2)
-        store._all("INSERT INTO labels (pair_id, user_id, choice) VALUES (?, ?, ?)", [pid, uid, choice])
-    assert store.head_to_head(1, 0) == ["a", "b", "tie", "a"]  # v1 won, lost (as b), tied, won (as b)
-    assert store.head_to_head(0, 1) == ["b", "a", "tie", "b"]
+    votes = [(1, [("a", ann)]), (0, [("a", ann)]), (1, [("tie", ann)]), (0, [("b", ann), ("a", bob)]),
+             (1, [("both_bad", ann), ("skip", bob)])]
+    for i, (first, labels) in enumerate(votes):
+        pid = store.add_generated_pair(msgs, (f"x{i}", first), (f"y{i}", 1 - first), "arena", 2)
+        for choice, uid in labels:
+            store._all("INSERT INTO labels (pair_id, user_id, choice) VALUES (?, ?, ?)", [pid, uid, choice])
+    # v1 won; lost (its answer was b); tied; won by ann and lost by bob on one pair: counted once, 1/2
+    assert store.head_to_head(1, 0) == [1.0, 0.0, 0.5, 0.5]
+    assert store.head_to_head(0, 1) == [0.0, 1.0, 0.5, 0.5]
+    store.exclude_user("bob", by="admin")
+    assert store.head_to_head(1, 0) == [1.0, 0.0, 0.5, 1.0]  # an excluded labeller's votes leave the gate too

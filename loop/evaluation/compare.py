@@ -100,11 +100,10 @@ def judge_against_base(cfg: Config, adapter: str, prompts: list[list[dict[str, s
 
 def win_rate(verdicts: list[str]) -> dict[str, float]:
     """The candidate's win rate (ties half; invalid verdicts left out) and the counts behind it."""
-    from loop.evaluation.gate import POINTS
+    from loop.evaluation.gate import POINTS, counts
 
     points = [POINTS[v] for v in verdicts if v in POINTS]
-    return {"win_rate": sum(points) / max(len(points), 1), "wins": verdicts.count("a"),
-            "losses": verdicts.count("b"), "ties": verdicts.count("tie"), "invalid": verdicts.count("invalid")}
+    return {"win_rate": sum(points) / max(len(points), 1), **counts([verdicts])}
 
 
 def grader(cfg: Config):
@@ -112,14 +111,14 @@ def grader(cfg: Config):
     the simulated people whose preferences are the truth there; on any other model the configured
     LLM judge. Never a reward model trained on the candidates' labels (PPO optimises against one)."""
     from loop.demo.model import demo_info
-    from loop.evaluation.judges import LLMJudge
+    from loop.evaluation.judges import llm_judge
 
     if demo_info(cfg.base_model_dir) is not None:
         from loop.demo.judge import Grader
 
         return Grader()
     if cfg.gate.judge_url:
-        return LLMJudge(cfg.gate.judge_url, cfg.gate.judge_model, cfg.gate.judge_timeout_s)
+        return llm_judge(cfg.gate)
     raise ValueError("compare grades a real model with an LLM judge: set gate.judge_url and gate.judge_model "
                      "(the demo rule knows only the demo model's world)")
 

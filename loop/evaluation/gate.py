@@ -57,13 +57,17 @@ def heldout_prompts(snapshot_dir: Path, limit: int) -> list[list[dict[str, str]]
 def shadow_prompts(snapshot_dir: Path, limit: int, since_id: int,
                    exclude: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
     """Live prompts logged after prompt `since_id` (the last cycle's newest), newest first, in no
-    training pair and not in `exclude` (the held-out set): what users asked lately, for the candidate
-    to answer in the background before it may serve them."""
+    training pair, with no thumb (KTO's data) and not in `exclude` (the held-out set): what users
+    asked lately, for the candidate to answer in the background before it may serve them. The
+    cycle picks them before training and keeps PPO's rollouts off them."""
     import pyarrow.parquet as pq
 
     pairs = pq.read_table(snapshot_dir / "pairs.parquet").to_pylist()
     seen = {json.dumps(p["prompt"], sort_keys=True) for p in pairs if p["split"] == "train"}
     seen |= {json.dumps(p, sort_keys=True) for p in exclude}
+    feedback = snapshot_dir / "feedback.parquet"
+    if feedback.exists():
+        seen |= {json.dumps(r["prompt"], sort_keys=True) for r in pq.read_table(feedback, columns=["prompt"]).to_pylist()}
     rows = pq.read_table(snapshot_dir / "prompts.parquet").to_pylist()
     out = []
     for row in sorted((r for r in rows if r["source"] == "live" and r["id"] > since_id), key=lambda r: -r["id"]):
@@ -128,12 +132,12 @@ def counts(verdicts: list[list[str]]) -> dict[str, int]:
 
 
 def decide(verdicts: list[list[str]], kl_to_base: float | None, cfg: GateConfig,
-           sets: dict[str, int] | None = None, people: list[str] | None = None) -> Decision:
+           sets: dict[str, int] | None = None, people: list[float] | None = None) -> Decision:
     """Promote, reject or hold on `verdicts[sample][prompt]` (the candidate as "a") and the KL budget.
     `sets` names consecutive runs of prompts (e.g. {"heldout": 64, "shadow": 32}); each one's own win
-    rate is recorded beside the decision, which is on all of them. `people`: people's votes between
-    the two versions (the candidate as "a"); once there are `gate.people_min_votes`, each counts as
-    one more judged prompt."""
+    rate is recorded beside the decision, which is on all of them. `people`: the candidate's score
+    per pair people voted on between the two versions (`Store.head_to_head`); once there are
+    `gate.people_min_votes`, each counts as one more judged prompt."""
     scores, invalid = prompt_scores(verdicts) if verdicts else ([], 0)
     total = sum(len(v) for v in verdicts)
     stats: dict[str, Any] = {**counts(verdicts), "judged_prompts": len(scores), "samples": len(verdicts),
@@ -144,7 +148,7 @@ def decide(verdicts: list[list[str]], kl_to_base: float | None, cfg: GateConfig,
         stats[f"{name}_prompts"] = n
         stats[f"win_rate_{name}"] = sum(part) / len(part) if part else None
         start += n
-    people = [POINTS[v] for v in people or [] if v in POINTS]
+    people = list(people or [])
     stats["people_votes"] = len(people)
     if people:
         stats["win_rate_people"] = sum(people) / len(people)

@@ -113,8 +113,19 @@ class LLMJudge:
         return both_orders(self.ask(prompt, a, b), self.ask(prompt, b, a))
 
     def verdicts(self, prompts: list[Messages], a: list[str], b: list[str]) -> list[str]:
-        with ThreadPoolExecutor(self.workers) as pool:
+        pool = ThreadPoolExecutor(self.workers)
+        try:
             return list(pool.map(self.verdict, prompts, a, b))
+        finally:  # a judge that fails fails fast: what is still queued is dropped, not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def llm_judge(cfg: GateConfig) -> LLMJudge:
+    """The configured LLM judge; its API key, if it needs one, from the environment (API_KEY_ENV)."""
+    return LLMJudge(cfg.judge_url, cfg.judge_model, cfg.judge_timeout_s, os.environ.get(API_KEY_ENV, ""))
 
 
 def choose(cfg: GateConfig, judge_model: dict[str, Any] | None) -> tuple[Judge | None, str]:
@@ -123,8 +134,7 @@ def choose(cfg: GateConfig, judge_model: dict[str, Any] | None) -> tuple[Judge |
     `judge_model` is the reward model refreshed for judging (a row of /api/reward_models: path,
     accuracy, metrics with heldout_pairs), or None when none could be fitted."""
     if cfg.uses_llm():
-        judge = LLMJudge(cfg.judge_url, cfg.judge_model, cfg.judge_timeout_s, os.environ.get(API_KEY_ENV, ""))
-        return judge, "the configured LLM judge"
+        return llm_judge(cfg), "the configured LLM judge"
     if judge_model is None:
         return None, "no reward model to judge with (no labelled pairs yet?)"
     accuracy = judge_model.get("accuracy")

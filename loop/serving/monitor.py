@@ -31,11 +31,12 @@ from typing import Any
 from loop.evaluation.sequential import FINE, REGRESSION, SPRT, smoothed_rate
 from loop.sections import MonitorConfig
 from loop.serving.router import Router
-from loop.serving.versions import Versions, VersionError
+from loop.serving.versions import StaleServing, Versions, VersionError
 from store.database import Store
 
 SIGNALS = ("errors", "cut_off", "empty", "thumbs_down")
 ENGINE_AWAY = 503
+ROLLBACK_TRIES = 10  # then the watch ends as "rollback failed" (e.g. the previous version can no longer serve)
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Watch:
     tests: dict[str, SPRT] = field(default_factory=dict)
     unwatched: dict[str, str] = field(default_factory=dict)  # signal -> why it is not watched
     requests: int = 0
-    outcome: str = "watching"  # watching | regression (rolling back) | rolled back | kept
+    rollback_failures: int = 0
+    outcome: str = "watching"  # watching | regression (rolling back) | rolled back | rollback failed | kept | superseded
     reason: str = ""
     started: float = field(default_factory=time.time)
 
@@ -86,16 +88,16 @@ class Monitor:
         if not self.cfg.enabled:
             return
         try:
+            # the promotion record first, then the routes: a promotion flips the routes before it is
+            # recorded, so a record that does not match what serves has a newer one on its way
+            newest = self.store.newest_promotion(self.router.routes.alias)
             routes = self.router.routes
-            newest = self.store.newest_promotion(routes.alias)
-            if newest and newest["id"] > self.seen:
+            if newest and newest["id"] > self.seen and newest["version_id"] == routes.serving:
                 self.seen = newest["id"]
-                if newest["actor"] != "monitor" and newest["version_id"] == routes.serving:
-                    self.watch = self._start(newest["version_id"], newest["previous_version_id"])
-                else:
-                    self.watch = None
+                self.watch = None if newest["actor"] == "monitor" else \
+                    self._start(newest["version_id"], newest["previous_version_id"])
             w = self.watch
-            if w is None or w.outcome in ("kept", "rolled back") or w.version != routes.serving:
+            if w is None or w.outcome not in ("watching", REGRESSION) or w.version != routes.serving:
                 return
             if w.outcome == "watching":
                 if not self.engine_ready():
@@ -160,10 +162,19 @@ class Monitor:
 
     def _roll_back(self, w: Watch) -> None:
         try:
-            self.versions.promote(w.previous, actor="monitor", reason=f"automatic rollback of version {w.version}: {w.reason}")
+            self.versions.promote(w.previous, actor="monitor", reason=f"automatic rollback of version {w.version}: {w.reason}",
+                                  expect_serving=w.version)
+        except StaleServing as e:  # a person promoted something else meanwhile: theirs to watch
+            w.outcome = "superseded"
+            self.log(f"not rolling back version {w.version}: {e}")
+            return
         except VersionError as e:
             self.failures += 1
-            self.log(f"rollback of version {w.version} failed, will retry: {e}")
+            w.rollback_failures += 1
+            if w.rollback_failures >= ROLLBACK_TRIES:
+                w.outcome = "rollback failed"
+                w.reason += f"; rolling back failed {ROLLBACK_TRIES} times: {e}"
+            self.log(f"rollback of version {w.version} failed ({w.rollback_failures}/{ROLLBACK_TRIES}): {e}")
             return
         w.outcome = "rolled back"
         self.rollbacks += 1

@@ -24,6 +24,10 @@ class VersionError(RuntimeError):
     pass
 
 
+class StaleServing(VersionError):
+    """What serves changed since the caller looked."""
+
+
 def engine_headers(api_key: str | None) -> dict[str, str]:
     """What every call to the engine carries: its API key, when the gateway started it with one."""
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -73,10 +77,14 @@ class Versions:
         self.router.update(engine_names={**self.router.routes.engine_names, version["id"]: name},
                            version_names={**self.router.routes.version_names, version["name"]: version["id"]})
 
-    def promote(self, ref: int | str, actor: str | None = None, reason: str | None = None) -> dict[str, Any]:
-        """Point the alias at a version; returns what changed and how long it took."""
+    def promote(self, ref: int | str, actor: str | None = None, reason: str | None = None,
+                expect_serving: int | None = None) -> dict[str, Any]:
+        """Point the alias at a version; returns what changed and how long it took. With
+        `expect_serving`, only if that version still serves (the monitor's rollback of what it watched)."""
         started = time.perf_counter()
         with self._lock:
+            if expect_serving is not None and self.router.routes.serving != expect_serving:
+                raise StaleServing(f"version {self.router.routes.serving} serves now, not {expect_serving}")
             try:
                 version = self.store.version(ref)
             except StoreError as e:

@@ -170,7 +170,11 @@ def run(run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"unknown train method {method!r}; expected {', '.join(METHODS)}")
     result = TRAINERS[method](job, run_dir)
     if job.get("judge"):
-        result["judge_model"] = train_judge(job, run_dir)
+        try:
+            result["judge_model"] = train_judge(job, run_dir)
+        except Exception as e:  # the candidate is trained; without a judge the gate holds it for a person
+            print(f"the gate's reward model could not be fitted: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            result["judge_model"], result["judge_error"] = None, f"{type(e).__name__}: {e}"
     return result
 
 

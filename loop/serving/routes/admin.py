@@ -121,12 +121,13 @@ async def add_version(body: VersionRequest, request: Request) -> dict[str, Any]:
 @router.get("/versions/{ref}/votes")
 async def votes(ref: str, request: Request, against: str = "base") -> dict[str, Any]:
     """People's votes between this version and another (`against`, default the base), as this
-    version's verdicts: what the gate counts beside its judge when there are enough."""
+    version's score per pair (1 won, 0 lost, 1/2 tie; a pair's labellers averaged): what the gate
+    counts beside its judge when there are enough."""
     gw = _gw(request)
     version = await _call(partial(gw.store.version, ref), status=404)
     other = await _call(partial(gw.store.version, against), status=404)
     return {"version": version["name"], "against": other["name"],
-            "verdicts": await asyncio.to_thread(gw.store.head_to_head, version["id"], other["id"])}
+            "scores": await asyncio.to_thread(gw.store.head_to_head, version["id"], other["id"])}
 
 
 @router.post("/versions/{ref}/status")
