@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from loop.evaluation.sequential import FINE, REGRESSION, SPRT, smoothed_rate
+from loop.evaluation.sequential import FINE, REGRESSION, SPRT, baseline_rate
 from loop.sections import MonitorConfig
 from loop.serving.monitor import Monitor
 from loop.serving.router import Router
@@ -73,7 +73,8 @@ def test_the_sequential_test_keeps_its_error_rates():
         worse += t.state == FINE
     assert same / 1000 <= 0.01 + 0.006  # alpha, with ~2 standard errors of 1,000 trials
     assert worse / 1000 <= 0.1 + 0.02  # beta
-    assert smoothed_rate(0, 500, 0.01) == 0.01 and smoothed_rate(9, 8, 0.01) == 1.0
+    assert baseline_rate(0, 500, 0.01) == 0.01 and baseline_rate(8, 8, 0.01) == pytest.approx(1.0)
+    assert 0.6 < baseline_rate(150, 250, 0.01) < 0.6 + 2 * (0.6 * 0.4 / 250) ** 0.5  # above the estimate, by < 2 se
 
 
 def test_a_version_worse_on_thumbs_is_rolled_back_with_its_reason(system):

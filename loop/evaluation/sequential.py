@@ -17,9 +17,17 @@ from dataclasses import dataclass
 REGRESSION, FINE, WATCHING = "regression", "fine", "watching"
 
 
-def smoothed_rate(bad: int, n: int, floor: float) -> float:
-    """A baseline rate from `bad` of `n` (Laplace's rule, so 0 of n is not 0), at least `floor`."""
-    return max((bad + 1) / (n + 2), floor)
+def baseline_rate(bad: int, n: int, floor: float, z: float = 1.645) -> float:
+    """The predecessor's rate for H0 from `bad` of `n`: the upper end of its one-sided 95% Wilson
+    interval, at least `floor`. Its upper bound, not its estimate: a baseline that came out low by
+    chance would make a version exactly as good look worse over a long watch (measured:
+    `ops/bench/results/rollback.md`)."""
+    if n == 0:
+        return max(floor, 1.0)
+    p = bad / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max((centre + spread) / (1 + z * z / n), floor)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loop.evaluation.sequential import FINE, REGRESSION, SPRT, smoothed_rate
+from loop.evaluation.sequential import FINE, REGRESSION, SPRT, baseline_rate
 from loop.sections import MonitorConfig
 from loop.serving.router import Router
 from loop.serving.versions import StaleServing, Versions, VersionError
@@ -130,7 +130,7 @@ class Monitor:
             if s not in watched:
                 w.unwatched[s] = f"{len(baseline[s])} baseline observations of version {previous}, fewer than {c.min_baseline}"
                 continue
-            p0 = smoothed_rate(sum(baseline[s]), len(baseline[s]), c.rate_floor)
+            p0 = baseline_rate(sum(baseline[s]), len(baseline[s]), c.rate_floor)
             w.tests[s] = SPRT.for_baseline(p0, c.min_regression, c.alpha / len(watched), c.beta)
         if not w.tests:
             w.outcome, w.reason = "kept", f"not watched: no signal has a baseline ({'; '.join(w.unwatched.values())})"
