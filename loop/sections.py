@@ -247,7 +247,8 @@ class GateConfig:
     judge_model: str = _f("", "model name at judge_url")
     judge_timeout_s: float = _f(60.0, "one LLM judge request may take this long; then the run is held, nothing promoted")
     reward_floor: float = _f(0.65, "the reward model judges only while its accuracy on held-out pairs is at least this")
-    reward_min_heldout: int = _f(16, "... measured on at least this many held-out pairs; else no automatic promotion")
+    reward_min_heldout: int = _f(16, "the reward model's accuracy must be measured on at least this many held-out pairs; "
+                              "else no automatic promotion")
     alpha: float = _f(0.05, "one-sided error rate: a candidate no better than what serves is promoted at most this often")
     margin: float = _f(0.0, "promote only if the lower confidence bound of the win rate is above 0.5 + margin")
     kl_budget: float = _f(20.0, "reject a candidate whose KL to the base (nats per answer) is above this")
