@@ -102,9 +102,9 @@ def judge_candidate(cfg: Config, client: GatewayClient, candidate: str, serving:
         judge, why = None, f"the judge could not be loaded ({e})"
     if judge is None and not enough_people:
         return Decision("hold", f"no trustworthy judge: {why}; {len(people)} people's votes, fewer than "
-                                f"gate.people_min_votes = {cfg.gate.people_min_votes}; {manual}")
+                                f"gate.people_min_votes = {cfg.gate.people_min_votes}; {manual}", {"judge": f"none ({why})"})
     if not prompts and not enough_people:
-        return Decision("hold", f"no held-out prompts to judge on; {manual}")
+        return Decision("hold", f"no held-out prompts to judge on; {manual}", {"judge": "none (no held-out prompts)"})
     verdicts: list[list[str]] = []
     extra: dict[str, Any] = {}
     if judge is not None and prompts:
@@ -112,7 +112,7 @@ def judge_candidate(cfg: Config, client: GatewayClient, candidate: str, serving:
             verdicts, extra = evaluate(cfg, client, candidate, serving, prompts + shadow, judge)
         except JudgeUnavailable as e:
             if not enough_people:
-                return Decision("hold", f"the judge failed: {e}; {manual}")
+                return Decision("hold", f"the judge failed: {e}; {manual}", {"judge": f"{judge.name} (failed)"})
             why = f"the judge failed ({e})"
         finally:
             getattr(judge, "close", lambda: None)()

@@ -293,8 +293,12 @@ def test_openai_errors_are_openai_shaped(oai):
         with pytest.raises(openai.BadRequestError) as e:
             oai.chat.completions.create(model="alignloop", **{"max_tokens": 4, **bad})
         assert e.value.type == "invalid_request_error" and e.value.message
-    with pytest.raises(openai.BadRequestError):  # the engine's own 4xx comes back as it is
+    with pytest.raises(openai.BadRequestError):  # the engine's own 4xx comes back with its message
         oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=4, extra_body={"top_k": "many"})
+    with pytest.raises(openai.BadRequestError) as e:  # in the gateway's schema: vLLM's numeric code is not kept
+        oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=4,
+                                    stream_options={"include_usage": True})
+    assert "stream" in e.value.message and e.value.param == "stream_options" and e.value.code is None
     with pytest.raises(openai.BadRequestError) as e:  # no tool-call parser in the engine: a clear 400
         oai.chat.completions.create(model="alignloop", messages=HELLO, max_tokens=4, tools=TOOLS)
     assert "tool" in e.value.message

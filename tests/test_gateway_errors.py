@@ -59,3 +59,16 @@ def test_an_existing_user_is_a_409_and_user_token_rotates_it(tmp_path):
         with pytest.raises(GatewayError) as old:
             GatewayClient(gateway.url, first).call("GET", "/api/me")
         assert old.value.status == 401
+
+
+def test_an_engine_refusal_keeps_its_message_in_the_gateways_shape():
+    from loop.serving.protocol import ErrorBody, engine_refusal
+
+    vllm = b'{"error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}}'
+    for body in (vllm, b'{"message": "old shape", "type": "BadRequestError", "param": null, "code": 400}',
+                 b"<html>not json</html>", b'{"error": "a string"}', b"[]"):
+        p = engine_refusal(400, body)
+        ErrorBody.model_validate_json(p.response().body)  # what the OpenAPI schema promises
+        assert p.status == 400 and p.message and p.code is None
+    assert (engine_refusal(400, vllm).message, engine_refusal(400, vllm).param) == ("bad top_k", "top_k")
+    assert "not json" in engine_refusal(400, b"<html>not json</html>").message

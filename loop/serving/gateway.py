@@ -31,7 +31,7 @@ from loop.serving.log_writer import LogWriter
 from loop.serving.metrics import Metrics
 from loop.serving.monitor import Monitor
 from loop.serving.pair_maker import PairJob, PairMaker
-from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem
+from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem, engine_refusal
 from loop.serving.router import Router, UnknownModel
 from loop.serving.versions import Versions, engine_headers
 from store.database import Exchange, Store
@@ -146,7 +146,7 @@ class Gateway:
             self.metrics.requests.labels(endpoint, str(r.status)).inc()
             if r.status >= 500:
                 raise self.unavailable(f"engine answered {r.status}: {text[:300]!r}")
-            return Response(text, status_code=r.status, media_type="application/json")
+            raise engine_refusal(r.status, text)
         record = Exchange(request_id=logged_id, endpoint=endpoint, model_requested=req.model, version_id=version,
                           messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)
         if req.stream:

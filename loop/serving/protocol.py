@@ -8,6 +8,7 @@ vLLM untouched (it checks them itself), so every sampling option vLLM has keeps 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -185,6 +186,18 @@ def error(status: int, message: str, type_: str = "invalid_request_error", param
           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def engine_refusal(status: int, body: bytes) -> HTTPProblem:
+    """The engine's own 4xx answer in the gateway's shape: vLLM's `code` is the status as a number,
+    where OpenAI's (and this schema's) is a string or null, so it is dropped; the rest is kept."""
+    try:
+        data = json.loads(body)
+        err = data.get("error", data)
+        message, type_, param = str(err["message"]), str(err.get("type") or "invalid_request_error"), err.get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return HTTPProblem(status, f"the engine refused the request: {body[:300]!r}")
+    return HTTPProblem(status, message, type_, param if isinstance(param, str) else None)
 
 
 def validation_message(err: ValidationError) -> tuple[str, str | None]:
