@@ -51,8 +51,9 @@ class Server:
 
 
 def start(root: Path, model_dir: Path | None, port: int, engine_port: int, extra: list[str] | None = None,
-          timeout: float = 300.0, command: str = "serve") -> Server:
-    """`alignloop serve` (or `up`) in `root`; model_dir None: the demo model, built on first use."""
+          timeout: float = 300.0, command: str = "serve", new_session: bool = False) -> Server:
+    """`alignloop serve` (or `up`) in `root`; model_dir None: the demo model, built on first use.
+    new_session: in a process group of its own (one a test may signal as a whole)."""
     root.mkdir(parents=True, exist_ok=True)
     settings = [f"gateway.port={port}", f"engine.port={engine_port}", *(extra or [])]
     if model_dir is not None:
@@ -63,7 +64,7 @@ def start(root: Path, model_dir: Path | None, port: int, engine_port: int, extra
     subprocess.run(args + ["init"], check=True, capture_output=True)
     log = (root / "serve.log").open("wb")
     proc = subprocess.Popen(args + [command], stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=new_session)
     server = Server(root, proc, f"http://127.0.0.1:{port}", configuration.load(root / "alignloop.toml"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

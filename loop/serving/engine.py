@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,6 +140,9 @@ class Engine:
             proc = self._proc
             if proc is not None and proc.poll() is not None:
                 self.ready.clear()
+                # A server killed hard (SIGKILL, the OOM killer) leaves its engine core behind in its
+                # process group, holding memory (on a GPU, the card's): end the group before a new one.
+                end_group(proc.pid)
                 if self._stopping.is_set():
                     return
                 self.restarts += 1
@@ -159,7 +163,10 @@ class Engine:
         self._stopping.set()
         self.ready.clear()
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:  # the server is gone; what it started may not be
+            end_group(proc.pid)
             return
         _signal_group(proc.pid, signal.SIGTERM)
         try:
@@ -167,7 +174,7 @@ class Engine:
         except subprocess.TimeoutExpired:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(5)
-        _signal_group(proc.pid, signal.SIGKILL)  # stragglers the server left in its group
+        end_group(proc.pid)  # stragglers the server left in its group
         if self._watcher:
             self._watcher.join(2)
 
@@ -177,3 +184,27 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of a process group, zombies aside (a zombie holds no memory)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def end_group(pgid: int, timeout: float = 10.0) -> bool:
+    """SIGKILL every process of the group and wait until none is left; whether none is."""
+    deadline = time.monotonic() + timeout
+    _signal_group(pgid, signal.SIGKILL)
+    while group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

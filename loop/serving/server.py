@@ -6,6 +6,8 @@ The gateway process owns the store and starts vLLM as its child; Ctrl-C or SIGTE
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 
 from loop.config import Config
@@ -61,6 +63,9 @@ def serve(cfg: Config) -> int:
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     print(f"gateway: {url}/v1 (model '{cfg.model.served_name}'); it answers 503 until the engine is ready", flush=True)
     print(f"admin token: {cfg.admin_token_path}", flush=True)
+    # uvicorn shuts down on SIGTERM and then raises it again under the handler it found: with the
+    # default one the process would die there, before the engine is stopped and the store closed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         # keep idle client connections longer than uvicorn's 5 s, so a client that pauses between
         # bursts does not send on a connection the gateway is just closing ("Server disconnected")
@@ -69,4 +74,5 @@ def serve(cfg: Config) -> int:
     finally:
         gw.engine.stop()
         gw.store.close()
+        print("alignloop serve: the engine is stopped and the store closed", flush=True)
     return 0
