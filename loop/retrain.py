@@ -13,6 +13,7 @@ the run says why, and only a person promotes it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -61,6 +62,23 @@ def latest_judge_model(client: GatewayClient) -> dict[str, Any] | None:
         return None
     row = rows[0]
     return {**row, "metrics": json.loads(row["metrics"]) if isinstance(row["metrics"], str) else row["metrics"]}
+
+
+def judge_fingerprint(cfg: Config, pairs_hash: str) -> str:
+    """What the gate's reward model is a function of: the labelled pairs, the base model, and the
+    settings it is fitted with."""
+    blob = json.dumps({"pairs": pairs_hash, "base": str(cfg.base_model_dir), "reward": asdict(cfg.reward),
+                       "train": asdict(cfg.train)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fitted_judge(client: GatewayClient, fingerprint: str) -> dict[str, Any] | None:
+    """The gate's newest reward model when it was fitted on the same pairs with the same settings and
+    is still on disk: refitting would make the same model again, at the cost of a training run."""
+    judge = latest_judge_model(client)
+    if judge and judge["metrics"].get("fingerprint") == fingerprint and Path(judge["path"]).exists():
+        return judge
+    return None
 
 
 def answers(cfg: Config, client: GatewayClient, model: str, prompts: list[list[dict[str, str]]],
@@ -214,22 +232,28 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     versions = {v["id"]: v for v in client.call("GET", "/api/versions")}
     init_adapter = versions[serving_id]["adapter_path"] if cfg.train.from_serving and serving_id else None
     run_dir = cfg.data_dir / "runs" / f"run-{run_id}"
+    pairs_hash = manifest["content_hash"]["pairs"]
+    fingerprint = judge_fingerprint(cfg, pairs_hash)
+    judge_model = None if cfg.gate.uses_llm() else fitted_judge(client, fingerprint)
+    if judge_model:
+        log(f"run {run_id}: the gate's reward model {judge_model['id']} (run {judge_model['run_id']}) was fitted on "
+            "these pairs with these settings: it judges again")
     job = {"method": method, "snapshot": snap["dir"], "base_model": str(cfg.base_model_dir),
            "init_adapter": init_adapter, "output_adapter": str(run_dir / "adapter"), "train": asdict(cfg.train),
            "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts + shadow,
-           "judge": not cfg.gate.uses_llm()}
+           "judge": not cfg.gate.uses_llm() and judge_model is None}
     started = time.monotonic()
     trained = train(cfg, client, run_id, run_dir, job)
     train_seconds = time.monotonic() - started
     log(f"run {run_id}: trained in {train_seconds:.0f} s: {trained['metrics']}")
-    pairs_hash = manifest["content_hash"]["pairs"]
-    reward_model = judge_model = None
+    reward_model = None
     if trained.get("reward_model"):
         reward_model = register_reward_model(cfg, client, run_id, trained["reward_model"], pairs_hash, "reward")
         log(f"run {run_id}: reward model {reward_model['id']}: held-out accuracy {reward_model['accuracy']}")
     if trained.get("judge_error"):
         log(f"run {run_id}: the gate's reward model could not be fitted: {trained['judge_error']}")
     if trained.get("judge_model"):
+        trained["judge_model"]["metrics"]["fingerprint"] = fingerprint
         judge_model = register_reward_model(cfg, client, run_id, trained["judge_model"], pairs_hash, "judge")
         judge_model["metrics"] = trained["judge_model"]["metrics"]
         log(f"run {run_id}: the gate's reward model {judge_model['id']}: held-out accuracy {judge_model['accuracy']}")

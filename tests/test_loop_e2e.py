@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -50,12 +51,16 @@ def judged_win_rate(server, candidate: str, base: str, seeds=(0, 1)) -> float:
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory):
+def up(tmp_path_factory, demo_model):
     root = tmp_path_factory.mktemp("up")
-    s = start(root, None, free_port(), free_port(), [f"labeling.app_port={free_port()}", "gateway.pair_share=1.0"],
-              timeout=900, command="up")
+    # the session's demo model where `up` looks for it (it checks the build and does not rebuild it)
+    shutil.copytree(demo_model, root / "alignloop-data" / "models" / "demo")
+    # a fifth of the pairs held out: the gate's reward model is measured on ~50 of them (on ~25, with
+    # a tenth, its accuracy's standard error was ~0.09, and a sound judge once measured 0.609 < 0.65)
+    s = start(root, None, free_port(), free_port(), [f"labeling.app_port={free_port()}", "gateway.pair_share=1.0",
+                                                     "store.heldout_share=0.2"], timeout=900, command="up")
     yield s
-    s.stop(signal.SIGINT, timeout=90)
+    s.stop(signal.SIGINT, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +145,9 @@ def test_kto_cycle_learns_from_thumbs_and_is_gated(up, simulated):
           f"{metrics.get('win_rate')}: {run['status']} ({run['reason']}); held-out judged win rate over base by "
           f"the demo rule {rate:.3f}")
     assert metrics["desirable"] > 0 and metrics["undesirable"] > 0
+    with up.client() as c:  # on the labels the cycles before it had, the gate's reward model is not refitted
+        judges = c.get("/api/reward_models", params={"purpose": "judge"}).json()
+    assert len(judges) == 1 and metrics["judge_model_id"] == judges[0]["id"], out.stdout
     # Learning, by the simulated people: offline (README/compare.md) 0.723-0.738 over 3 seeds; 68
     # judgements here, standard error ~0.055, so 0.55 is ~3 standard errors under them.
     assert rate > 0.55
@@ -231,7 +239,7 @@ def test_a_worse_version_pushed_live_is_rolled_back_by_the_monitor(up, simulated
     name = register(up, flipped_adapter)
     up.cli("promote", name)
     vid = int(name[1:])
-    up.cli("simulate", "--labellers", "0", "--pairs", str(10**9), "--requests", "480", "--seed", "7")
+    up.cli("simulate", "--labellers", "0", "--pairs", str(10**9), "--requests", "360", "--seed", "7")
     deadline = time.monotonic() + 60
     with up.client() as c:
         while c.get("/api/status").json()["serving"] == vid and time.monotonic() < deadline:
@@ -245,7 +253,7 @@ def test_a_worse_version_pushed_live_is_rolled_back_by_the_monitor(up, simulated
     assert status["serving"] == 0, monitor
     assert monitor["last_rollback"]["version"] == vid and monitor["rollbacks"] >= 1
     assert "alignloop_automatic_rollbacks 1.0" in metrics or "alignloop_automatic_rollbacks 2.0" in metrics
-    assert served <= 480
+    assert served <= 360
     out = up.cli("status", "--json").stdout
     assert json.loads(out)["monitor"]["last_rollback"]["version"] == vid
 

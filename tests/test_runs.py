@@ -92,3 +92,18 @@ def test_a_run_is_skipped_only_when_its_own_method_already_trained_on_the_same_d
     assert trained_on(runs, "kto", "F") is None
     held = [{"id": 4, "status": "held", "method": "dpo", "snapshot_hash": "P3"}, *runs]
     assert trained_on(held, "dpo", "P3") == 4  # its candidate waits for a person; another would too
+
+
+def test_the_gates_reward_model_is_refitted_only_when_its_pairs_or_settings_change():
+    import dataclasses
+
+    from loop.retrain import judge_fingerprint
+
+    cfg = configuration.load(None, [], missing_ok=True)
+    same = judge_fingerprint(cfg, "pairs-1")
+    assert judge_fingerprint(cfg, "pairs-1") == same  # another method on the same labels: fitted once
+    assert judge_fingerprint(cfg, "pairs-2") != same  # new labels
+    epochs = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, epochs=cfg.reward.epochs + 1))
+    assert judge_fingerprint(epochs, "pairs-1") != same
+    seed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    assert judge_fingerprint(seed, "pairs-1") != same
