@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh store per test, the shipped sample data, one tiny model per session."""
+"""Shared fixtures: a fresh store per test, the shipped sample data, one tiny model and one default
+demo model per session."""
 
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def tiny_model(tmp_path_factory) -> Path:
     from loop.demo.model import DemoModelConfig, build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("tiny-model"), DemoModelConfig.tiny(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The default demo model, as `alignloop up` builds it (minutes on 2 cores), built once per session
+    for every test that needs a model the demo rule can tell apart from its candidates."""
+    from loop.demo.model import DemoModelConfig, build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo-model") / "demo", DemoModelConfig(), progress=False)
 
 
 @pytest.fixture(scope="session")

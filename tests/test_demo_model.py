@@ -276,11 +276,10 @@ def test_build_refuses_to_overwrite_a_foreign_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_learns_the_styles(tmp_path):
+def test_default_model_learns_the_styles(demo_model):
     from loop.demo.model import report
 
-    out = build_demo_model(tmp_path / "default", DemoModelConfig(), progress=False)
-    rep = report(out, n_samples=100, split="heldout", temperature=1.0, seed=0)
+    rep = report(demo_model, n_samples=100, split="heldout", temperature=1.0, seed=0)
     assert 0.10 <= rep["good_share"] <= 0.60, rep["good_share"]
     assert rep["on_topic_share"] >= 0.35 and 0.25 <= rep["polite_share"] <= 0.85
     readable = sum(s["reply"].rstrip().endswith((".", "!", "?")) for s in rep["samples"])

@@ -183,9 +183,9 @@ def report(rows: list[dict[str, Any]]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         gate_rate = f"{r['gate_win_rate']:.3f} ({r['gate_lower']:.3f})" if r.get("gate_win_rate") is not None else "-"
+        kl = f"{r['kl_to_base']:.2f}" if r["kl_to_base"] is not None else "-"  # none without held-out prompts
         lines.append(f"| {r['seed']} | {r['candidate']} | {r['truth']} {r['true_win_rate']:.3f} "
-                     f"({r['true_lower']:.3f}-{r['true_upper']:.3f}) | {r['decision']} | {gate_rate} | "
-                     f"{r['kl_to_base']:.2f} |")
+                     f"({r['true_lower']:.3f}-{r['true_upper']:.3f}) | {r['decision']} | {gate_rate} | {kl} |")
     matrix = Counter((r["truth"], r["decision"]) for r in rows)
     lines += ["", "| truth \\ gate | promote | reject | hold |", "| --- | --- | --- | --- |"]
     for kind in ("better", "neutral", "worse"):
