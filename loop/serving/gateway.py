@@ -108,8 +108,6 @@ class Gateway:
         except UnknownModel:
             raise HTTPProblem(404, f"the model {model!r} does not exist; available: {', '.join(self.router.names())}",
                               param="model", code="model_not_found") from None
-        except KeyError:  # the engine restarted and its adapters are being loaded again (Versions.restore)
-            raise self.unavailable("restoring the served versions after a restart") from None
         if not self.engine_ready():
             raise self.unavailable("starting or restarting")
         return version, engine_model

@@ -140,8 +140,9 @@ class Versions:
         """After the engine (re)starts: load what serves, and what served before, under fresh names."""
         with self._lock:
             serving, previous = self.store.serving(self.router.routes.alias)
+            # one consistent table while the adapters load again: no route names an unloaded adapter
             self.router.update(engine_names={0: ""}, canary=None, canary_share=0.0,
-                               version_names={"base": 0})
+                               version_names={"base": 0}, serving=0, previous=None)
             for vid in (serving, previous):
                 if vid:
                     try:
