@@ -148,7 +148,14 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, default=str))
     else:
         for key, value in status.items():
-            print(f"{key:>12}: {value}")
+            if key == "replicas":
+                for r in value:
+                    state = "ready" if r["ready"] else f"out ({r['problem']})"
+                    print(f"{'replica':>12}: {r['name']} {r['url']} {state}, {r['in_flight']} in flight, "
+                          f"{r['answered']} answered, {r['failed']} failed, {r['restarts']} restarts, "
+                          f"adapters {r['adapters']}")
+            else:
+                print(f"{key:>12}: {value}")
     return 0
 
 

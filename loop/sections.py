@@ -82,12 +82,39 @@ class EngineConfig:
     max_loras: int = _f(4, "adapters held in the engine at once (serving, previous, candidate, ...)")
     kv_cache_gb: int = _f(1, "CPU build: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)")
     startup_timeout_s: float = _f(300.0, "seconds to wait for the engine to become healthy")
+    replicas: int = _f(1, "local vLLM servers the gateway starts and supervises, on ports port, port+1, ...; "
+                          "requests go to the least loaded healthy one")
+    devices: str = _f("", "per local replica, its GPUs (CUDA_VISIBLE_DEVICES) or, on the CPU build, its cores "
+                         "(VLLM_CPU_OMP_THREADS_BIND), separated by ';' (e.g. \"0;1\", or \"0,1;2,3\" with "
+                         "tensor_parallel_size = 2); empty: all GPUs each, and CPU replicas share out the cores")
+    tensor_parallel_size: int = _f(1, "GPUs each local replica spreads the model over (vLLM --tensor-parallel-size)")
+    external: str = _f("", "vLLM servers run by someone else, each one more replica, separated by spaces "
+                          "(\"http://10.0.0.5:8000 http://10.0.0.6:8000\"); each must serve the base model as 'base' "
+                          "with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+    external_key_env: str = _f("ALIGNLOOP_EXTERNAL_ENGINE_KEY", "environment variable holding the API key of the "
+                                                                 "external servers (unset: none)")
 
     def __post_init__(self) -> None:
         _check_port(self.port)
-        for name in ("max_model_len", "max_lora_rank", "max_loras", "kv_cache_gb"):
+        for name in ("max_model_len", "max_lora_rank", "max_loras", "kv_cache_gb", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.replicas < 0:
+            raise ValueError("replicas must be at least 0")
+        _check_port(self.port + max(self.replicas - 1, 0))
+        if self.replicas + len(self.external_urls()) < 1:
+            raise ValueError("no engine: set replicas to at least 1 or name an external server")
+        if self.devices and len(self.device_groups()) != self.replicas:
+            raise ValueError(f"devices names {len(self.device_groups())} groups for {self.replicas} replicas")
+        for url in self.external_urls():
+            if not url.startswith(("http://", "https://")) or len(url.split("//", 1)[1].strip("/")) == 0:
+                raise ValueError(f"external: {url!r} is not an http(s) URL")
+
+    def external_urls(self) -> list[str]:
+        return [u.rstrip("/") for u in self.external.split()]
+
+    def device_groups(self) -> list[str]:
+        return [g.strip() for g in self.devices.split(";")] if self.devices else []
 
 
 @dataclass

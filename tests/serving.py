@@ -99,6 +99,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive free ports (local engine replicas take port, port+1, ...)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        first = random.randint(20000, 60000)
+        try:
+            socks = []
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def make_adapter(model_dir, out, seed: int):
     """A LoRA adapter with random (non-zero) weights: a version that answers differently."""
     import torch

@@ -122,7 +122,7 @@ def labelling_api(tmp_path):
     cfg = configuration.load(None, [f"data.dir={tmp_path}", f"gateway.port={port}", "labeling.overlap=2"])
     with Store(cfg.db_path) as s:
         _pairs(s, 60)
-    app, gw = build(cfg, engine_url="http://127.0.0.1:9")  # nothing listens there: no engine at all
+    app, gw = build(cfg, engines=False)  # nothing listens there: no engine at all
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run)
     thread.start()

@@ -430,7 +430,7 @@ def test_sigterm_to_the_whole_process_group_of_up_leaves_nothing_running(tiny_mo
         while [p for p in ours | engines if pid_alive(p)] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not [p for p in ours | engines if pid_alive(p)], s.log()[-3000:]
-        assert "the engine is stopped and the store closed" in s.log()  # by the gateway, not by luck
+        assert "the engines are stopped and the store closed" in s.log()  # by the gateway, not by luck
     finally:  # whatever the outcome, nothing of it outlives the test
         for group in (s.proc.pid, engine):
             if group is not None and group_members(group):

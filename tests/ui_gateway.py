@@ -49,7 +49,7 @@ def running(root: Path, pairs: int = 10, samples: list[NewPair] = (), settings: 
                              "import:test", "dataset:test")
         if samples:
             s.add_labelled_pairs(list(samples), "import:sample", "dataset:sample")
-    app, gw = build(cfg, engine_url="http://127.0.0.1:9")  # no engine: labelling needs none
+    app, gw = build(cfg, engines=False)  # no engine: labelling needs none
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

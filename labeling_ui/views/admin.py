@@ -65,7 +65,14 @@ with status:
         c[0].metric(f"Serving as '{s['alias']}'", s["serving"])
         c[1].metric("Previous", s["previous"] if s["previous"] is not None else "none")
         c[2].metric("Canary", s["canary"] if s["canary"] is not None else "none")
-        c[3].metric("Engine", "ready" if s["engine"]["ready"] else "not ready")
+        e = s["engine"]
+        c[3].metric("Engine replicas ready", f"{e.get('replicas_ready', int(e['ready']))} of {e.get('replicas', 1)}")
+        replicas = s.get("replicas") or []
+        if replicas:
+            st.dataframe([{"replica": r["name"], "url": r["url"], "state": "ready" if r["ready"] else r["problem"],
+                           "in flight": r["in_flight"], "answered": r["answered"], "failed": r["failed"],
+                           "restarts": r["restarts"], "adapters": ", ".join(r["adapters"])} for r in replicas],
+                         hide_index=True)
         counts = list(s.get("counts", {}).items())
         for row in range(0, len(counts), 5):
             for column, (table, n) in zip(st.columns(5), counts[row:row + 5]):

@@ -1,10 +1,11 @@
 """The gateway's state and its hot path: a live request in, the engine's answer out, logged.
 
-`Gateway` holds what every route shares (config, store, router, versions, the engine's HTTP
-session, the log writer, the pair maker, the metrics). Its hot path, top to bottom:
+`Gateway` holds what every route shares (config, store, router, versions, the replicas and an
+HTTP session to each, the log writer, the pair maker, the metrics). Its hot path, top to bottom:
 
     route()     check max_tokens, resolve the model name to (version, engine model name)
-    complete()  forward to the engine with one aiohttp session; errors become OpenAI-shaped
+    complete()  forward to the least loaded ready replica (one aiohttp session each); errors become
+                OpenAI-shaped
     _relay()    (streams) pass the engine's events through, collecting the whole answer
     _finish()   count it, hand the exchange to the batched writer, offer it to the pair maker
 
@@ -26,14 +27,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loop.config import Config
 from loop.sections import METHODS
-from loop.serving.engine import KEEP_ALIVE_S, Engine
+from loop.serving.engine import KEEP_ALIVE_S, Replica
 from loop.serving.log_writer import LogWriter
 from loop.serving.metrics import Metrics
 from loop.serving.monitor import Monitor
 from loop.serving.pair_maker import PairJob, PairMaker
 from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem, engine_refusal
+from loop.serving.replicas import Replicas
 from loop.serving.router import Router, UnknownModel
-from loop.serving.versions import Versions, engine_headers
+from loop.serving.versions import Versions
 from store.database import Exchange, Store
 from store.labelling import LabelQueue
 from store.reward_models import RewardModels
@@ -46,10 +48,9 @@ class Gateway:
     store: Store
     router: Router
     versions: Versions
-    engine: Engine | None                       # None: someone else runs the engine (tests, benchmarks)
-    engine_url: str
+    replicas: Replicas                           # none at all: a gateway for labelling only (tests, benchmarks)
     metrics: Metrics = field(default_factory=Metrics)
-    in_flight: int = 0
+    in_flight: int = 0                           # live requests (the pair maker waits for none)
 
     def __post_init__(self) -> None:
         g = self.cfg.gateway
@@ -59,23 +60,55 @@ class Gateway:
         self.runs = Runs(self.store)
         self.reward_models = RewardModels(self.store)
         self.monitor = Monitor(self.cfg.monitor, self.store, self.router, self.versions, self.engine_ready)
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
 
-    def session(self) -> aiohttp.ClientSession:
-        """The one HTTP client to the engine (aiohttp: measured ~1-2 ms a request faster than httpx
+    def session(self, replica: Replica) -> aiohttp.ClientSession:
+        """The HTTP client to one replica (aiohttp: measured ~1-2 ms a request faster than httpx
         here); made lazily because it must be made inside the running event loop."""
-        if self._session is None:
+        session = self._sessions.get(replica.name)
+        if session is None:
             g = self.cfg.gateway
-            self._session = aiohttp.ClientSession(
-                base_url=self.engine_url, connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEP_ALIVE_S - 15),
-                headers=engine_headers(self.engine.api_key if self.engine else None),
-                timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
-        return self._session
+            headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
+            session = self._sessions[replica.name] = aiohttp.ClientSession(
+                base_url=replica.url, connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEP_ALIVE_S - 15),
+                headers=headers, timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
+        return session
 
-    # --- the engine ---------------------------------------------------------------------------
+    # --- the engines ----------------------------------------------------------------------------
 
     def engine_ready(self) -> bool:
-        return self.engine.ready.is_set() if self.engine else True
+        return self.replicas.any_ready()
+
+    async def _send(self, path: str, body: dict[str, Any]) -> tuple[Replica, aiohttp.ClientResponse]:
+        """POST to the least loaded ready replica; one that refuses the connection (so it got
+        nothing) leaves rotation and the next one is tried. The caller releases the response and
+        the replica's `in_flight`."""
+        tried: tuple[Replica, ...] = ()
+        model = body["model"]
+        while (replica := self.replicas.pick(exclude=tried)) is not None:
+            replica.in_flight += 1
+            self.router.hold(model)
+            try:
+                return replica, await self.session(replica).post(path, json=body)
+            except aiohttp.ClientConnectorError as e:
+                self._failed(replica, model)
+                replica.mark_down(f"refused a connection ({type(e).__name__})")
+                tried += (replica,)
+            except BaseException:
+                self._failed(replica, model)
+                raise
+        raise self.unavailable("no engine replica is ready" if not tried else "every replica refused the connection")
+
+    def _failed(self, replica: Replica, model: str) -> None:
+        replica.in_flight -= 1
+        replica.failed += 1
+        self.router.release(model)
+
+    def _done(self, replica: Replica, r: aiohttp.ClientResponse, model: str) -> None:
+        r.release()
+        replica.in_flight -= 1
+        replica.answered += 1
+        self.router.release(model)
 
     def unavailable(self, why: str) -> HTTPProblem:
         print(f"alignloop gateway: 503 to a client: the engine is unavailable ({why})", file=sys.stderr, flush=True)
@@ -86,15 +119,23 @@ class Gateway:
         """POST to the engine and return its JSON answer: for requests that are not live traffic
         (second answers, arena, evaluation). A 4xx keeps its status, anything worse is a 503."""
         try:
-            async with self.session().post(path, json=body) as r:
-                if r.status >= 400:
-                    text = await r.text()
-                    raise HTTPProblem(r.status if r.status < 500 else 503, text)
-                return await r.json(content_type=None)
+            replica, r = await self._send(path, body)
+        except TimeoutError:
+            raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
+        except aiohttp.ClientError as e:
+            raise self.unavailable(type(e).__name__) from None
+        try:
+            if r.status >= 400:
+                text = await r.text()
+                raise HTTPProblem(r.status if r.status < 500 else 503, text)
+            return await r.json(content_type=None)
         except TimeoutError:
             raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
         except (aiohttp.ClientError, json.JSONDecodeError) as e:
+            replica.failed += 1
             raise self.unavailable(type(e).__name__) from None
+        finally:
+            self._done(replica, r, body["model"])
 
     # --- the hot path -------------------------------------------------------------------------
 
@@ -132,17 +173,20 @@ class Gateway:
         started = time.perf_counter()
         self.in_flight += 1
         try:
-            r = await self.session().post(path, json=upstream)
+            replica, r = await self._send(path, upstream)
         except TimeoutError:
             self.in_flight -= 1
             raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
         except aiohttp.ClientError as e:
             self.in_flight -= 1
             raise self.unavailable(type(e).__name__) from None
+        except HTTPProblem:
+            self.in_flight -= 1
+            raise
         if r.status >= 400:
             self.in_flight -= 1
             text = await r.read()
-            r.release()
+            self._done(replica, r, engine_model)
             self.metrics.requests.labels(endpoint, str(r.status)).inc()
             if r.status >= 500:
                 raise self.unavailable(f"engine answered {r.status}: {text[:300]!r}")
@@ -150,22 +194,23 @@ class Gateway:
         record = Exchange(request_id=logged_id, endpoint=endpoint, model_requested=req.model, version_id=version,
                           messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)
         if req.stream:
-            return StreamingResponse(self._relay(r, record, started, body, response_id),
+            return StreamingResponse(self._relay(replica, r, engine_model, record, started, body, response_id),
                                      media_type="text/event-stream")
         try:
             data = json.loads(await r.read())
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
+            replica.failed += 1
             raise self.unavailable(f"broken answer: {type(e).__name__}") from None
         finally:
-            r.release()
+            self._done(replica, r, engine_model)
             self.in_flight -= 1
         data["id"], data["model"] = response_id, req.model
         record.choices = [(_choice_text(c), c.get("finish_reason")) for c in sorted(data["choices"], key=lambda c: c["index"])]
         self._finish(record, data.get("usage"), started)
         return JSONResponse(data)
 
-    async def _relay(self, r: aiohttp.ClientResponse, record: Exchange, started: float,
-                     body: dict, response_id: str) -> AsyncIterator[bytes]:
+    async def _relay(self, replica: Replica, r: aiohttp.ClientResponse, engine_model: str, record: Exchange,
+                     started: float, body: dict, response_id: str) -> AsyncIterator[bytes]:
         """Pass the engine's server-sent events through under the gateway's id and the requested
         model name; log the whole answer, also when the client goes away (then with status 499
         unless the answer was complete: clients may close the connection as soon as they read [DONE])."""
@@ -205,8 +250,9 @@ class Gateway:
             err = {"error": {"message": "the model engine stopped mid-answer", "type": "service_unavailable"}}
             yield f"data: {json.dumps(err)}\n\n".encode()
             record.status = 503
+            replica.failed += 1
         finally:  # also on cancellation: the client disconnected
-            r.release()
+            self._done(replica, r, engine_model)
             self.in_flight -= 1
             if not done and record.status == 200:
                 record.status = 499
@@ -261,13 +307,18 @@ class Gateway:
         r = self.router.routes
         return {"alias": r.alias, "serving": r.serving, "previous": r.previous, "canary": r.canary,
                 "canary_share": r.canary_share, "models": self.router.names(),
-                "engine": {"ready": self.engine_ready(), "url": self.engine_url,
-                           "pid": self.engine.pid if self.engine else None,
-                           "restarts": self.engine.restarts if self.engine else 0},
+                "engine": self.engine_summary(), "replicas": self.replicas.status(),
                 "log_queue": self.writer.depth, "log_dropped": self.writer.dropped,
                 "pair_queue": self.pairs.queue.qsize(), "pairs_made": self.writer.pairs_made,
                 "errors": self.errors(), "monitor": self.monitor.status(), "methods": list(METHODS),
                 "counts": self.store.counts()}
+
+    def engine_summary(self) -> dict[str, Any]:
+        """The engines in one line (the first replica's url and pid; restarts of all)."""
+        first = self.replicas.members[0] if self.replicas.members else None
+        return {"ready": self.engine_ready(), "url": first.url if first else None, "pid": first.pid if first else None,
+                "restarts": self.replicas.restarts,
+                "replicas_ready": len(self.replicas.ready()), "replicas": len(self.replicas.members)}
 
     def render_metrics(self) -> bytes:
         m = self.metrics
@@ -280,17 +331,21 @@ class Gateway:
             m.errors.labels(where).set(count)
         m.serving.set(self.router.routes.serving)
         m.engine_up.set(1 if self.engine_ready() else 0)
-        m.engine_restarts.set(self.engine.restarts if self.engine else 0)
+        m.engine_restarts.set(self.replicas.restarts)
+        for replica in self.replicas.members:
+            m.replica_up.labels(replica.name).set(1 if replica.ready.is_set() else 0)
+            m.replica_in_flight.labels(replica.name).set(replica.in_flight)
+            m.replica_restarts.labels(replica.name).set(replica.restarts)
+            m.replica_adapters.labels(replica.name).set(len(replica.adapters))
         m.rollbacks.set(self.monitor.rollbacks)
         watch = self.monitor.watch
         m.watching.set(watch.version if watch is not None and watch.outcome == "watching" else -1)
         return m.render()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
         self.writer.stop()
-        self.versions.close()
 
 
 def _choice_text(choice: dict) -> str:

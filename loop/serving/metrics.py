@@ -29,7 +29,16 @@ class Metrics:
         self.feedback = Counter("alignloop_feedback", "Feedback received", ["kind"], registry=r)
         self.serving = Gauge("alignloop_serving_version", "Version id the served alias points to", registry=r)
         self.engine_up = Gauge("alignloop_engine_up", "1 while the vLLM engine answers health checks", registry=r)
-        self.engine_restarts = Gauge("alignloop_engine_restarts", "Times the engine was restarted", registry=r)
+        self.engine_restarts = Gauge("alignloop_engine_restarts", "Times an engine replica was restarted (local) "
+                                     "or left rotation (external), all replicas together", registry=r)
+        self.replica_up = Gauge("alignloop_replica_up", "1 while the replica takes traffic (healthy and holding "
+                                "every routed adapter)", ["replica"], registry=r)
+        self.replica_in_flight = Gauge("alignloop_replica_in_flight", "Requests being answered on the replica now",
+                                       ["replica"], registry=r)
+        self.replica_restarts = Gauge("alignloop_replica_restarts", "Times the replica was restarted (local) or "
+                                      "left rotation (external)", ["replica"], registry=r)
+        self.replica_adapters = Gauge("alignloop_replica_adapters", "LoRA adapters loaded on the replica",
+                                      ["replica"], registry=r)
         self.rollbacks = Gauge("alignloop_automatic_rollbacks", "Versions the monitor rolled back since the gateway "
                                "started (why: /api/status monitor.last_rollback, and the promotion record)", registry=r)
         self.watching = Gauge("alignloop_monitor_watching_version", "Version the monitor is watching after its "

@@ -9,6 +9,7 @@ every request sees either the old table or the new one, never half of each.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 
@@ -35,6 +36,20 @@ class Router:
     def __init__(self, alias: str, base_name: str, rng: random.Random | None = None) -> None:
         self.routes = Routes(alias=alias, base_name=base_name)
         self._rng = rng or random.Random()
+        self._using: Counter[str] = Counter()  # engine model name -> requests in flight on it
+
+    def hold(self, engine_name: str) -> None:
+        """A request is about to use this engine name: its adapter must stay loaded until `release`
+        (vLLM leaves a request whose adapter is unloaded under it running forever)."""
+        self._using[engine_name] += 1
+
+    def release(self, engine_name: str) -> None:
+        self._using[engine_name] -= 1
+        if self._using[engine_name] <= 0:
+            del self._using[engine_name]
+
+    def in_use(self, engine_name: str) -> int:
+        return self._using.get(engine_name, 0)
 
     def resolve(self, model: str) -> tuple[int, str]:
         """(version id, engine model name) for a requested model name."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from loop.config import Config
-from loop.serving.engine import KEEP_ALIVE_S
+from loop.serving.engine import KEEP_ALIVE_S, Engine
 
 
 def admin_token(store, path: Path) -> str:
@@ -29,11 +29,11 @@ def admin_token(store, path: Path) -> str:
     return token
 
 
-def build(cfg: Config, engine_url: str | None = None):
-    """The gateway's app and state. With `engine_url`, use a running engine instead of starting one."""
+def build(cfg: Config, engines: bool = True):
+    """The gateway's app and state. engines=False: no engine at all (a gateway for labelling only)."""
     from loop.serving.app import create_app
-    from loop.serving.engine import Engine
     from loop.serving.gateway import Gateway
+    from loop.serving.replicas import Replicas
     from loop.serving.router import Router
     from loop.serving.versions import Versions
     from store import Store
@@ -41,16 +41,11 @@ def build(cfg: Config, engine_url: str | None = None):
     store = Store(cfg.db_path)
     admin_token(store, cfg.admin_token_path)
     router = Router(cfg.model.served_name, base_name="base")
-    engine = None
-    if engine_url is None:
-        engine = Engine(cfg.base_model_dir, cfg.engine, "base", cfg.data_dir / "logs" / "engine.log")
-        engine_url = engine.url
-    versions = Versions(store, router, engine_url, api_key=engine.api_key if engine else None)
-    if engine is not None:
-        engine.on_ready = versions.restore
-    else:
-        versions.restore()
-    gw = Gateway(cfg=cfg, store=store, router=router, versions=versions, engine=engine, engine_url=engine_url)
+    replicas = Replicas.from_config(cfg, "base") if engines else Replicas([])
+    versions = Versions(store, router, replicas)
+    for replica in replicas.members:
+        replica.on_ready = versions.sync
+    gw = Gateway(cfg=cfg, store=store, router=router, versions=versions, replicas=replicas)
     return create_app(gw), gw
 
 
@@ -58,8 +53,11 @@ def serve(cfg: Config) -> int:
     import uvicorn
 
     app, gw = build(cfg)
-    print(f"starting the vLLM engine on {cfg.base_model_dir} (log: {gw.engine.log_path})", flush=True)
-    gw.engine.start(wait=False)
+    for replica in gw.replicas.members:
+        where = f"log: {replica.log_path}" if isinstance(replica, Engine) else "external"
+        print(f"engine replica {replica.name}: {replica.url} ({where})", flush=True)
+    print(f"starting the vLLM engine on {cfg.base_model_dir}", flush=True)
+    gw.replicas.start()
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     print(f"gateway: {url}/v1 (model '{cfg.model.served_name}'); it answers 503 until the engine is ready", flush=True)
     print(f"admin token: {cfg.admin_token_path}", flush=True)
@@ -72,7 +70,7 @@ def serve(cfg: Config) -> int:
         uvicorn.run(app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
                     timeout_keep_alive=KEEP_ALIVE_S)
     finally:
-        gw.engine.stop()
+        gw.replicas.stop()
         gw.store.close()
-        print("alignloop serve: the engine is stopped and the store closed", flush=True)
+        print("alignloop serve: the engines are stopped and the store closed", flush=True)
     return 0

@@ -34,7 +34,7 @@ import sys, uvicorn
 from loop import config as configuration
 from loop.serving.server import build
 cfg = configuration.load(None, sys.argv[1:])
-app, gw = build(cfg, engine_url="http://127.0.0.1:9")
+app, gw = build(cfg, engines=False)
 uvicorn.run(app, host="127.0.0.1", port=cfg.gateway.port, log_level="warning")
 """
 
