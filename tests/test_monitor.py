@@ -196,3 +196,65 @@ def test_a_rollback_never_undoes_a_newer_promotion(system):
     assert router.routes.serving == 1 and monitor.watch.outcome == "superseded"
     monitor.check()  # the person's promotion is watched in its turn
     assert monitor.watch.version == 1 and monitor.watch.previous == 2
+
+
+class CanaryPromoter(Promoter):
+    """Promoter plus the canary switch of `Versions`."""
+
+    def set_canary(self, ref, share, expect_canary=None):
+        if expect_canary is not None and self.router.routes.canary != expect_canary:
+            raise StaleServing("the canary changed")
+        self.router.update(canary=ref, canary_share=share if ref is not None else 0.0)
+        return {"canary": ref, "share": share}
+
+
+@pytest.fixture
+def canary_system(store):
+    store.add_version("/adapters/good", "dpo")  # v1
+    store.add_version("/adapters/bad", "dpo")   # v2
+    router = Router("alignloop", "base")
+    promoter = CanaryPromoter(store, router)
+    ready = {"engine": True}
+    monitor = Monitor(MonitorConfig(), store, router, promoter, lambda: ready["engine"], log=lambda m: None)
+    return store, router, promoter, monitor, ready
+
+
+def test_a_worse_canary_is_stopped_and_a_person_may_set_it_again(canary_system):
+    store, router, promoter, monitor, ready = canary_system
+    rng = random.Random(9)
+    traffic(store, 0, 400, down=0.6, rng=rng)  # what serves: 60% of thumbs down
+    promoter.set_canary(2, 0.2)
+    monitor.check()
+    assert monitor.canary.version == 2 and monitor.canary.previous == 0
+    ready["engine"] = False
+    traffic(store, 2, 100, down=1.0, rng=rng, status=500)
+    monitor.check()  # no data, no verdict
+    assert router.routes.canary == 2 and monitor.canary.requests == 0
+    ready["engine"] = True
+    monitor.check()
+    assert router.routes.canary is None and router.routes.serving == 0  # stopped; serving untouched
+    status = monitor.status()
+    assert status["canary"]["outcome"] == "canary stopped" and "errors" in status["canary"]["reason"]
+    assert status["rollbacks"] == 1 and status["last_rollback"]["canary"] is True
+    assert promoter.calls == []  # no promotion was made or undone
+    promoter.set_canary(2, 0.2)  # a person's override
+    traffic(store, 2, 100, down=1.0, rng=rng, status=500)
+    monitor.check()
+    assert router.routes.canary == 2 and monitor.status()["canary"]["outcome"] == "overridden"
+
+
+def test_a_canary_as_good_as_what_serves_keeps_its_share(canary_system):
+    store, router, promoter, monitor, _ = canary_system
+    rng = random.Random(10)
+    traffic(store, 0, 400, down=0.6, rng=rng)
+    promoter.set_canary(1, 0.2)
+    monitor.check()
+    while monitor.canary.outcome == "watching":
+        traffic(store, 1, 50, down=0.5, rng=rng)
+        monitor.check()
+    assert monitor.canary.outcome == "kept" and router.routes.canary == 1
+    promoter.set_canary(None, 0.0)  # a person ends it; a new canary is watched afresh
+    monitor.check()
+    promoter.set_canary(2, 0.5)
+    monitor.check()
+    assert monitor.canary.version == 2 and monitor.canary.outcome == "watching"

@@ -79,9 +79,17 @@ with status:
                 column.metric(table.replace("_", " "), n)
         monitor = s.get("monitor") or {}
         watch, last = monitor.get("watch"), monitor.get("last_rollback")
-        if last:
+        if last and last.get("canary"):
+            st.warning(f"Canary version {last['version']} was stopped automatically; all traffic goes to "
+                       f"{last['to']}: {last['reason']}. Setting the canary again overrides the monitor.")
+        elif last:
             st.warning(f"Version {last['version']} was rolled back automatically to {last['to']}: {last['reason']}. "
                        f"Promoting it again overrides the monitor.")
+        canary_watch = monitor.get("canary")
+        if canary_watch:
+            st.caption(f"Canary: version {canary_watch['version']} against {canary_watch['against']}: "
+                       f"{canary_watch['outcome']} after {canary_watch['requests']} live requests"
+                       + (f" ({canary_watch['reason']})" if canary_watch["reason"] else ""))
         if watch:
             st.caption(f"After promotion: version {watch['version']} against {watch['against']}: {watch['outcome']}"
                        f" after {watch['requests']} live requests" + (f" ({watch['reason']})" if watch["reason"] else ""))

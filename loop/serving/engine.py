@@ -179,7 +179,7 @@ class Replica:
         return {"name": self.name, "kind": self.kind, "url": self.url, "ready": self.ready.is_set(),
                 "problem": self.problem, "in_flight": self.in_flight, "answered": self.answered,
                 "failed": self.failed, "restarts": self.restarts, "pid": self.pid,
-                "adapters": sorted(self.adapters)}
+                "adapters": sorted(self.adapters.copy())}
 
     def start(self, wait: bool = True) -> None:
         self._watcher = threading.Thread(target=self._watch, name=f"replica-{self.name}", daemon=True)

@@ -340,6 +340,8 @@ class Gateway:
         m.rollbacks.set(self.monitor.rollbacks)
         watch = self.monitor.watch
         m.watching.set(watch.version if watch is not None and watch.outcome == "watching" else -1)
+        canary = self.monitor.canary
+        m.watching_canary.set(canary.version if canary is not None and canary.outcome == "watching" else -1)
         return m.render()
 
     async def close(self) -> None:

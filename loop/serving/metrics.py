@@ -39,10 +39,12 @@ class Metrics:
                                       "left rotation (external)", ["replica"], registry=r)
         self.replica_adapters = Gauge("alignloop_replica_adapters", "LoRA adapters loaded on the replica",
                                       ["replica"], registry=r)
-        self.rollbacks = Gauge("alignloop_automatic_rollbacks", "Versions the monitor rolled back since the gateway "
-                               "started (why: /api/status monitor.last_rollback, and the promotion record)", registry=r)
+        self.rollbacks = Gauge("alignloop_automatic_rollbacks", "Versions the monitor rolled back (and canaries it "
+                               "stopped) since the gateway started (why: /api/status monitor.last_rollback, and the promotion record)", registry=r)
         self.watching = Gauge("alignloop_monitor_watching_version", "Version the monitor is watching after its "
                               "promotion (-1: none)", registry=r)
+        self.watching_canary = Gauge("alignloop_monitor_watching_canary", "Canary version the monitor is watching "
+                                     "against what serves (-1: none)", registry=r)
         self.log_dropped = Gauge("alignloop_log_dropped", "Records dropped because the log queue was full",
                                  registry=r)
 

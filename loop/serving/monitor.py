@@ -17,6 +17,10 @@ the reason in the promotion record); when every test accepts, or after `monitor.
 requests, the version is kept. No data is no verdict: while the engine is down or the store cannot
 be read, nothing is counted and nothing rolled back. A person who promotes a version the monitor
 rolled back overrides it: that version then serves unwatched.
+
+A canary is watched the same way, side by side: its live requests against the serving version's
+newest traffic. A regression stops the canary (its share goes back to what serves; the canary is
+kept only in memory, like the canary itself); a person who sets the same canary again overrides it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Watch:
     requests: int = 0
     rollback_failures: int = 0
     outcome: str = "watching"  # watching | regression (rolling back) | rolled back | rollback failed | kept | superseded
+    #                             a canary's: watching | regression | canary stopped | kept | ended | overridden
     reason: str = ""
     started: float = field(default_factory=time.time)
 
@@ -75,6 +80,7 @@ class Monitor:
         self.cfg, self.store, self.router, self.versions, self.engine_ready = cfg, store, router, versions, engine_ready
         self.log = log or (lambda m: print(f"alignloop monitor: {m}", file=sys.stderr, flush=True))
         self.watch: Watch | None = None
+        self.canary: Watch | None = None  # the watch of the canary, against what serves
         newest = store.newest_promotion(router.routes.alias)
         self.seen = newest["id"] if newest else 0  # promotions before the gateway started are not watched
         self.rollbacks = 0
@@ -88,31 +94,73 @@ class Monitor:
         if not self.cfg.enabled:
             return
         try:
-            # the promotion record first, then the routes: a promotion flips the routes before it is
-            # recorded, so a record that does not match what serves has a newer one on its way
-            newest = self.store.newest_promotion(self.router.routes.alias)
-            routes = self.router.routes
-            if newest and newest["id"] > self.seen and newest["version_id"] == routes.serving:
-                self.seen = newest["id"]
-                self.watch = None if newest["actor"] == "monitor" else \
-                    self._start(newest["version_id"], newest["previous_version_id"])
-            w = self.watch
-            if w is None or w.outcome not in ("watching", REGRESSION) or w.version != routes.serving:
-                return
-            if w.outcome == "watching":
-                if not self.engine_ready():
-                    return  # no data, no verdict
-                self._count(w)
-            if w.outcome == REGRESSION:
-                self._roll_back(w)
+            self._check_promotion()
+            self._check_canary()
         except Exception as e:  # the store unreadable, a bug: count it, decide nothing
             self.failures += 1
             self.log(f"check failed, nothing decided: {type(e).__name__}: {e}")
 
-    def _start(self, version: int, previous: int | None) -> Watch | None:
+    def _check_promotion(self) -> None:
+        # the promotion record first, then the routes: a promotion flips the routes before it is
+        # recorded, so a record that does not match what serves has a newer one on its way
+        newest = self.store.newest_promotion(self.router.routes.alias)
+        routes = self.router.routes
+        if newest and newest["id"] > self.seen and newest["version_id"] == routes.serving:
+            self.seen = newest["id"]
+            self.watch = None if newest["actor"] == "monitor" else \
+                self._start(newest["version_id"], newest["previous_version_id"])
+        w = self.watch
+        if w is None or w.outcome not in ("watching", REGRESSION) or w.version != routes.serving:
+            return
+        if w.outcome == "watching":
+            if not self.engine_ready():
+                return  # no data, no verdict
+            self._count(w)
+        if w.outcome == REGRESSION:
+            self._roll_back(w)
+
+    def _check_canary(self) -> None:
+        routes = self.router.routes
+        live = routes.canary if routes.canary is not None and routes.canary_share > 0 else None
+        c = self.canary
+        if c is not None and c.outcome in ("canary stopped", "overridden"):
+            if live == c.version:  # set again by a person: theirs, unwatched
+                if c.outcome == "canary stopped":
+                    c.outcome = "overridden"
+                    self.log(f"canary version {c.version} set again after the monitor stopped it: an override")
+                return
+        elif c is not None and (live, routes.serving) != (c.version, c.previous) and c.outcome in ("watching", REGRESSION):
+            c.outcome = "ended"  # stopped, promoted, or what serves changed under it
+        if live is None:
+            return
+        if c is None or (live, routes.serving) != (c.version, c.previous):
+            c = self.canary = self._start(live, routes.serving, kind="canary")
+        if c is None or c.outcome not in ("watching", REGRESSION):
+            return
+        if c.outcome == "watching":
+            if not self.engine_ready():
+                return  # no data, no verdict
+            self._count(c)
+        if c.outcome == REGRESSION:
+            self._stop_canary(c)
+
+    def _stop_canary(self, c: Watch) -> None:
+        try:
+            self.versions.set_canary(None, 0.0, expect_canary=c.version)
+        except StaleServing as e:
+            c.outcome = "ended"
+            self.log(f"not stopping canary {c.version}: {e}")
+            return
+        c.outcome = "canary stopped"
+        self.rollbacks += 1
+        self.last_rollback = {"version": c.version, "to": c.previous, "reason": c.reason, "at": time.time(),
+                              "canary": True}
+        self.log(f"stopped canary version {c.version}; all traffic to version {c.previous}: {c.reason}")
+
+    def _start(self, version: int, previous: int | None, kind: str = "promotion") -> Watch | None:
         if previous is None or previous == version:
             return None
-        if self.store.rolled_back_automatically(version):
+        if kind == "promotion" and self.store.rolled_back_automatically(version):
             self.log(f"version {version} serves again after an automatic rollback: a person's override, not watched")
             return None
         exchange_after, feedback_after = self.store.newest_ids()
@@ -134,7 +182,8 @@ class Monitor:
             w.tests[s] = SPRT.for_baseline(p0, c.min_regression, c.alpha / len(watched), c.beta)
         if not w.tests:
             w.outcome, w.reason = "kept", f"not watched: no signal has a baseline ({'; '.join(w.unwatched.values())})"
-        self.log(f"watching version {version} against {previous}: {sorted(w.tests)}" + (f" ({w.reason})" if w.reason else ""))
+        self.log(f"watching {'canary ' if kind == 'canary' else ''}version {version} against {previous}: "
+                 f"{sorted(w.tests)}" + (f" ({w.reason})" if w.reason else ""))
         return w
 
     def _count(self, w: Watch) -> None:
@@ -190,4 +239,5 @@ class Monitor:
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.cfg.enabled, "watch": self.watch.summary() if self.watch else None,
+                "canary": self.canary.summary() if self.canary else None,
                 "rollbacks": self.rollbacks, "last_rollback": self.last_rollback, "failures": self.failures}

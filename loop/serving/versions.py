@@ -260,11 +260,14 @@ class Versions:
             raise VersionError("nothing to roll back to: no version was promoted before this one")
         return self.promote(previous, actor=actor, reason="rollback")
 
-    def set_canary(self, ref: int | str | None, share: float) -> dict[str, Any]:
-        """Send `share` of the alias's traffic to a version (None: stop the canary)."""
+    def set_canary(self, ref: int | str | None, share: float, expect_canary: int | None = None) -> dict[str, Any]:
+        """Send `share` of the alias's traffic to a version (None: stop the canary). With
+        `expect_canary`, only if that version is still the canary (the monitor stopping it)."""
         if not 0.0 <= share <= 1.0:
             raise VersionError("canary share must be in [0, 1]")
         with self._lock:
+            if expect_canary is not None and self.router.routes.canary != expect_canary:
+                raise StaleServing(f"the canary is {self.router.routes.canary} now, not {expect_canary}")
             if ref is None:
                 self.router.update(canary=None, canary_share=0.0)
                 return {"canary": None, "share": 0.0}
