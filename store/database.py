@@ -92,6 +92,7 @@ class Store:
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = str(path)
+        self.pair_writes = 0  # bumped by every method that may add pairs: the labelling queue's cue to look for new ones
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -132,6 +133,12 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection, under the lock, for reads outside a transaction."""
+        with self._lock:
+            yield self._db
 
     def _all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
         with self._lock:
@@ -224,6 +231,7 @@ class Store:
         return len(new), len(pairs) - len(new)
 
     def _insert_pairs(self, db: duckdb.DuckDBPyConnection, pairs: list[NewPair], source: str, user_id: int) -> None:
+        self.pair_writes += 1
         n = len(pairs)
         prompt_ids = _next_ids(db, "prompts", n)
         response_ids = _next_ids(db, "responses", 2 * n)
@@ -297,6 +305,7 @@ class Store:
              second.completion_tokens, second.finish_reason]).fetchone()[0]
         db.execute("""INSERT INTO pairs (uid, prompt_id, response_a_id, response_b_id, source, priority)
                       VALUES (?, ?, ?, ?, 'live', 1)""", [uid, prompt_id, first_id, second_id])
+        self.pair_writes += 1
         return 1
 
     def add_generated_pair(self, messages: list[dict[str, str]], a: tuple[str, int], b: tuple[str, int],
@@ -315,6 +324,7 @@ class Store:
             ids = [db.execute("""INSERT INTO responses (prompt_id, text, version_id, source)
                                  VALUES (?, ?, ?, ?) RETURNING id""", [prompt_id, text, version, source]).fetchone()[0]
                    for text, version in (a, b)]
+            self.pair_writes += 1
             return db.execute("""INSERT INTO pairs (uid, prompt_id, response_a_id, response_b_id, source, priority)
                                  VALUES (?, ?, ?, ?, ?, ?) RETURNING id""",
                               [uid, prompt_id, ids[0], ids[1], source, priority]).fetchone()[0]

@@ -185,3 +185,61 @@ def test_label_api_roles_and_errors(labelling_api):
     assert json.loads(download.headers["X-Alignloop-Manifest"])["counts"]["pairs"] == 60
     stats = lab.get("/api/stats").json()
     assert stats["queue"] == 60 and stats["labels_per_labeller"][0]["name"] == "ana"
+
+
+def test_pairs_added_after_the_index_is_built_are_handed_out_from_every_path(store):
+    from store.database import Exchange, SecondResponse
+
+    _pairs(store, 1)
+    a, b = _users(store, 2)
+    q = LabelQueue(store, overlap=1, lease_s=60)
+    q.submit(a, q.next_pair(a)["pair_id"], "first")  # the index is built; the one pair is done
+    assert q.next_pair(b) is None
+    arena = store.add_generated_pair([{"role": "user", "content": "arena"}], ("x", 0), ("y", 0), "arena", priority=2)
+    store.log_batch([Exchange("chatcmpl-1", "chat.completions", "alignloop", 0, [{"role": "user", "content": "live"}],
+                              [("first answer", "stop")], {})],
+                    [SecondResponse("chatcmpl-1", "second answer", 0, {})])
+    handed = {q.next_pair(b)["pair_id"]}
+    q.submit(b, next(iter(handed)), "first")
+    handed.add(q.next_pair(b)["pair_id"])
+    live = store._all("SELECT id FROM pairs WHERE source = 'live'")[0][0]
+    assert handed == {arena, live}
+
+
+def test_a_label_and_the_next_pair_in_one_call_and_progress_counted_in_memory(store):
+    _pairs(store, 3)
+    (u,) = _users(store, 1)
+    q = LabelQueue(store, overlap=1, lease_s=60)
+    first = q.next_pair(u)
+    assert q.progress(u) == {"done_today": 0, "queue": 3}
+    label_id, second = q.submit_and_next(u, first["pair_id"], "first")
+    assert second["pair_id"] != first["pair_id"]
+    assert store._all("SELECT id, pair_id FROM labels WHERE user_id = ?", [u]) == [(label_id, first["pair_id"])]
+    assert store._all("SELECT pair_id FROM assignments WHERE user_id = ?", [u]) == [(second["pair_id"],)]
+    assert q.progress(u) == {"done_today": 1, "queue": 2}
+    assert q.undo(u)["pair_id"] == first["pair_id"]  # handed back
+    assert q.progress(u) == {"done_today": 0, "queue": 3}
+    q.submit_and_next(u, first["pair_id"], "first")
+    with pytest.raises(LabelConflict):  # a refusal changes nothing
+        q.submit_and_next(u, first["pair_id"], "first")
+    assert q.progress(u)["done_today"] == 1
+
+
+def test_a_store_failure_mid_label_rolls_back_and_the_index_is_rebuilt(store, monkeypatch):
+    _pairs(store, 2)
+    (u,) = _users(store, 1)
+    q = LabelQueue(store, overlap=1, lease_s=60)
+    pair = q.next_pair(u)
+
+    def broken(db, user_id, pair_id, now):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(q, "_take", broken)  # the label is written, then handing out the next fails
+    with pytest.raises(RuntimeError):
+        q.submit_and_next(u, pair["pair_id"], "first")
+    monkeypatch.undo()
+    assert store._all("SELECT count(*) FROM labels WHERE user_id = ?", [u]) == [(0,)]  # rolled back
+    # the index forgot the label it had counted, so the same pair can be labelled again
+    assert q.next_pair(u)["pair_id"] == pair["pair_id"]
+    label_id, _ = q.submit_and_next(u, pair["pair_id"], "first")
+    assert store._all("SELECT id FROM labels WHERE user_id = ?", [u]) == [(label_id,)]
