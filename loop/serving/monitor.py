@@ -110,14 +110,17 @@ class Monitor:
             self.watch = None if newest["actor"] == "monitor" else \
                 self._start(newest["version_id"], newest["previous_version_id"])
         w = self.watch
-        if w is None or w.outcome not in ("watching", REGRESSION) or w.version != routes.serving:
-            return
+        if w is not None and w.version == routes.serving:
+            self._follow(w, self._roll_back)
+
+    def _follow(self, w: Watch, act: Callable[[Watch], None]) -> None:
+        """Count what is new for a live watch; act on a regression."""
         if w.outcome == "watching":
             if not self.engine_ready():
                 return  # no data, no verdict
             self._count(w)
         if w.outcome == REGRESSION:
-            self._roll_back(w)
+            act(w)
 
     def _check_canary(self) -> None:
         routes = self.router.routes
@@ -135,14 +138,8 @@ class Monitor:
             return
         if c is None or (live, routes.serving) != (c.version, c.previous):
             c = self.canary = self._start(live, routes.serving, kind="canary")
-        if c is None or c.outcome not in ("watching", REGRESSION):
-            return
-        if c.outcome == "watching":
-            if not self.engine_ready():
-                return  # no data, no verdict
-            self._count(c)
-        if c.outcome == REGRESSION:
-            self._stop_canary(c)
+        if c is not None:
+            self._follow(c, self._stop_canary)
 
     def _stop_canary(self, c: Watch) -> None:
         try:
