@@ -126,24 +126,29 @@ def test_a_killed_replica_fails_only_its_requests_in_flight_and_rejoins_with_the
             time.sleep(2)
             killed_at = time.monotonic()
             os.kill(victim["pid"], signal.SIGKILL)  # the API server alone, as the OOM killer would
-            deadline = time.monotonic() + 400
-            while not (r := replicas(admin)["local-1"])["ready"] or r["restarts"] < 1:
-                assert time.monotonic() < deadline, r
-                time.sleep(1)
-            rejoined_at, answered_at_rejoin = time.monotonic(), r["answered"]
-            start = len(answers)
-            time.sleep(4)
-            after_rejoin = answers[start:]
+            time.sleep(10)  # the other replica carries the load
         # only requests that were on the dead replica failed: at most one per client, all at the kill
         assert len(failures) <= CLIENTS, failures
         assert all(t - killed_at < 2.0 for t, _ in failures), failures
+        assert replicas(admin)["local-1"]["restarts"] == 1 and len(answers) > 20
+        at_kill = len(failures)
+        # the rejoin is waited for without load: on 2 cores a restart under full load starves for CPU
+        # (185-336 s measured, against ~30 s; docs/design.md §8)
+        deadline = time.monotonic() + 400
+        while not (r := replicas(admin)["local-1"])["ready"] or r["restarts"] < 1:
+            assert time.monotonic() < deadline, r
+            time.sleep(1)
+        rejoined_at, answered_at_rejoin = time.monotonic(), r["answered"]
+        with load(server) as (after_rejoin, later_failures):
+            time.sleep(4)
+        assert later_failures == []
         r = replicas(admin)["local-1"]
         assert r["pid"] != victim["pid"] and r["answered"] > answered_at_rejoin  # it takes traffic again
         assert not [p for p in old_group if pid_alive(p)], group_members(victim["pid"])
         names = admin.get("/api/status").json()
         assert names["serving"] == v1["id"] and set(r["adapters"]) == set(replicas(admin)["local-0"]["adapters"])
         assert set(logged_versions(admin, set(after_rejoin)).values()) == {v1["id"]}
-        print(f"rejoined after {rejoined_at - killed_at:.0f} s; {len(failures)} failed at the kill")
+        print(f"rejoined after {rejoined_at - killed_at:.0f} s; {at_kill} failed at the kill")
 
 
 def test_stopping_the_gateway_stops_every_replica(server):

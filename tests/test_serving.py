@@ -26,8 +26,10 @@ HELLO = [{"role": "user", "content": "How often should I water basil?"}]
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
+    # load tests; no monitor: versions here are random adapters answering 4 tokens, always cut off, and
+    # it rolled one back mid-test (its own end-to-end test is tests/test_loop_e2e.py)
     s = start(root, tiny_model, free_port(), free_port(), ["gateway.pair_share=1.0", "gateway.log_flush_ms=100",
-                                                               "gateway.rate_limit_per_s=0"])  # load tests
+                                                               "gateway.rate_limit_per_s=0", "monitor.enabled=false"])
     yield s
     s.stop(signal.SIGKILL) if s.proc.poll() is None else None
 
