@@ -19,7 +19,8 @@ from store.database import Exchange
 
 
 class Promoter:
-    """The part of `Versions` the monitor uses, without an engine: flip the routes, record the promotion."""
+    """The part of `Versions` the monitor uses, without an engine: flip the routes, record the promotion,
+    set the canary."""
 
     def __init__(self, store, router):
         self.store, self.router, self.calls = store, router, []
@@ -32,6 +33,12 @@ class Promoter:
         self.router.update(serving=ref, previous=routes.serving)
         self.store.record_promotion(routes.alias, ref, routes.serving, actor, reason)
         return {"serving": ref}
+
+    def set_canary(self, ref, share, expect_canary=None):
+        if expect_canary is not None and self.router.routes.canary != expect_canary:
+            raise StaleServing("the canary changed")
+        self.router.update(canary=ref, canary_share=share if ref is not None else 0.0)
+        return {"canary": ref, "share": share}
 
 
 def traffic(store, version: int, n: int, down: float, rng: random.Random, status: int = 200,
@@ -198,29 +205,9 @@ def test_a_rollback_never_undoes_a_newer_promotion(system):
     assert monitor.watch.version == 1 and monitor.watch.previous == 2
 
 
-class CanaryPromoter(Promoter):
-    """Promoter plus the canary switch of `Versions`."""
 
-    def set_canary(self, ref, share, expect_canary=None):
-        if expect_canary is not None and self.router.routes.canary != expect_canary:
-            raise StaleServing("the canary changed")
-        self.router.update(canary=ref, canary_share=share if ref is not None else 0.0)
-        return {"canary": ref, "share": share}
-
-
-@pytest.fixture
-def canary_system(store):
-    store.add_version("/adapters/good", "dpo")  # v1
-    store.add_version("/adapters/bad", "dpo")   # v2
-    router = Router("alignloop", "base")
-    promoter = CanaryPromoter(store, router)
-    ready = {"engine": True}
-    monitor = Monitor(MonitorConfig(), store, router, promoter, lambda: ready["engine"], log=lambda m: None)
-    return store, router, promoter, monitor, ready
-
-
-def test_a_worse_canary_is_stopped_and_a_person_may_set_it_again(canary_system):
-    store, router, promoter, monitor, ready = canary_system
+def test_a_worse_canary_is_stopped_and_a_person_may_set_it_again(system):
+    store, router, promoter, monitor, ready = system
     rng = random.Random(9)
     traffic(store, 0, 400, down=0.6, rng=rng)  # what serves: 60% of thumbs down
     promoter.set_canary(2, 0.2)
@@ -243,8 +230,8 @@ def test_a_worse_canary_is_stopped_and_a_person_may_set_it_again(canary_system):
     assert router.routes.canary == 2 and monitor.status()["canary"]["outcome"] == "overridden"
 
 
-def test_a_canary_as_good_as_what_serves_keeps_its_share(canary_system):
-    store, router, promoter, monitor, _ = canary_system
+def test_a_canary_as_good_as_what_serves_keeps_its_share(system):
+    store, router, promoter, monitor, _ = system
     rng = random.Random(10)
     traffic(store, 0, 400, down=0.6, rng=rng)
     promoter.set_canary(1, 0.2)

@@ -8,7 +8,6 @@ ready replica can answer any routed name.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from loop.config import Config
@@ -76,9 +75,6 @@ class Replicas:
     @property
     def restarts(self) -> int:
         return sum(m.restarts for m in self.members)
-
-    def logs(self) -> list[Path]:
-        return [m.log_path for m in self.members if isinstance(m, Engine)]
 
     def status(self) -> list[dict[str, Any]]:
         return [m.status() for m in self.members]
