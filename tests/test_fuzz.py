@@ -25,7 +25,7 @@ server is this module's own and is thrown away after it. The admin's turn comes 
 users' names are ones the fuzzer does not generate, so it cannot rotate their tokens.
 
 `/v1/chat/completions`, `/v1/completions` and `/v1/feedback` read their raw body; the app's
-schema describes it with the model each parses it with (`routes.openai.RAW_BODIES`), which
+schema describes it with the model each parses it with (`loop.serving.app.RAW_BODIES`), which
 `test_every_operation_describes_its_request_body` checks, so the fuzzer reaches their validation
 and the engine.
 

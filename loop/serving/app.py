@@ -1,12 +1,10 @@
-"""The gateway's FastAPI app: assembly only. State lives in `loop.serving.gateway.Gateway`, who
-may call what in `loop.serving.auth`, the routes of each audience in `loop.serving.routes`."""
+"""The gateway's app: assembly only. State lives in `loop.serving.gateway.Gateway`, who may call
+what in `loop.serving.auth`, the routes of each audience in `loop.serving.routes`. The outermost
+layer is the hot path (`routes.completions`, plain ASGI); everything else is a FastAPI app."""
 
 from __future__ import annotations
 
 import asyncio
-import sys
-import traceback
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -20,12 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loop.serving.auth import TokenCache
 from loop.serving.gateway import Gateway
 from loop.serving.limits import BodyLimits
-from loop.serving.protocol import HTTPProblem, error
+from loop.serving.protocol import FeedbackRequest, HTTPProblem, error, errors, internal_error
 from loop.serving.rate_limit import RateLimiter
-from loop.serving.routes import admin, labelling, openai
+from loop.serving.routes import admin, completions, labelling, openai
+from loop.serving.routes.completions import Completions
 
 
-def create_app(gw: Gateway) -> FastAPI:
+def create_app(gw: Gateway) -> Completions:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pair_task = asyncio.create_task(gw.pairs.run())
@@ -39,8 +38,8 @@ def create_app(gw: Gateway) -> FastAPI:
     docs = {} if g.public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="alignloop gateway", lifespan=lifespan, **docs)
     app.state.gateway = gw
-    app.state.tokens = TokenCache(gw.store)
-    app.state.limiter = RateLimiter(g.rate_limit_per_s, g.rate_burst)
+    app.state.tokens = tokens = TokenCache(gw.store)
+    app.state.limiter = limiter = RateLimiter(g.rate_limit_per_s, g.rate_burst)
     app.add_middleware(BodyLimits, max_bytes=g.max_body_kb * 1024, max_depth=g.max_json_depth)
     app.add_exception_handler(HTTPProblem, _problem)
     app.add_exception_handler(StarletteHTTPException, _http)
@@ -49,22 +48,40 @@ def create_app(gw: Gateway) -> FastAPI:
     for routes in (openai, labelling, admin):
         app.include_router(routes.router)
     app.openapi = partial(_schema, app, app.openapi)
-    return app
+    return Completions(app, gw, tokens, limiter)
+
+
+# The routes that read their body raw (to pass unknown fields to vLLM untouched and parse once),
+# and the model each parses it with, for the schema
+RAW_BODIES = {"/v1/feedback": FeedbackRequest, **{path: model for path, (_, model) in completions.PATHS.items()}}
+COMPLETION_ERRORS = (400, 401, 404, 405, 413, 415, 429, 503, 504)
 
 
 def _schema(app: FastAPI, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """FastAPI's schema, plus the request bodies of the routes that parse their body themselves."""
+    """FastAPI's schema, plus the hot path's two operations and the request bodies of the routes
+    that parse their body themselves."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = generate()
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in openai.RAW_BODIES.items():
+    for path, (endpoint, _) in completions.PATHS.items():
+        answers = {str(status): {"description": why, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ErrorBody"}}}} for status, why in _errors(COMPLETION_ERRORS)}
+        answers["200"] = {"description": "the answer; with `stream: true`, server-sent events",
+                          "content": {"application/json": {}, "text/event-stream": {}}}
+        schema["paths"][path] = {"post": {"summary": endpoint.replace(".", " ").capitalize(),
+                                          "operationId": endpoint.replace(".", "_"), "responses": answers}}
+    for path, model in RAW_BODIES.items():
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
         schema["paths"][path]["post"]["requestBody"] = {
             "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
     return schema
+
+
+def _errors(statuses: tuple[int, ...]) -> list[tuple[int, str]]:
+    return [(status, spec["description"]) for status, spec in errors(*statuses).items()]
 
 
 async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
@@ -82,9 +99,4 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 async def _bug(request: Request, exc: Exception) -> JSONResponse:
-    """A bug: the details go to the gateway's log under an id, never to the caller."""
-    incident = uuid.uuid4().hex[:12]
-    print(f"alignloop gateway: internal error {incident} on {request.method} {request.url.path}:",
-          file=sys.stderr, flush=True)
-    traceback.print_exception(exc)
-    return error(500, f"internal error {incident} (the gateway's log has the details)", "internal_error")
+    return internal_error(request.method, request.url.path, exc)

@@ -15,13 +15,14 @@ one and the store's lock is better left to the writer.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from fastapi import Request
 
 from loop.serving.protocol import HTTPProblem
-from loop.serving.rate_limit import retry_after
+from loop.serving.rate_limit import RateLimiter, retry_after
 from store.database import Store
 
 TOKEN_CACHE_S = 5.0  # a new or rotated token works at once; an old one stops within this
@@ -35,14 +36,22 @@ class TokenCache:
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     def user(self, token: str) -> dict[str, Any] | None:
-        now = time.monotonic()
         hit = self._cache.get(token)
-        if hit and hit[0] > now:
+        if hit and hit[0] > time.monotonic():
             return hit[1]
-        found = self.store.user_by_token(token)
+        return self._remember(token, self.store.user_by_token(token))
+
+    async def user_async(self, token: str) -> dict[str, Any] | None:
+        """The same, for the event loop: a cache miss asks the store in a thread."""
+        hit = self._cache.get(token)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        return self._remember(token, await asyncio.to_thread(self.store.user_by_token, token))
+
+    def _remember(self, token: str, found: dict[str, Any] | None) -> dict[str, Any] | None:
         if len(self._cache) > TOKEN_CACHE_MAX:
             self._cache.clear()
-        self._cache[token] = (now + TOKEN_CACHE_S, found)
+        self._cache[token] = (time.monotonic() + TOKEN_CACHE_S, found)
         return found
 
 
@@ -58,16 +67,23 @@ def user(request: Request) -> dict[str, Any] | None:
     return found
 
 
-def api_user(request: Request) -> dict[str, Any] | None:
-    try:
-        who = user(request)
-    except HTTPProblem:
-        who = None
-    if who is None and request.app.state.gateway.cfg.gateway.require_api_key:
+async def api_user(request: Request) -> dict[str, Any] | None:
+    state = request.app.state
+    return await api_caller(state.tokens, state.limiter, state.gateway.cfg.gateway.require_api_key,
+                            request.headers.get("authorization", ""), request.client.host if request.client else "-")
+
+
+async def api_caller(tokens: TokenCache, limiter: RateLimiter, require_key: bool, header: str,
+                     address: str) -> dict[str, Any] | None:
+    """The caller of a /v1 request from its Authorization header (an unknown key is anonymous
+    unless keys are required), counted against its rate limit."""
+    token = header.removeprefix("Bearer ").strip()
+    who = await tokens.user_async(token) if token else None
+    if who is None and require_key:
         raise HTTPProblem(401, "send an API key ('Authorization: Bearer <key>'); an admin makes one with "
                                "`alignloop user add NAME --role app`", "authentication_error")
-    key = f"user:{who['id']}" if who else f"address:{request.client.host if request.client else '-'}"
-    wait = request.app.state.limiter.wait_s(key)
+    key = f"user:{who['id']}" if who else f"address:{address}"
+    wait = limiter.wait_s(key)
     if wait > 0:
         raise HTTPProblem(429, f"too many requests from this {'API key' if who else 'address'}; retry in "
                                f"{wait:.2f} s", "rate_limit_error", code="rate_limit_exceeded",

@@ -14,7 +14,6 @@ Logging and pair making happen off the request path (loop.serving.log_writer, pa
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import uuid
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+import orjson
+from fastapi.responses import Response, StreamingResponse
 
 from loop.config import Config
 from loop.sections import METHODS
@@ -68,10 +68,13 @@ class Gateway:
         session = self._sessions.get(replica.name)
         if session is None:
             g = self.cfg.gateway
-            headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
+            headers = {"Content-Type": "application/json"}
+            if replica.api_key:
+                headers["Authorization"] = f"Bearer {replica.api_key}"
             session = self._sessions[replica.name] = aiohttp.ClientSession(
                 base_url=replica.url, connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEP_ALIVE_S - 15),
-                headers=headers, timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
+                headers=headers, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                timeout=aiohttp.ClientTimeout(total=g.request_timeout_s, sock_connect=5.0))
         return session
 
     # --- the engines ----------------------------------------------------------------------------
@@ -89,7 +92,7 @@ class Gateway:
             replica.in_flight += 1
             self.router.hold(model)
             try:
-                return replica, await self.session(replica).post(path, json=body)
+                return replica, await self.session(replica).post(path, data=orjson.dumps(body))
             except aiohttp.ClientConnectorError as e:
                 self._failed(replica, model)
                 replica.mark_down(f"refused a connection ({type(e).__name__})")
@@ -128,10 +131,10 @@ class Gateway:
             if r.status >= 400:
                 text = await r.text()
                 raise HTTPProblem(r.status if r.status < 500 else 503, text)
-            return await r.json(content_type=None)
+            return orjson.loads(await r.read())
         except TimeoutError:
             raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
-        except (aiohttp.ClientError, json.JSONDecodeError) as e:
+        except (aiohttp.ClientError, orjson.JSONDecodeError) as e:
             replica.failed += 1
             raise self.unavailable(type(e).__name__) from None
         finally:
@@ -197,8 +200,8 @@ class Gateway:
             return StreamingResponse(self._relay(replica, r, engine_model, record, started, body, response_id),
                                      media_type="text/event-stream")
         try:
-            data = json.loads(await r.read())
-        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
+            data = orjson.loads(await r.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as e:
             replica.failed += 1
             raise self.unavailable(f"broken answer: {type(e).__name__}") from None
         finally:
@@ -207,7 +210,7 @@ class Gateway:
         data["id"], data["model"] = response_id, req.model
         record.choices = [(_choice_text(c), c.get("finish_reason")) for c in sorted(data["choices"], key=lambda c: c["index"])]
         self._finish(record, data.get("usage"), started)
-        return JSONResponse(data)
+        return Response(orjson.dumps(data), media_type="application/json")
 
     async def _relay(self, replica: Replica, r: aiohttp.ClientResponse, engine_model: str, record: Exchange,
                      started: float, body: dict, response_id: str) -> AsyncIterator[bytes]:
@@ -227,7 +230,7 @@ class Gateway:
                     if line:
                         yield f"{line}\n\n".encode()
                     continue
-                chunk = json.loads(line[6:])
+                chunk = orjson.loads(line[6:])
                 if "error" in chunk:  # the engine failed mid-answer: pass its error event on
                     code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
                     record.status = code if isinstance(code, int) and 400 <= code < 500 else 503
@@ -245,10 +248,10 @@ class Gateway:
                         continue  # the usage chunk the gateway asked for, not the client
                     if not wants_usage:
                         chunk.pop("usage")
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         except (aiohttp.ClientError, TimeoutError):
             err = {"error": {"message": "the model engine stopped mid-answer", "type": "service_unavailable"}}
-            yield f"data: {json.dumps(err)}\n\n".encode()
+            yield b"data: " + orjson.dumps(err) + b"\n\n"
             record.status = 503
             replica.failed += 1
         finally:  # also on cancellation: the client disconnected

@@ -13,7 +13,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from loop.serving.protocol import error
+from loop.serving.protocol import HTTPProblem
 
 Scope = Message = dict[str, Any]  # ASGI's, as plain types
 Receive = Callable[[], Awaitable[Message]]
@@ -50,40 +50,49 @@ class BodyLimits:
         if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        declared = headers.get("content-length", "")
-        if declared.isdecimal() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, 413, self._too_big())
+        try:
+            body = await read_body(scope, receive, self.max_bytes, self.max_depth)
+        except HTTPProblem as e:
+            await e.response()(scope, receive, send)
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, 413, self._too_big())
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        if body and not is_json(headers.get("content-type", "")):
-            await self._refuse(scope, receive, send, 415,
-                               "send the body as JSON with the header 'Content-Type: application/json'")
-            return
-        if too_deep(body, self.max_depth):
-            await self._refuse(scope, receive, send, 400, f"the JSON body nests deeper than {self.max_depth} levels")
-            return
-        await self.app(scope, _replay(body, receive), send)
+        if body is not None:  # None: the client went away
+            await self.app(scope, _replay(body, receive), send)
 
-    def _too_big(self) -> str:
-        return f"the request body is larger than {self.max_bytes // 1024} KiB (gateway.max_body_kb)"
 
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-        code = {413: "request_too_large", 415: "unsupported_media_type"}.get(status)
-        await error(status, message, code=code)(scope, receive, send)
+async def read_body(scope: Scope, receive: Receive, max_bytes: int, max_depth: int) -> bytes | None:
+    """The whole body of a request, checked; None when the client disconnects first."""
+    content_type = declared = ""
+    for k, v in scope["headers"]:
+        name = k.lower()
+        if name == b"content-length":
+            declared = v.decode("latin-1")
+        elif name == b"content-type":
+            content_type = v.decode("latin-1")
+    if declared.isdecimal() and int(declared) > max_bytes:
+        raise _too_big(max_bytes)
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_big(max_bytes)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if body and not is_json(content_type):
+        raise HTTPProblem(415, "send the body as JSON with the header 'Content-Type: application/json'",
+                          code="unsupported_media_type")
+    if too_deep(body, max_depth):
+        raise HTTPProblem(400, f"the JSON body nests deeper than {max_depth} levels")
+    return body
+
+
+def _too_big(max_bytes: int) -> HTTPProblem:
+    return HTTPProblem(413, f"the request body is larger than {max_bytes // 1024} KiB (gateway.max_body_kb)",
+                       code="request_too_large")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -9,7 +9,12 @@ vLLM untouched (it checks them itself), so every sampling option vLLM has keeps 
 from __future__ import annotations
 
 import json
+import sys
+import traceback
+import uuid
 from typing import Annotated, Any, Literal
+
+import orjson
 
 from fastapi.responses import JSONResponse
 from pydantic import (
@@ -113,10 +118,10 @@ class SamplingFields(BaseModel):
 
     def sampling(self) -> dict[str, Any]:
         """The sampling parameters worth keeping with a logged response."""
-        keys = ("max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "seed", "stop",
-                "presence_penalty", "frequency_penalty")
-        data = self.model_dump(exclude_none=True)
-        return {k: data[k] for k in keys if k in data}
+        known = {k: getattr(self, k) for k in ("max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "seed")}
+        extra = self.model_extra or {}
+        return {**{k: v for k, v in known.items() if v is not None},
+                **{k: extra[k] for k in ("stop", "presence_penalty", "frequency_penalty") if extra.get(k) is not None}}
 
 
 class ChatRequest(SamplingFields):
@@ -159,7 +164,8 @@ class ErrorBody(BaseModel):
 
 
 _WHY = {400: "the request is invalid (the message names the field)", 401: "no token, or an unknown one",
-        403: "the token's role may not do this", 404: "no such thing", 409: "it conflicts with the state",
+        403: "the token's role may not do this", 404: "no such thing", 405: "the path takes another method",
+        409: "it conflicts with the state",
         413: "the body is too large", 415: "the body is not JSON", 429: "too many requests (see Retry-After)",
         503: "the engine is unavailable (see Retry-After)", 504: "the engine did not answer in time"}
 
@@ -186,6 +192,25 @@ def error(status: int, message: str, type_: str = "invalid_request_error", param
           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """A bug: the details go to the gateway's log under an id, never to the caller."""
+    incident = uuid.uuid4().hex[:12]
+    print(f"alignloop gateway: internal error {incident} on {method} {path}:", file=sys.stderr, flush=True)
+    traceback.print_exception(exc)
+    return error(500, f"internal error {incident} (the gateway's log has the details)", "internal_error")
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:  # also NaN, invalid UTF-8, lone surrogates, integers beyond 64 bits
+        raise HTTPProblem(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, "the request body must be a JSON object")
+    return body
 
 
 def engine_refusal(status: int, body: bytes) -> HTTPProblem:

@@ -1,9 +1,9 @@
-"""The OpenAI-compatible surface (`/v1`), for applications, plus health and metrics."""
+"""The OpenAI-compatible surface (`/v1`), for applications, plus health and metrics. The two
+completion endpoints, the hot path, are plain ASGI in front of these (`routes.completions`)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -11,45 +11,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loop.serving.auth import api_user
-from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem, errors, parse
+from loop.serving.protocol import FeedbackRequest, HTTPProblem, errors, json_object, parse
 
 router = APIRouter(responses=errors(400, 401, 404, 413, 415, 429, 503, 504))
-SSE = {200: {"content": {"application/json": {}, "text/event-stream": {}},
-              "description": "the answer; with `stream: true`, server-sent events"}}
-
-# The routes that read their body raw (to pass unknown fields to vLLM untouched and parse once),
-# and the model each parses it with: `loop.serving.app` puts these in the OpenAPI schema.
-RAW_BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/v1/feedback": FeedbackRequest}
-
-
-async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPProblem(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise HTTPProblem(400, "the request body must be a JSON object")
-    return body
-
-
-def _user_id(who: dict[str, Any] | None) -> int | None:
-    return who["id"] if who else None
-
-
-@router.post("/v1/chat/completions", responses=SSE)
-async def chat_completions(request: Request, who=Depends(api_user)) -> Response:
-    body = await json_body(request)
-    req = parse(ChatRequest, body)
-    return await request.app.state.gateway.complete("chat.completions", "/v1/chat/completions", req, body,
-                                                     _user_id(who))
-
-
-@router.post("/v1/completions", responses=SSE)
-async def completions(request: Request, who=Depends(api_user)) -> Response:
-    body = await json_body(request)
-    req = parse(CompletionRequest, body)
-    return await request.app.state.gateway.complete("completions", "/v1/completions", req, body, _user_id(who))
 
 
 STARTED = int(time.time())  # `created` of every model: the names are the gateway's, made at its start
@@ -75,8 +39,8 @@ async def model(request: Request, model_id: str, who=Depends(api_user)) -> dict[
 
 @router.post("/v1/feedback")
 async def feedback(request: Request, who=Depends(api_user)) -> dict[str, Any]:
-    req = parse(FeedbackRequest, await json_body(request))
-    feedback_id = await asyncio.to_thread(request.app.state.gateway.feedback, req, _user_id(who))
+    req = parse(FeedbackRequest, json_object(await request.body()))
+    feedback_id = await asyncio.to_thread(request.app.state.gateway.feedback, req, who["id"] if who else None)
     return {"id": feedback_id, "object": "feedback", "status": "recorded"}
 
 
