@@ -15,6 +15,7 @@ import secrets
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -97,20 +98,28 @@ class Versions:
         if not targets:
             raise VersionError("no engine replica is ready; try again once one is")
         name = f"{version['name']}-{secrets.token_hex(3)}"
-        loaded: list[Replica] = []
-        for replica in targets:
+
+        def attempt(replica: Replica) -> VersionError | None:
             try:
                 self._load_on(replica, name, version["adapter_path"])
-            except ReplicaGone as e:
-                if explicit:
-                    raise
-                replica.mark_down(str(e))
-                continue
             except VersionError as e:
-                for done in loaded:
-                    self._unload_on(done, name)
-                raise VersionError(f"{e}; version {version['name']} was loaded nowhere, nothing changed") from None
-            loaded.append(replica)
+                return e
+            return None
+
+        # on every replica at once: a promotion waits for the slowest load, not for their sum
+        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+            outcomes = list(pool.map(attempt, targets))
+        loaded = [r for r, e in zip(targets, outcomes) if e is None]
+        refused = [e for e in outcomes if e is not None and not isinstance(e, ReplicaGone)]
+        gone = [(r, e) for r, e in zip(targets, outcomes) if isinstance(e, ReplicaGone)]
+        if refused or (gone and explicit):
+            for done in loaded:
+                self._unload_on(done, name)
+            if refused:
+                raise VersionError(f"{refused[0]}; version {version['name']} was loaded nowhere, nothing changed")
+            raise gone[0][1]
+        for replica, e in gone:
+            replica.mark_down(str(e))
         if not loaded:
             raise VersionError("no engine replica answered; try again once one is ready")
         return name
