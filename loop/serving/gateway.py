@@ -6,7 +6,7 @@ HTTP session to each, the log writer, the pair maker, the metrics). Its hot path
     route()     check max_tokens, resolve the model name to (version, engine model name)
     complete()  forward to the least loaded ready replica (one aiohttp session each); errors become
                 OpenAI-shaped
-    _relay()    (streams) pass the engine's events through, collecting the whole answer
+    Relay       (streams) pass the engine's events through, collecting the whole answer
     _finish()   count it, hand the exchange to the batched writer, offer it to the pair maker
 
 Logging and pair making happen off the request path (loop.serving.log_writer, pair_maker).
@@ -17,13 +17,12 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from loop.config import Config
 from loop.sections import METHODS
@@ -33,6 +32,7 @@ from loop.serving.metrics import Metrics
 from loop.serving.monitor import Monitor
 from loop.serving.pair_maker import PairJob, PairMaker
 from loop.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, HTTPProblem, engine_refusal
+from loop.serving.relay import Relay
 from loop.serving.replicas import Replicas
 from loop.serving.router import Router, UnknownModel
 from loop.serving.versions import Versions
@@ -197,8 +197,14 @@ class Gateway:
         record = Exchange(request_id=logged_id, endpoint=endpoint, model_requested=req.model, version_id=version,
                           messages=messages, choices=[], sampling=req.sampling(), user_id=user_id)
         if req.stream:
-            return StreamingResponse(self._relay(replica, r, engine_model, record, started, body, response_id),
-                                     media_type="text/event-stream")
+            def end(relay: Relay) -> None:
+                replica.failed += relay.engine_failed
+                self._done(replica, r, engine_model)
+                self.in_flight -= 1
+                self._finish(relay.record, relay.usage, started)
+
+            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return Relay(r, record, response_id, wants_usage, end)
         try:
             data = orjson.loads(await r.read())
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as e:
@@ -211,56 +217,6 @@ class Gateway:
         record.choices = [(_choice_text(c), c.get("finish_reason")) for c in sorted(data["choices"], key=lambda c: c["index"])]
         self._finish(record, data.get("usage"), started)
         return Response(orjson.dumps(data), media_type="application/json")
-
-    async def _relay(self, replica: Replica, r: aiohttp.ClientResponse, engine_model: str, record: Exchange,
-                     started: float, body: dict, response_id: str) -> AsyncIterator[bytes]:
-        """Pass the engine's server-sent events through under the gateway's id and the requested
-        model name; log the whole answer, also when the client goes away (then with status 499
-        unless the answer was complete: clients may close the connection as soon as they read [DONE])."""
-        texts: dict[int, list[str]] = {}
-        finish: dict[int, str | None] = {}
-        usage = None
-        done = False
-        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        try:
-            async for raw in r.content:
-                line = raw.decode().rstrip("\r\n")
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    done = done or line == "data: [DONE]"
-                    if line:
-                        yield f"{line}\n\n".encode()
-                    continue
-                chunk = orjson.loads(line[6:])
-                if "error" in chunk:  # the engine failed mid-answer: pass its error event on
-                    code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
-                    record.status = code if isinstance(code, int) and 400 <= code < 500 else 503
-                    yield f"{line}\n\n".encode()
-                    continue
-                chunk["id"], chunk["model"] = response_id, record.model_requested
-                for c in chunk.get("choices", []):
-                    delta = c.get("delta") or {}
-                    texts.setdefault(c["index"], []).append(delta.get("content") or c.get("text") or "")
-                    if c.get("finish_reason"):
-                        finish[c["index"]] = c["finish_reason"]
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                    if not chunk.get("choices") and not wants_usage:
-                        continue  # the usage chunk the gateway asked for, not the client
-                    if not wants_usage:
-                        chunk.pop("usage")
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-        except (aiohttp.ClientError, TimeoutError):
-            err = {"error": {"message": "the model engine stopped mid-answer", "type": "service_unavailable"}}
-            yield b"data: " + orjson.dumps(err) + b"\n\n"
-            record.status = 503
-            replica.failed += 1
-        finally:  # also on cancellation: the client disconnected
-            self._done(replica, r, engine_model)
-            self.in_flight -= 1
-            if not done and record.status == 200:
-                record.status = 499
-            record.choices = [("".join(texts[i]), finish.get(i)) for i in sorted(texts)]
-            self._finish(record, usage, started)
 
     def _finish(self, record: Exchange, usage: dict | None, started: float) -> None:
         elapsed = time.perf_counter() - started
