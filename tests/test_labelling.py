@@ -10,7 +10,7 @@ import pytest
 
 from store import Store
 from store.database import NewPair
-from store.labelling import LabelConflict, LabelQueue, swapped, to_stored_choice
+from store.labelling import Answer, LabelConflict, LabelQueue, Labelled, NotLeased, swapped, to_stored_choice
 
 
 def _pairs(store, n, source="import:test"):
@@ -231,10 +231,10 @@ def test_a_store_failure_mid_label_rolls_back_and_the_index_is_rebuilt(store, mo
     q = LabelQueue(store, overlap=1, lease_s=60)
     pair = q.next_pair(u)
 
-    def broken(db, user_id, pair_id, now):
+    def broken(db, users):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(q, "_take", broken)  # the label is written, then handing out the next fails
+    monkeypatch.setattr(q, "_write_leases", broken)  # the label is written, then writing the next lease fails
     with pytest.raises(RuntimeError):
         q.submit_and_next(u, pair["pair_id"], "first")
     monkeypatch.undo()
@@ -243,3 +243,73 @@ def test_a_store_failure_mid_label_rolls_back_and_the_index_is_rebuilt(store, mo
     assert q.next_pair(u)["pair_id"] == pair["pair_id"]
     label_id, _ = q.submit_and_next(u, pair["pair_id"], "first")
     assert store._all("SELECT id FROM labels WHERE user_id = ?", [u]) == [(label_id,)]
+
+
+def test_labels_from_many_labellers_in_one_transaction_are_what_one_by_one_would_give():
+    """label_many against submit_and_next called in the same order, on two stores built alike: the
+    same labels, refusals, next pairs and leases, and each refusal alone."""
+    results = {}
+    for name in ("batched", "one by one"):
+        with Store(":memory:") as s:
+            _pairs(s, 6)
+            users = _users(s, 3)
+            q = LabelQueue(s, overlap=2, lease_s=60)
+            held = {u: q.next_pair(u)["pair_id"] for u in users}
+            a, b, c = users
+            answers = [Answer(a, held[a], "first", "clear", 2.5), Answer(b, held[b], "skip"),
+                       Answer(a, held[a], "second"),       # a again, on the pair just labelled: a conflict
+                       Answer(c, held[a], "first"),        # c on a's pair, not handed to c: refused
+                       Answer(c, held[c], "tie"), Answer(c, 10_000, "first")]  # no such pair
+            if name == "batched":
+                got = q.label_many(answers)
+            else:
+                got = []
+                for x in answers:
+                    try:
+                        label_id, pair = q.submit_and_next(x.user_id, x.pair_id, x.choice, x.rationale, x.seconds_spent)
+                        got.append(Labelled(label_id, pair, q.progress(x.user_id)))
+                    except Exception as e:
+                        got.append(e)
+            results[name] = ([type(r).__name__ if isinstance(r, Exception) else (r.label_id, r.pair, r.progress)
+                              for r in got],
+                             s._all("SELECT id, pair_id, user_id, choice, rationale, seconds_spent FROM labels ORDER BY id"),
+                             s._all("SELECT pair_id, user_id FROM assignments ORDER BY user_id"))
+    assert results["batched"] == results["one by one"]
+    outcomes, labels, leases = results["batched"]
+    assert [o if isinstance(o, str) else "ok" for o in outcomes] == \
+        ["ok", "ok", "LabelConflict", "NotLeased", "ok", "StoreError"]
+    people = [row for row in labels if row[2] in users]  # not the dataset's own labels
+    assert len(people) == 3 and people[0][4:] == ("clear", 2.5)
+    assert {u for _, u in leases} == set(users)  # each labeller holds their next pair
+
+
+def test_a_batch_of_refusals_only_writes_nothing(store):
+    (pid,) = _pairs(store, 1)
+    (u,) = _users(store, 1)
+    q = LabelQueue(store, overlap=1, lease_s=60)
+    got = q.label_many([Answer(u, pid, "first"), Answer(u, pid, "sideways")])
+    assert isinstance(got[0], NotLeased) and type(got[1]).__name__ == "StoreError"
+    assert store._all("SELECT count(*) FROM labels WHERE user_id = ?", [u]) == [(0,)]
+
+
+def test_labels_sent_at_once_share_one_commit_and_each_sender_gets_its_own_answer(store):
+    import asyncio
+
+    from loop.serving.label_batcher import LabelBatcher
+
+    _pairs(store, 10)
+    users = _users(store, 5)
+    q = LabelQueue(store, overlap=1, lease_s=60)
+    held = {u: q.next_pair(u)["pair_id"] for u in users}
+    batcher = LabelBatcher(q)
+
+    async def send_all():
+        answers = [Answer(u, held[u], "first") for u in users] + [Answer(users[0], held[users[1]], "first")]
+        return await asyncio.gather(*(batcher.submit(a) for a in answers), return_exceptions=True)
+
+    got = asyncio.run(send_all())
+    assert (batcher.batches, batcher.labels) == (1, 6)
+    assert all(isinstance(r, Labelled) and r.pair["pair_id"] not in held.values() for r in got[:5])
+    assert isinstance(got[5], LabelConflict)  # users[1] labelled that pair just before, in the same batch
+    assert len({r.label_id for r in got[:5]}) == 5
+    assert store._all("SELECT count(*) FROM labels WHERE user_id IN (SELECT unnest(?))", [users]) == [(5,)]

@@ -27,6 +27,7 @@ from fastapi.responses import Response
 from loop.config import Config
 from loop.sections import METHODS
 from loop.serving.engine import KEEP_ALIVE_S, Replica
+from loop.serving.label_batcher import LabelBatcher
 from loop.serving.log_writer import LogWriter
 from loop.serving.metrics import Metrics
 from loop.serving.monitor import Monitor
@@ -57,6 +58,7 @@ class Gateway:
         self.writer = LogWriter(self.store, flush_ms=g.log_flush_ms, max_queue=g.log_max_queue)
         self.pairs = PairMaker(self.router, self.engine_json, self.writer.put, lambda: self.in_flight, g.pair_share)
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
+        self.labels = LabelBatcher(self.queue, self.cfg.labeling.max_batch)
         self.runs = Runs(self.store)
         self.reward_models = RewardModels(self.store)
         self.monitor = Monitor(self.cfg.monitor, self.store, self.router, self.versions, self.engine_ready)

@@ -13,7 +13,7 @@ from loop.serving import stats as dashboard
 from loop.serving.auth import signed_in
 from loop.serving.protocol import ArenaRequest, HTTPProblem, LabelRequest, errors
 from store.database import StoreError
-from store.labelling import LabelConflict, NotLeased
+from store.labelling import Answer, LabelConflict, NotLeased
 
 router = APIRouter(prefix="/api", responses=errors(400, 401, 403, 404, 409, 413, 415, 429, 503, 504))
 
@@ -54,9 +54,8 @@ async def next_pair(request: Request, response: Response, who=Depends(signed_in)
 async def label(body: LabelRequest, request: Request, response: Response, who=Depends(signed_in)) -> dict[str, Any]:
     gw = request.app.state.gateway
     started = time.perf_counter()
-    try:  # the label and the next pair in one transaction, one round trip
-        label_id, pair = await asyncio.to_thread(gw.queue.submit_and_next, who["id"], body.pair_id, body.choice,
-                                                 body.rationale, body.seconds)
+    try:  # the label and the next pair in one transaction, shared with the labels sent meanwhile
+        done = await gw.labels.submit(Answer(who["id"], body.pair_id, body.choice, body.rationale, body.seconds))
     except LabelConflict as e:
         raise HTTPProblem(409, str(e), code="conflict") from None
     except NotLeased as e:
@@ -65,7 +64,7 @@ async def label(body: LabelRequest, request: Request, response: Response, who=De
         raise HTTPProblem(404, str(e), code="not_found") from None
     gw.metrics.labels.inc()
     response.headers["Server-Timing"] = f"next;dur={(time.perf_counter() - started) * 1000:.2f}"  # label included
-    return {"label_id": label_id, "pair": pair, "progress": await _progress(gw, who["id"])}
+    return {"label_id": done.label_id, "pair": done.pair, "progress": done.progress}
 
 
 @router.post("/label/undo")
