@@ -15,5 +15,5 @@ grep "extra == 'proxy'" "$meta" | sed "s/^Requires-Dist: //; s/ *;.*//" | sort -
   case "$req" in litellm-*) continue ;; esac
   "${pip[@]}" install "$req" || echo "skipped $req (not in the index)"
 done
-.venv-litellm/bin/litellm --help >/dev/null
+LITELLM_LOCAL_MODEL_COST_MAP=True .venv-litellm/bin/litellm --help >/dev/null
 echo "LiteLLM's proxy is in .venv-litellm"
