@@ -136,12 +136,15 @@ class LabelingConfig:
     overlap: int = _f(2, "independent human labels each pair gets (k)")
     lease_s: float = _f(600.0, "seconds a pair handed to a labeller stays theirs before it returns to the queue")
     app_port: int = _f(8501, "port of the Streamlit labelling app")
+    min_accuracy: float = _f(0.7, "a labeller whose estimated accuracy (from agreement) is clearly below this, the whole interval under it, is flagged to admins")
     max_batch: int = _f(64, "labels sent at the same time are written in one transaction, at most this many; 1 writes each alone")
 
     def __post_init__(self) -> None:
         _check_port(self.app_port)
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ValueError("min_accuracy must be between 0 and 1")
         if self.overlap < 1:
             raise ValueError("overlap must be at least 1")
         if self.lease_s <= 0:

@@ -50,6 +50,18 @@ plot(columns[1], per_labeller, charts.labels_per_labeller, "No labels yet.")
 plot(columns[2], [r for r in per_labeller if r["median_seconds"] is not None], charts.seconds_per_label,
      "No label has its time on screen yet.")
 
+if "labellers" in s:  # admins only
+    st.subheader("Labellers")
+    st.caption("How often each labeller picks the better reply, estimated from how they agree with the others "
+               "(Dawid-Skene; only first/second votes count), with a 90% interval. Flagged: the whole interval "
+               "is below `labeling.min_accuracy`. Exclude a labeller on the admin page.")
+    if s["labellers"]:
+        st.dataframe([{"labeller": r["name"], "votes compared": r["votes"], "accuracy": round(r["accuracy"], 2),
+                       "interval": f"{r['low']:.2f}-{r['high']:.2f}", "flagged": "⚠" if r["flagged"] else "",
+                       "excluded": "yes" if r["excluded"] else ""} for r in s["labellers"]], hide_index=True)
+    else:
+        st.info("No votes to compare yet: it needs pairs labelled by two or more people.")
+
 st.subheader("Model versions")
 runs = s["runs"]
 judged = [{"run": r["id"], "method": r["method"], "status": r["status"], "win_rate": m["win_rate"],

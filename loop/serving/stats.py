@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from loop.evaluation import ranking
+from loop.evaluation import ranking, reliability
 from store.database import Store
 from store.labelling import LabelQueue
 from store.reward_models import RewardModels
@@ -14,11 +14,12 @@ from store.reward_models import RewardModels
 RUN_FIELDS_ADMIN_ONLY = ("config", "snapshot_hash")  # what a run was configured with (paths, settings)
 
 
-def stats(store: Store, queue: LabelQueue, admin: bool = True) -> dict[str, Any]:
+def stats(store: Store, queue: LabelQueue, admin: bool = True, min_accuracy: float = 0.7) -> dict[str, Any]:
     """Everything the dashboard shows; a labeller's copy leaves out what runs were configured with
-    (admin-only data, as on the admin API's /api/runs)."""
+    and how reliable each labeller is (admin-only data)."""
     by_pair: dict[int, list[str]] = defaultdict(list)
-    for pair_id, _, choice in store.human_labels():
+    labels = store.human_labels()
+    for pair_id, _, choice in labels:
         by_pair[pair_id].append(choice)
     overlapping = [v for v in by_pair.values() if len(v) >= 2]
     results = ranking.outcomes(store.version_comparisons())
@@ -41,7 +42,7 @@ def stats(store: Store, queue: LabelQueue, admin: bool = True) -> dict[str, Any]
         run["curve"] = store.run_metrics(run["id"])
     if not admin:
         runs = [{k: v for k, v in run.items() if k not in RUN_FIELDS_ADMIN_ONLY} for run in runs]
-    return {
+    out = {
         "labels_per_day": store.labels_per_day(),
         "labels_per_labeller": store.labels_per_labeller(),
         "queue": queue.progress(user_id=-1)["queue"],
@@ -54,3 +55,17 @@ def stats(store: Store, queue: LabelQueue, admin: bool = True) -> dict[str, Any]
         "reward_models": [{k: r[k] for k in ("id", "run_id", "purpose", "accuracy", "created_at")}
                           for r in RewardModels(store).list()],
     }
+    if admin:
+        out["labellers"] = labellers(store, labels, min_accuracy)
+    return out
+
+
+def labellers(store: Store, labels: list[tuple[int, int, str]], min_accuracy: float) -> list[dict[str, Any]]:
+    """Each labeller's accuracy estimated from agreement (loop.evaluation.reliability), with its
+    interval; flagged when the whole interval is below `min_accuracy`. Least reliable first."""
+    people, _ = reliability.estimate(labels)
+    users = {u["id"]: u for u in store.users()}
+    rows = [{"name": users[r.user_id]["name"], "votes": r.votes, "accuracy": r.accuracy, "low": r.low,
+             "high": r.high, "flagged": r.high < min_accuracy, "excluded": users[r.user_id]["excluded_at"] is not None}
+            for r in people.values() if r.user_id in users]
+    return sorted(rows, key=lambda r: r["accuracy"])
