@@ -88,14 +88,17 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.evaluation.reliability import snapshot_accuracy
     from store import export
 
     cutoff = datetime.fromisoformat(args.until) if args.until else None
     with _store(cfg) as store:
+        accuracy = snapshot_accuracy(store, cfg.labeling.aggregate)
         if args.kind == "snapshot":
-            manifest = export.snapshot(store, args.output, cfg.store.heldout_share, cutoff)
+            manifest = export.snapshot(store, args.output, cfg.store.heldout_share, cutoff, accuracy)
         else:
-            manifest = export.export(store, args.kind, args.output, args.format, cfg.store.heldout_share, cutoff)
+            manifest = export.export(store, args.kind, args.output, args.format, cfg.store.heldout_share, cutoff,
+                                     accuracy)
     counts = ", ".join(f"{v} {k}" for k, v in manifest.counts.items())
     print(f"wrote {args.output}: {counts} (cut-off {manifest.cutoff})")
     if manifest.skipped.get("no_majority"):
@@ -244,11 +247,13 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     elif (client := _gateway(cfg)).running():  # the gateway owns the store while it runs
         snapshot = Path(client.call("POST", "/api/snapshot")["dir"])
     else:
+        from loop.evaluation.reliability import snapshot_accuracy
         from store import export
 
         snapshot = out / "snapshot"
         with _store(cfg) as store:
-            export.snapshot(store, snapshot, cfg.store.heldout_share)
+            export.snapshot(store, snapshot, cfg.store.heldout_share,
+                            accuracy=snapshot_accuracy(store, cfg.labeling.aggregate))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in configuration.METHODS]
     if unknown:

@@ -543,8 +543,9 @@ class Store:
                               FROM exchanges e JOIN users u ON u.id = e.user_id GROUP BY e.prompt_id)"""
 
     def pair_votes(self, cutoff: datetime) -> list[dict[str, Any]]:
-        """Every pair with at least one non-skip label by `cutoff`, with its vote counts, its labellers
-        and the caller whose prompt it answers; excluded users' labels and prompts are left out."""
+        """Every pair with at least one non-skip label by `cutoff`, with its vote counts, its labellers,
+        each vote (`voters` and `choices`, in label order) and the caller whose prompt it answers;
+        excluded users' labels and prompts are left out."""
         return self._dicts(f"""
             WITH {self._CALLERS}
             SELECT p.id, p.uid, p.source, pr.messages, ra.text AS a, rb.text AS b,
@@ -553,7 +554,8 @@ class Store:
                    count(*) FILTER (WHERE l.choice = 'b') AS votes_b,
                    count(*) FILTER (WHERE l.choice = 'tie') AS votes_tie,
                    count(*) FILTER (WHERE l.choice = 'both_bad') AS votes_both_bad,
-                   list_sort(list(DISTINCT lu.name)) AS labellers, c.name AS contributor
+                   list_sort(list(DISTINCT lu.name)) AS labellers, list(lu.name ORDER BY l.id) AS voters,
+                   list(l.choice ORDER BY l.id) AS choices, c.name AS contributor
             FROM pairs p
             JOIN prompts pr ON pr.id = p.prompt_id
             JOIN responses ra ON ra.id = p.response_a_id

@@ -81,3 +81,37 @@ def test_admins_see_each_labellers_accuracy_and_the_bad_one_is_flagged(tmp_path)
         assert [r["name"] for r in rows][0] == "dee" and rows[0]["flagged"]
         assert not any(r["flagged"] for r in rows[1:]) and all(r["accuracy"] > 0.8 for r in rows[1:])
         assert "labellers" not in people["ann"].get("/api/stats").json()
+
+
+def test_a_snapshot_labelled_by_reliability_undoes_an_always_wrong_labeller(tmp_path):
+    """The same votes exported twice: by majority, the pairs the bad labeller split are dropped or
+    lost to them; weighted by reliability, nine in ten or more come out with the truth."""
+    import pyarrow.parquet as pq
+
+    from loop.evaluation.reliability import snapshot_accuracy
+    from store import Store, export
+    from store.database import NewPair
+
+    with Store(tmp_path / "s.duckdb") as s:
+        s.add_labelled_pairs([NewPair([{"role": "user", "content": f"q{i}"}], f"good {i}", f"bad {i}")
+                              for i in range(40)], "import:t", "dataset:t")
+        s._db.execute("DELETE FROM labels")  # the dataset's own labels: only people's votes here
+        users = {name: s.user_by_token(s.add_user(name, "labeller"))["id"] for name in ("ann", "bo", "cy", "dee")}
+        rng = random.Random(0)
+        for pair_id in s.pair_ids():  # reply a is the good one
+            for name in rng.sample(sorted(users), 2):
+                right = name != "dee" and rng.random() < 0.95  # dee always picks the worse
+                s._db.execute("INSERT INTO labels (pair_id, user_id, choice) VALUES (?, ?, ?)",
+                              [pair_id, users[name], "a" if right else "b"])
+        assert snapshot_accuracy(s, "majority") is None
+        accuracy = snapshot_accuracy(s, "reliability")
+        assert accuracy["dee"] < 0.3 < 0.8 < min(accuracy[n] for n in ("ann", "bo", "cy"))
+        for aggregate, acc in (("majority", None), ("reliability", accuracy)):
+            m = export.snapshot(s, tmp_path / aggregate, 0.0, accuracy=acc)
+            rows = pq.read_table(tmp_path / aggregate / "pairs.parquet").to_pylist()
+            right = sum(r["chosen"][0]["content"].startswith("good") for r in rows)
+            assert m.aggregate == aggregate
+            if aggregate == "majority":
+                majority_right = right
+            else:
+                assert right > majority_right and right >= 0.9 * 40

@@ -19,6 +19,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from store.database import Store
+
 PRIOR = (2.0, 1.0)  # Beta prior on each accuracy: one agreement and no disagreement in hand (mean 2/3)
 
 
@@ -71,3 +73,13 @@ def _wilson(successes: float, n: int, z: float) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def snapshot_accuracy(store: Store, aggregate: str) -> dict[str, float] | None:
+    """Each labeller's estimated accuracy by name, for a snapshot's weighted labels
+    (`store.export.snapshot`); None when `labeling.aggregate` is "majority"."""
+    if aggregate == "majority":
+        return None
+    people, _ = estimate(store.human_labels())
+    names = {u["id"]: u["name"] for u in store.users()}
+    return {names[u]: r.accuracy for u, r in people.items() if u in names}

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from loop.evaluation import reliability
 from loop.serving import sampling
 from loop.serving.auth import admin
 from loop.serving.protocol import (
@@ -191,7 +192,8 @@ async def snapshot(request: Request) -> dict[str, Any]:
         out = gw.cfg.data_dir / "snapshots" / time.strftime("%Y%m%d-%H%M%S")
         while out.exists():
             out = out.with_name(out.name + "-1")
-        manifest = export.snapshot(gw.store, out, gw.cfg.store.heldout_share)
+        manifest = export.snapshot(gw.store, out, gw.cfg.store.heldout_share,
+                                   accuracy=reliability.snapshot_accuracy(gw.store, gw.cfg.labeling.aggregate))
         return {"dir": str(out), "manifest": asdict(manifest)}
 
     return await asyncio.to_thread(run)
