@@ -136,7 +136,7 @@ class LabelingConfig:
     overlap: int = _f(2, "independent human labels each pair gets (k)")
     lease_s: float = _f(600.0, "seconds a pair handed to a labeller stays theirs before it returns to the queue")
     app_port: int = _f(8501, "port of the Streamlit labelling app")
-    aggregate: str = _f("majority", "how a pair's votes become its training label: 'majority', or 'reliability' (each vote weighted by its labeller's accuracy estimated from agreement)")
+    aggregate: str = _f("reliability", "how a pair's votes become its training label: 'reliability' (each vote weighted by its labeller's accuracy estimated from agreement) or 'majority'")
     min_accuracy: float = _f(0.7, "a labeller whose estimated accuracy (from agreement) is clearly below this, the whole interval under it, is flagged to admins")
     max_batch: int = _f(64, "labels sent at the same time are written in one transaction, at most this many; 1 writes each alone")
 

@@ -4,8 +4,8 @@ Pairs come out in TRL's conversational preference format (`prompt` a list of mes
 and `rejected` one assistant message each), so a file loads straight into `datasets` and
 `DPOTrainer`. A pair's label is the majority of its votes; a pair whose majority is a tie or
 "both bad" (or whose votes split evenly) is left out. Given each labeller's estimated accuracy
-(`labeling.aggregate = "reliability"`, loop.evaluation.reliability), a pair's label is instead the
-reliability-weighted vote (`weighted`). Every pair carries a `split`, "train" or
+(`labeling.aggregate = "reliability"`, the default, estimated by loop.evaluation.reliability), a
+pair's label is instead the reliability-weighted vote (`weighted`). Every pair carries a `split`, "train" or
 "heldout", from a stable hash of the pair, so the held-out set never changes under a pair.
 Every row names who gave it (`labellers` of a pair, the `contributor`: the API key whose traffic
 made the prompt, or who sent the feedback); users an admin excluded are left out altogether.
