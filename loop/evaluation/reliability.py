@@ -54,14 +54,17 @@ def estimate(votes: list[tuple[int, int, str]], iterations: int = 50, level: flo
     agree: dict[int, float] = {}
     counted: dict[int, int] = {}
     for _ in range(iterations):
-        posterior = {p: 1 / (1 + math.exp(-sum(_logit(accuracy[u]) * (1 if a else -1) for u, a in v)))
+        weight = {u: _logit(p) for u, p in accuracy.items()}
+        posterior = {p: 1 / (1 + math.exp(-sum(weight[u] if a else -weight[u] for u, a in v)))
                      for p, v in by_pair.items()}
         agree, counted = defaultdict(float), defaultdict(int)
         for p, v in shared.items():
             for u, a in v:
                 agree[u] += posterior[p] if a else 1 - posterior[p]
                 counted[u] += 1
-        accuracy = {u: (agree[u] + PRIOR[0]) / (counted[u] + sum(PRIOR)) for u in users}
+        before, accuracy = accuracy, {u: (agree[u] + PRIOR[0]) / (counted[u] + sum(PRIOR)) for u in users}
+        if max((abs(accuracy[u] - before[u]) for u in users), default=0.0) < 1e-6:
+            break  # converged (a few dozen passes at most in practice)
     z = NormalDist().inv_cdf(0.5 + level / 2)
     return {u: Reliability(u, counted[u], accuracy[u], *_wilson(agree[u], counted[u], z)) for u in users}, posterior
 
