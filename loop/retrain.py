@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -79,6 +80,21 @@ def fitted_judge(client: GatewayClient, fingerprint: str) -> dict[str, Any] | No
     if judge and judge["metrics"].get("fingerprint") == fingerprint and Path(judge["path"]).exists():
         return judge
     return None
+
+
+def checkpoint_dir(cfg: Config, job: dict[str, Any], data_hash: str) -> Path:
+    """The job's own checkpoint folder, named after what its training is a function of: the method,
+    its data by content (`data_hash`; a snapshot's folder is new every cycle), the base, the starting
+    adapter, every setting and the prompts kept out of it. The next cycle on the same snapshot finds
+    there what a killed run of the job left and resumes; new data or settings name another folder.
+    The other folders of the same method are removed: the cycle trains on the newest data only."""
+    what = {k: v for k, v in job.items() if k not in ("snapshot", "output_adapter", "checkpoint_dir")}
+    blob = json.dumps({**what, "data": data_hash}, sort_keys=True, default=str)
+    folder = cfg.data_dir / "checkpoints" / f"{job['method']}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    for old in folder.parent.glob(f"{job['method']}-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def answers(cfg: Config, client: GatewayClient, model: str, prompts: list[list[dict[str, str]]],
@@ -242,6 +258,9 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
            "init_adapter": init_adapter, "output_adapter": str(run_dir / "adapter"), "train": asdict(cfg.train),
            "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts + shadow,
            "judge": not cfg.gate.uses_llm() and judge_model is None}
+    job["checkpoint_dir"] = str(checkpoint_dir(cfg, job, f"{snapshot_hash}+{pairs_hash}"))
+    if any(Path(job["checkpoint_dir"]).rglob("checkpoint-*")):
+        log(f"run {run_id}: a killed run of this job left checkpoints in {job['checkpoint_dir']}: it resumes from them")
     started = time.monotonic()
     trained = train(cfg, client, run_id, run_dir, job)
     train_seconds = time.monotonic() - started

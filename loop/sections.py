@@ -174,6 +174,7 @@ class TrainConfig:
     num_processes: int = _f(1, "processes `accelerate launch` starts (GPUs, or CPU processes)")
     accelerate_config: str = _f("", "accelerate config file (e.g. ops/accelerate/multi_gpu.yaml); empty: none")
     timeout_s: float = _f(3600.0, "a training run taking longer is killed and marked failed")
+    checkpoint_steps: int = _f(25, "optimiser steps between the checkpoints a killed run resumes from on the next cycle (DPO, KTO, reward models); 0: none")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -182,6 +183,8 @@ class TrainConfig:
             raise ValueError("learning_rate, epochs and beta must be positive")
         if self.batch_size < 1 or self.lora_r < 1 or self.num_processes < 1:
             raise ValueError("batch_size, lora_r and num_processes must be at least 1")
+        if self.checkpoint_steps < 0:
+            raise ValueError("checkpoint_steps must be 0 (none) or more")
 
 
 @dataclass
@@ -237,12 +240,15 @@ class PPOConfig:
     lam: float = _f(0.95, "GAE lambda")
     missing_eos_penalty: float = _f(-1.0, "score of an answer cut off before its end token (against length hacking; 0: off)")
     whiten_rewards: bool = _f(False, "whiten the scores of each rollout batch before adding the KL penalty")
+    checkpoint_steps: int = _f(4, "rollout steps between the checkpoints a killed run resumes from on the next cycle; 0: none")
 
     def __post_init__(self) -> None:
         if min(self.steps, self.rollout_batch, self.ppo_epochs, self.minibatch, self.max_new_tokens) < 1:
             raise ValueError("steps, rollout_batch, ppo_epochs, minibatch and max_new_tokens must be at least 1")
         if self.minibatch > self.rollout_batch:
             raise ValueError("minibatch must not be larger than rollout_batch")
+        if self.checkpoint_steps < 0:
+            raise ValueError("checkpoint_steps must be 0 (none) or more")
         if self.learning_rate <= 0 or self.temperature <= 0 or self.kl_coef < 0:
             raise ValueError("learning_rate and temperature must be positive, kl_coef >= 0")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):

@@ -258,20 +258,20 @@ def test_a_worse_version_pushed_live_is_rolled_back_by_the_monitor(up, simulated
     assert json.loads(out)["monitor"]["last_rollback"]["version"] == vid
 
 
-def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped, flipped_labels):
+def test_a_killed_trainer_fails_the_run_and_the_next_run_resumes_it(flipped, flipped_labels):
     with flipped.client() as c:
         serving = c.get("/api/status").json()["serving"]
         known = {r["id"] for r in c.get("/api/runs").json()}
         retrain = subprocess.Popen([*flipped.cli_args(), "retrain", "--force"], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
-        pid_file, deadline = None, time.monotonic() + 300
-        while pid_file is None and time.monotonic() < deadline:
+        pid_file, checkpoint, deadline = None, [], time.monotonic() + 600
+        while not checkpoint and time.monotonic() < deadline:  # mid-run: once its first checkpoint is written
             new = [r["id"] for r in c.get("/api/runs").json() if r["id"] not in known]
             if new and (flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid").exists():
                 pid_file = flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid"
+                checkpoint = list((flipped.cfg.data_dir / "checkpoints").glob("dpo-*/trainer/checkpoint-*/trainer_state.json"))
             time.sleep(0.5)
-        assert pid_file is not None, "the trainer never started"
-        time.sleep(3)  # mid-run
+        assert pid_file is not None and checkpoint, "the trainer never started or never wrote a checkpoint"
         os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         out, _ = retrain.communicate(timeout=300)
         run = c.get("/api/runs").json()[0]
@@ -280,8 +280,11 @@ def test_a_killed_trainer_fails_the_run_and_the_next_run_succeeds(flipped, flipp
     again = flipped.cli("retrain", "--force")
     with flipped.client() as c:
         last = c.get("/api/runs").json()[0]
-    # it runs to the end (not "failed") and the gate decides
-    assert last["status"] in ("promoted", "rejected", "held") and json.loads(last["metrics"])["judge"], again.stdout
+    # the next cycle on the same snapshot goes on from the checkpoint, to the end, and the gate decides
+    metrics = json.loads(last["metrics"])
+    assert "it resumes from them" in again.stdout, again.stdout
+    assert metrics["resumed_from_step"] >= flipped.cfg.train.checkpoint_steps, metrics
+    assert last["status"] in ("promoted", "rejected", "held") and metrics["judge"], again.stdout
 
 
 def test_two_triggers_at_once_make_one_run(flipped, flipped_labels):

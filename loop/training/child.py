@@ -12,7 +12,8 @@ RUN_DIR/job.json:
      "init_adapter": null | "/abs/adapter_dir", "output_adapter": "/abs/RUN_DIR/adapter",
      "train": {...[train]...}, "reward": {...}, "ppo": {...}, "kto": {...} (the config's sections),
      "eval_prompts": [prompt messages the gate will judge on: PPO does not roll out on them],
-     "judge": true | false (also refresh the gate's reward model on every labelled pair)}
+     "judge": true | false (also refresh the gate's reward model on every labelled pair),
+     "checkpoint_dir": null | "/abs/dir" (this job's own: checkpoint there, resume from what is there)}
 
 What it writes (only the main process writes):
 
@@ -27,6 +28,13 @@ What it writes (only the main process writes):
 - on failure: RUN_DIR/error.txt with the reason, no adapter, and exit status
   2 = no training data (pairs, or both kinds of feedback for KTO), 3 = NaN/inf loss, 1 = anything else.
 
+Resume: with a "checkpoint_dir", each stage (the method's trainer, a reward model, the gate's reward
+model) checkpoints in its own folder there every `train.checkpoint_steps` optimiser steps (PPO:
+`ppo.checkpoint_steps` rollout steps) and starts from the newest checkpoint it finds, so a child
+killed mid-run (power loss, OOM, preemption) and started again on the same job goes on from there;
+"resumed_from_step" in the metrics says where. A stage that had finished resumes at its end. Once
+result.json is written the checkpoint dir is removed.
+
 Note: `accelerate launch` reports any nonzero status of its child as 1 (it raises
 CalledProcessError, or torchrun's ChildFailedError), so behind the launcher error.txt tells the
 cases apart; `python -m loop.training.child` returns the status itself.
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -88,7 +97,8 @@ def train_dpo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
     metrics, _ = dpo.run(train_pairs, heldout_pairs, base_model=job["base_model"],
                          output_adapter=job["output_adapter"], cfg=cfg, work_dir=run_dir,
-                         init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl")
+                         init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl",
+                         checkpoint_dir=job.get("checkpoint_dir"))
     return {"adapter": str(job["output_adapter"]), "metrics": metrics}
 
 
@@ -100,7 +110,8 @@ def train_kto(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     train_rows, heldout_rows = kto.load_feedback(job["snapshot"], cfg.heldout_share)
     metrics, _ = kto.run(train_rows, heldout_rows, base_model=job["base_model"], output_adapter=job["output_adapter"],
                          cfg=cfg, train_cfg=TrainConfig(**job["train"]), work_dir=run_dir,
-                         init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl")
+                         init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl",
+                         checkpoint_dir=job.get("checkpoint_dir"))
     return {"adapter": str(job["output_adapter"]), "metrics": metrics}
 
 
@@ -124,7 +135,7 @@ def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
     reward_dir = run_dir / "reward-model"
     rm = reward.train(train_pairs, heldout_pairs, job["base_model"], reward_dir, reward_cfg, train_cfg,
-                      work_dir=run_dir, metrics_path=run_dir / "metrics.jsonl")
+                      work_dir=run_dir, metrics_path=run_dir / "metrics.jsonl", checkpoint_dir=job.get("checkpoint_dir"))
     scorer = reward.CombinedReward.load(reward_dir if reward_cfg.weight else None, reward_cfg.weight,
                                         reward_cfg.extra)
     exclude = job.get("eval_prompts") or []
@@ -132,7 +143,7 @@ def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     metrics, _ = ppo.run(prompts, scorer, job["base_model"], job["output_adapter"], PPOConfig(**job["ppo"]),
                          train_cfg, init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl",
                          heldout_prompts=exclude or [p["prompt"] for p in heldout_pairs],
-                         log=lambda m: print(m, file=sys.stderr, flush=True))
+                         log=lambda m: print(m, file=sys.stderr, flush=True), checkpoint_dir=job.get("checkpoint_dir"))
     metrics.update({f"reward_model_{k}": v for k, v in rm.items()})
     return {"adapter": str(job["output_adapter"]), "metrics": metrics,
             "reward_model": {"path": str(reward_dir), "accuracy": rm.get("accuracy"), "metrics": rm}}
@@ -158,7 +169,7 @@ def train_judge(job: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     judge_dir = run_dir / "judge-model"
     rm = reward.train(train_pairs, heldout_pairs, job["base_model"], judge_dir, RewardConfig(**job["reward"]),
                       dataclasses.replace(train_cfg, seed=train_cfg.seed + 1), work_dir=run_dir,
-                      metrics_path=run_dir / "metrics.jsonl", prefix="judge/")
+                      metrics_path=run_dir / "metrics.jsonl", prefix="judge/", checkpoint_dir=job.get("checkpoint_dir"))
     return {"path": str(judge_dir), "accuracy": rm.get("accuracy"), "metrics": rm}
 
 
@@ -204,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["metrics"]["peak_gpu_mb"] = _peak_gpu_mb()
         _write_json(run_dir / "result.json", result)
         print(f"loop.training.child: adapter saved to {result['adapter']}", file=sys.stderr)
+        checkpoints = read_job(run_dir).get("checkpoint_dir")
+        if checkpoints:  # done: nothing left to resume
+            shutil.rmtree(checkpoints, ignore_errors=True)
     return 0
 
 

@@ -60,8 +60,9 @@ def load_pairs(snapshot: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], 
 # configuration
 
 
-def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
-    """TRL's `DPOConfig` from the [train] section, with the shared `trainer_settings`."""
+def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str], save_steps: int = 0):
+    """TRL's `DPOConfig` from the [train] section, with the shared `trainer_settings` (a checkpoint
+    in `output_dir` every `save_steps` steps; 0: none)."""
     from trl import DPOConfig
 
     return DPOConfig(
@@ -75,7 +76,7 @@ def dpo_config(cfg: TrainConfig, output_dir: str | os.PathLike[str]):
         loss_type=[t.strip() for t in cfg.loss_type.split(",") if t.strip()],
         max_length=cfg.max_length,
         seed=cfg.seed,
-        **trainer_settings(cfg.lora_dropout),
+        **trainer_settings(cfg.lora_dropout, save_steps),
     )
 
 
@@ -93,8 +94,11 @@ def run(
     init_adapter: str | os.PathLike[str] | None = None,
     metrics_path: str | os.PathLike[str] | None = None,
     kl_prompts: int = KL_PROMPTS,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Train, evaluate on the held-out pairs, save the adapter (when `output_adapter` is given).
+    With a `checkpoint_dir` (one per job), checkpoint there every `cfg.checkpoint_steps` steps and
+    resume from the newest checkpoint a killed run of the same job left (`toolkit.stage`).
 
     Returns (metrics, model); metrics holds `eval_*` (TRL's names, e.g. `eval_rewards/accuracies`,
     `eval_loss`), `kl_to_base`, `train_pairs`, `heldout_pairs`, `train_seconds`, `train_loss`, `steps`.
@@ -108,10 +112,11 @@ def run(
         raise NoTrainingPairs("no training pairs")
     model, tok = load_policy(base_model, init_adapter)
     callback = toolkit.metrics_callback_class()(metrics_path)
+    stage = toolkit.stage(work_dir, checkpoint_dir, "trainer", cfg.checkpoint_steps)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
-        args=dpo_config(cfg, Path(work_dir) / "trainer"),
+        args=dpo_config(cfg, stage.output_dir, stage.save_steps),
         train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(heldout_pairs) if heldout_pairs else None,
         processing_class=tok,
@@ -120,6 +125,6 @@ def run(
     )
     counts = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs)}
     return train_and_report(trainer, callback, tok, counts, [p["prompt"] for p in heldout_pairs[:kl_prompts]],
-                            ("eval_loss", "eval_rewards/accuracies"), output_adapter, cfg.seed)
+                            ("eval_loss", "eval_rewards/accuracies"), output_adapter, cfg.seed, stage)
 
 

@@ -85,7 +85,7 @@ def check_feedback(train_rows: list[dict[str, Any]]) -> tuple[int, int]:
 # configuration
 
 
-def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
+def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike[str], save_steps: int = 0):
     """TRL's `KTOConfig` from the [kto] section (learning rate, epochs, batch size, beta, the
     desirable/undesirable weights) and [train]'s max_length, seed and LoRA dropout, with the shared
     `loop.training.toolkit.trainer_settings`."""
@@ -109,7 +109,7 @@ def kto_config(cfg: KTOConfig, train: TrainConfig, output_dir: str | os.PathLike
         seed=train.seed,
         # the KL term pairs each answer with its neighbour in a fixed-order batch (TRL's default, required)
         train_sampling_strategy="sequential",
-        **toolkit.trainer_settings(train.lora_dropout),
+        **toolkit.trainer_settings(train.lora_dropout, save_steps),
     )
 
 
@@ -128,8 +128,10 @@ def run(
     init_adapter: str | os.PathLike[str] | None = None,
     metrics_path: str | os.PathLike[str] | None = None,
     kl_prompts: int = toolkit.KL_PROMPTS,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """Train, evaluate on the held-out feedback, save the adapter (when `output_adapter` is given).
+    """Train, evaluate on the held-out feedback, save the adapter (when `output_adapter` is given);
+    checkpoints and resume as in `loop.training.dpo.run`.
 
     Returns (metrics, model); metrics holds `eval_*` (TRL's names, e.g. `eval_loss`,
     `eval_rewards/chosen`, `eval_rewards/rejected`, `eval_rewards/margins`, `eval_kl`), `kl_to_base`,
@@ -141,7 +143,8 @@ def run(
     from trl import KTOTrainer
 
     desirable, undesirable = check_feedback(train_rows)
-    args = kto_config(cfg, train_cfg, Path(work_dir) / "trainer")
+    stage = toolkit.stage(work_dir, checkpoint_dir, "trainer", train_cfg.checkpoint_steps)
+    args = kto_config(cfg, train_cfg, stage.output_dir, stage.save_steps)
     # read in a fixed order (see the module docstring): shuffle once so that batches mix old and new
     # feedback, ups and downs, the same way in every process
     rows = [{k: r[k] for k in FIELDS} for r in train_rows]
@@ -166,4 +169,4 @@ def run(
               "desirable": desirable, "undesirable": undesirable}
     return toolkit.train_and_report(trainer, callback, tok, counts, [r["prompt"] for r in heldout[:kl_prompts]],
                                 ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins"),
-                                output_adapter, train_cfg.seed)
+                                output_adapter, train_cfg.seed, stage)

@@ -23,6 +23,11 @@ Details of RLHF with PPO" (2024); the numbers refer to the details in that write
 Per step, `metrics.jsonl` gets reward (mean raw score), kl (per answer, nats), entropy, clipfrac,
 value_loss, policy_loss, approx_kl, kl_coef, length and eos_share. A NaN/inf loss stops the run
 (`NonFiniteLoss`); nothing is saved.
+
+With a checkpoint dir (one per job), every `cfg.checkpoint_steps` steps the whole state is saved
+(`save_state`: the adapter's and the value head's weights, Adam's moments, the learning-rate
+schedule, the KL controller's coefficient, the step, both random generators and the per-step
+history), and a killed run of the same job resumes from the newest one (`load_state`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 
 from loop.config import PPOConfig, TrainConfig
 from loop.training import ppo_math as pm
+from loop.training import toolkit
 from loop.training.toolkit import (
     NonFiniteLoss,
     NoTrainingPairs,
@@ -49,6 +55,7 @@ from loop.training.toolkit import (
 )
 
 Messages = list[dict[str, str]]
+STATE = "state.pt"  # a PPO checkpoint's one file; its folder is renamed into place once written
 
 
 class NoPrompts(NoTrainingPairs):
@@ -106,9 +113,12 @@ def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator
 def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         output_adapter: str | os.PathLike[str] | None, cfg: PPOConfig, train_cfg: TrainConfig,
         init_adapter: str | os.PathLike[str] | None = None, metrics_path: str | os.PathLike[str] | None = None,
-        heldout_prompts: list[Messages] | None = None, log=print) -> tuple[dict[str, Any], Any]:
+        heldout_prompts: list[Messages] | None = None, log=print,
+        checkpoint_dir: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], Any]:
     """Train the policy with PPO on `prompts` against `reward` (anything with `.score(prompts,
-    answers)`, e.g. `loop.training.reward.CombinedReward`); save the adapter; returns (metrics, policy)."""
+    answers)`, e.g. `loop.training.reward.CombinedReward`); save the adapter; returns (metrics, policy).
+    With a `checkpoint_dir`, checkpoint every `cfg.checkpoint_steps` steps and resume from the newest
+    checkpoint a killed run of the same job left there."""
     import torch
     from peft import get_peft_model
 
@@ -125,11 +135,15 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
     updates = cfg.steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch / cfg.minibatch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / updates))
     kl_ctl = pm.kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    metrics_file = Path(metrics_path).open("a", encoding="utf-8") if metrics_path else None
     history: list[dict[str, float]] = []
+    stage = toolkit.stage(".", checkpoint_dir, "ppo", cfg.checkpoint_steps, marker=STATE)  # none: writes nothing
+    if stage.resume_from:
+        history = load_state(stage.resume_from, model, head, optimizer, schedule, kl_ctl, rng)
+        log(f"ppo: resumed from {stage.resume_from} (step {stage.resumed_step})")
+    metrics_file = Path(metrics_path).open("a", encoding="utf-8") if metrics_path else None
     t0 = time.perf_counter()
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(stage.resumed_step + 1, cfg.steps + 1):
             batch = [rng.choice(prompts) for _ in range(cfg.rollout_batch)]
             r = rollout(model, head, tok, batch, cfg, generator_seed=train_cfg.seed * 100_003 + step)
             raw = reward.score(batch, r["answers"]).float()
@@ -158,6 +172,8 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
                 metrics_file.flush()
             log(f"ppo step {step}/{cfg.steps}: reward {row['reward']:.3f} kl {row['kl']:.3f} "
                 f"entropy {row['entropy']:.3f} clipfrac {row['clipfrac']:.3f}")
+            if stage.save_steps and (step % stage.save_steps == 0 or step == cfg.steps):
+                save_state(stage.output_dir, step, model, head, optimizer, schedule, kl_ctl, rng, history)
     finally:
         if metrics_file:
             metrics_file.close()
@@ -165,7 +181,7 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
     metrics: dict[str, Any] = {
         "train_prompts": len(prompts), "steps": cfg.steps, "rollouts": cfg.steps * cfg.rollout_batch,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds, 2), "resumed_from_step": stage.resumed_step,
         "reward_first": sum(h["reward"] for h in first) / len(first),
         "reward_last": sum(h["reward"] for h in last) / len(last),
         "kl_last": sum(h["kl"] for h in last) / len(last),
@@ -178,6 +194,57 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
     if output_adapter is not None:
         save_adapter(model, output_adapter)
     return metrics, model
+
+
+def _trainable(model) -> dict[str, Any]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(folder: Path, step: int, model, head, optimizer, schedule, kl_ctl, rng: random.Random,
+               history: list[dict[str, float]]) -> Path:
+    """Checkpoint `folder/checkpoint-STEP/state.pt`: written beside it and renamed into place (a kill
+    mid-write leaves no checkpoint, not a broken one); only the newest two are kept."""
+    import shutil
+
+    import torch
+
+    out = folder / f"{toolkit.CHECKPOINT}{step}"
+    tmp = folder / f".{out.name}.saving-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"step": step, "trainable": {k: p.detach().clone() for k, p in _trainable(model).items()},
+                "head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "kl_coef": kl_ctl.value, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "history": history}, tmp / STATE)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    done = sorted((p for p in folder.glob(toolkit.CHECKPOINT + "*") if p.name[len(toolkit.CHECKPOINT):].isdigit()),
+                  key=lambda p: int(p.name[len(toolkit.CHECKPOINT):]))
+    for old in done[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_state(checkpoint: Path, model, head, optimizer, schedule, kl_ctl, rng: random.Random) -> list[dict[str, float]]:
+    """Put a `save_state` checkpoint back into the objects a fresh `run` made; returns the history."""
+    import torch
+
+    # our own file, in the data dir (0700): it holds a Python RNG state and the history, not only tensors
+    state = torch.load(checkpoint / STATE, weights_only=False)
+    trainable = _trainable(model)
+    if set(state["trainable"]) != set(trainable):
+        raise ValueError(f"{checkpoint}: its adapter does not match the model's ({len(state['trainable'])} "
+                         f"tensors saved, {len(trainable)} trainable)")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trainable"][name])
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    kl_ctl.value = state["kl_coef"]
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["history"]
 
 
 def optimise(model, head, optimizer, schedule, params, r: dict[str, Any], advantages, returns,

@@ -38,7 +38,7 @@ def lora_config(cfg: TrainConfig, model=None):
     return toolkit.lora_config(cfg, model, modules_to_save=["score"], task_type="SEQ_CLS")
 
 
-def trainer_config(cfg: RewardConfig, train: TrainConfig, output_dir: str | os.PathLike[str]):
+def trainer_config(cfg: RewardConfig, train: TrainConfig, output_dir: str | os.PathLike[str], save_steps: int = 0):
     """TRL's `RewardConfig` from [reward] (+ seed, max_length and LoRA dropout from [train]), with
     the shared `loop.training.toolkit.trainer_settings`."""
     from trl import RewardConfig as TRLRewardConfig
@@ -49,7 +49,7 @@ def trainer_config(cfg: RewardConfig, train: TrainConfig, output_dir: str | os.P
         output_dir=str(output_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None, max_length=train.max_length,
-        seed=train.seed, **trainer_settings(train.lora_dropout),
+        seed=train.seed, **trainer_settings(train.lora_dropout, save_steps),
     )
 
 
@@ -66,30 +66,33 @@ def load_classifier(base_model: str | os.PathLike[str]):
 def train(train_pairs: list[dict[str, Any]], heldout_pairs: list[dict[str, Any]], base_model: str | os.PathLike[str],
           output_dir: str | os.PathLike[str], cfg: RewardConfig, train_cfg: TrainConfig,
           work_dir: str | os.PathLike[str], metrics_path: str | os.PathLike[str] | None = None,
-          prefix: str = "reward/") -> dict[str, Any]:
+          prefix: str = "reward/", checkpoint_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Fit a reward model on the pairs, measure it on the held-out ones, save it; returns its metrics
-    (its curve goes to `metrics_path` under `prefix`)."""
+    (its curve goes to `metrics_path` under `prefix`). Checkpoints and resume as in
+    `loop.training.dpo.run`, in a stage named after `prefix`."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import RewardTrainer
 
-    from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs, metrics_callback_class
+    from loop.training.toolkit import NonFiniteLoss, NoTrainingPairs, metrics_callback_class, stage
 
     if not train_pairs:
         raise NoTrainingPairs("no labelled pairs to fit the reward model on")
     set_seed(train_cfg.seed)  # before the new head is drawn
     model, tok = load_classifier(base_model)
     callback = metrics_callback_class()(metrics_path, prefix=prefix)
-    trainer = RewardTrainer(model=model, args=trainer_config(cfg, train_cfg, Path(work_dir) / f"{prefix.strip('/')}-trainer"),
+    st = stage(work_dir, checkpoint_dir, f"{prefix.strip('/')}-trainer", train_cfg.checkpoint_steps)
+    trainer = RewardTrainer(model=model, args=trainer_config(cfg, train_cfg, st.output_dir, st.save_steps),
                             train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
                             peft_config=lora_config(train_cfg, model) if cfg.lora else None, callbacks=[callback])
     t0 = time.perf_counter()
-    out = trainer.train()
+    out = trainer.train(resume_from_checkpoint=str(st.resume_from) if st.resume_from else None)
     if callback.failure:
         raise NonFiniteLoss(f"reward model: {callback.failure}")
     metrics: dict[str, Any] = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),
                                "train_seconds": round(time.perf_counter() - t0, 2), "train_loss": out.training_loss,
-                               "steps": trainer.state.global_step, "accuracy": None}
+                               "steps": trainer.state.global_step, "resumed_from_step": st.resumed_step,
+                               "accuracy": None}
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.accelerator.is_main_process:
         scorer = RewardModel(model, tok)

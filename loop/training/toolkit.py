@@ -1,7 +1,8 @@
 """What every trainer of the project shares (DPO, KTO, the reward model, PPO), apart from any
-one method: the LoRA adapter, the TRL trainer settings, the metrics callback that writes
-`metrics.jsonl` and stops on a NaN, loading the policy, the KL estimate to the base, counting the
-weights held, saving the adapter, and the train-evaluate-KL-save tail of a TRL run.
+one method: the LoRA adapter, the TRL trainer settings, where a run keeps its checkpoints and
+which one it resumes from, the metrics callback that writes `metrics.jsonl` and stops on a NaN,
+loading the policy, the KL estimate to the base, counting the weights held, saving the adapter,
+and the train-evaluate-KL-save tail of a TRL run.
 
 Heavy imports (torch, transformers, trl, peft) happen inside the functions.
 """
@@ -13,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +127,11 @@ def policy_sampling(temperature: float = 1.0) -> dict[str, Any]:
                 repetition_penalty=1.0, no_repeat_ngram_size=0)
 
 
-def trainer_settings(lora_dropout: float) -> dict[str, Any]:
+def trainer_settings(lora_dropout: float, save_steps: int = 0) -> dict[str, Any]:
     """What every TRL trainer of the project shares (DPO, KTO, the reward model): a linear schedule
-    with 10% warm-up, every step logged, no checkpoints (the adapter is saved once, at the end), no
-    reporting. On a machine without CUDA: CPU, fp32."""
+    with 10% warm-up, every step logged, a checkpoint every `save_steps` optimiser steps (the last
+    two kept; 0: none, the adapter is saved once, at the end), no reporting. On a machine without
+    CUDA: CPU, fp32."""
     import torch
 
     gpu = on_gpu()
@@ -137,7 +140,10 @@ def trainer_settings(lora_dropout: float) -> dict[str, Any]:
         warmup_steps=0.1,  # a float below 1 is a share of the steps
         logging_steps=1,
         logging_nan_inf_filter=False,  # the Trainer would otherwise hide a NaN loss behind the running mean
-        save_strategy="no",
+        # two kept: a run killed while it writes the newest still has the one before (`last_checkpoint`)
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=2,
         eval_strategy="no",
         report_to="none",
         disable_tqdm=False,
@@ -152,6 +158,48 @@ def trainer_settings(lora_dropout: float) -> dict[str, Any]:
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+CHECKPOINT = "checkpoint-"  # + the step: the folder names of HF's Trainer, used by PPO's too
+
+
+def last_checkpoint(folder: str | os.PathLike[str], marker: str = "trainer_state.json") -> Path | None:
+    """The newest complete `checkpoint-N` in `folder`, or None. Complete: its `marker` is there (the
+    Trainer writes trainer_state.json after the weights, optimizer, scheduler and RNG states; PPO
+    renames a finished checkpoint into place), so one cut off by a kill is passed over."""
+    done = [p for p in Path(folder).glob(CHECKPOINT + "*")
+            if p.name[len(CHECKPOINT):].isdigit() and (p / marker).is_file()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT):]), default=None)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where one training stage (DPO, KTO, a reward model, PPO) of a run writes its trainer state,
+    how often it checkpoints, and the checkpoint it resumes from."""
+
+    output_dir: Path
+    save_steps: int  # 0: no checkpoints
+    resume_from: Path | None
+
+    @property
+    def resumed_step(self) -> int:
+        """The step the stage starts at: that of its checkpoint, else 0."""
+        return int(self.resume_from.name[len(CHECKPOINT):]) if self.resume_from else 0
+
+
+def stage(work_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None, name: str,
+          every: int, marker: str = "trainer_state.json") -> Stage:
+    """A stage named `name`: without a `checkpoint_dir` (or with `every` = 0) it keeps nothing and
+    starts afresh in `work_dir`; with one, it checkpoints there every `every` steps and resumes from
+    its newest complete checkpoint. A checkpoint dir belongs to one job (the retrain cycle names it
+    after the job's data and settings), so what is found there is a killed run of the same job."""
+    if checkpoint_dir is None or every <= 0:
+        return Stage(Path(work_dir) / name, 0, None)
+    out = Path(checkpoint_dir) / name
+    return Stage(out, every, last_checkpoint(out, marker))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,18 +343,22 @@ def save_adapter(model, output_adapter: str | os.PathLike[str]) -> Path:
 
 
 def train_and_report(trainer, callback, tok, counts: dict[str, Any], kl_prompts: list, empty_eval: tuple[str, ...],
-                     output_adapter: str | os.PathLike[str] | None, seed: int) -> tuple[dict[str, Any], Any]:
-    """The part every TRL-trainer run shares (DPO, KTO): train, stop on a NaN (`NonFiniteLoss`),
-    evaluate on the trainer's eval set (or report `empty_eval` as None without one), count the
-    weights held, estimate KL to the base on `kl_prompts` and save the adapter (main process only).
-    Returns (metrics, policy); metrics start with `counts`."""
+                     output_adapter: str | os.PathLike[str] | None, seed: int,
+                     stage: Stage | None = None) -> tuple[dict[str, Any], Any]:
+    """The part every TRL-trainer run shares (DPO, KTO): train (from the `stage`'s checkpoint, when
+    it has one), stop on a NaN (`NonFiniteLoss`), evaluate on the trainer's eval set
+    (or report `empty_eval` as None without one), count the weights held, estimate KL to the base on
+    `kl_prompts` and save the adapter (main process only). Returns (metrics, policy); metrics start
+    with `counts`."""
     t0 = time.perf_counter()
-    out = trainer.train()
+    resume_from = stage.resume_from if stage else None
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - t0
     if callback.failure:
         raise NonFiniteLoss(callback.failure)
     metrics: dict[str, Any] = {**counts, "train_seconds": round(train_seconds, 2), "train_loss": out.training_loss,
-                               "steps": trainer.state.global_step}
+                               "steps": trainer.state.global_step,
+                               "resumed_from_step": stage.resumed_step if stage else 0}
     if trainer.eval_dataset is not None:
         ev = trainer.evaluate()
         metrics.update({k: v for k, v in ev.items() if k.startswith("eval_") and "runtime" not in k
