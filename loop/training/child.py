@@ -130,8 +130,6 @@ def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     from loop.training import dpo, ppo, reward
 
     train_cfg, reward_cfg = TrainConfig(**job["train"]), RewardConfig(**job["reward"])
-    if train_cfg.num_processes > 1:
-        raise ValueError("PPO runs in one process (its rollouts are not sharded); set train.num_processes = 1")
     train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
     reward_dir = run_dir / "reward-model"
     rm = reward.train(train_pairs, heldout_pairs, job["base_model"], reward_dir, reward_cfg, train_cfg,

@@ -51,13 +51,15 @@ def command(train: TrainConfig, root: Path, run_dir: Path, accelerate: bool = Tr
     if not accelerate:
         return [sys.executable, *child]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(train.num_processes)]
-    if train.accelerate_config:
-        cmd += ["--config_file", str((root / train.accelerate_config).resolve())]
-    if not has_cuda():
+    if train.accelerate_config:  # the file says how (ops/accelerate/cpu.yaml: several CPU processes)
+        return cmd + ["--config_file", str((root / train.accelerate_config).resolve()), *child]
+    if train.num_processes > 1:
+        # torchrun's launcher; without CUDA the trainers run with use_cpu and join a gloo group
+        # (`--cpu` would pick the single-process launcher and start one process: ops/accelerate/README.md)
+        cmd.append("--multi_gpu")
+    elif not has_cuda():
         cmd.append("--cpu")
-    if train.num_processes == 1:
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return cmd + child
+    return cmd + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *child]
 
 
 def launch(job: dict[str, Any], run_dir: Path, cmd: list[str], timeout_s: float,

@@ -124,6 +124,10 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
 
     if not prompts:
         raise NoPrompts("no prompts from live traffic to roll out on")
+    world, rank = processes()
+    if cfg.rollout_batch % world or cfg.minibatch % world:
+        raise ValueError(f"ppo.rollout_batch ({cfg.rollout_batch}) and ppo.minibatch ({cfg.minibatch}) must be "
+                         f"multiples of the {world} processes: each process rolls out and optimises its share")
     torch.manual_seed(train_cfg.seed)
     rng = random.Random(train_cfg.seed)
     model, tok = load_policy(base_model, init_adapter)
@@ -140,12 +144,13 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
     if stage.resume_from:
         history = load_state(stage.resume_from, model, head, optimizer, schedule, kl_ctl, rng)
         log(f"ppo: resumed from {stage.resume_from} (step {stage.resumed_step})")
-    metrics_file = Path(metrics_path).open("a", encoding="utf-8") if metrics_path else None
+    metrics_file = Path(metrics_path).open("a", encoding="utf-8") if metrics_path and rank == 0 else None
     t0 = time.perf_counter()
     try:
         for step in range(stage.resumed_step + 1, cfg.steps + 1):
-            batch = [rng.choice(prompts) for _ in range(cfg.rollout_batch)]
-            r = rollout(model, head, tok, batch, cfg, generator_seed=train_cfg.seed * 100_003 + step)
+            # every process draws the same batch and takes its share: together, the one process's batch
+            batch = [rng.choice(prompts) for _ in range(cfg.rollout_batch)][rank::world]
+            r = rollout(model, head, tok, batch, cfg, generator_seed=train_cfg.seed * 100_003 + step + 7_919 * rank)
             raw = reward.score(batch, r["answers"]).float()
             scores = raw
             if cfg.missing_eos_penalty:
@@ -156,12 +161,12 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
             rewards, kl = pm.per_token_rewards(scores, r["logprobs"], r["ref_logprobs"], mask, kl_ctl.value)
             advantages, returns = pm.gae(rewards, r["values"], mask, cfg.gamma, cfg.lam)
             advantages = pm.masked_whiten(advantages, mask)
-            stats = optimise(model, head, optimizer, schedule, params, r, advantages, returns, cfg)
-            kl_per_answer = float(kl.sum(dim=1).mean())
-            kl_ctl.update(kl_per_answer, cfg.rollout_batch)
-            row = {"reward": float(raw.mean()), "score": float(scores.mean()), "kl": kl_per_answer,
-                   "kl_coef": kl_ctl.value, "length": float(mask.sum(dim=1).mean()),
-                   "eos_share": float(r["has_eos"].float().mean()), **stats}
+            stats = optimise(model, head, optimizer, schedule, params, r, advantages, returns, cfg, world)
+            row = mean_over_processes({"reward": float(raw.mean()), "score": float(scores.mean()),
+                                       "kl": float(kl.sum(dim=1).mean()), "length": float(mask.sum(dim=1).mean()),
+                                       "eos_share": float(r["has_eos"].float().mean()), **stats}, world)
+            kl_ctl.update(row["kl"], cfg.rollout_batch)  # the same on every process
+            row = {**row, "kl_coef": kl_ctl.value}
             history.append(row)
             bad = [k for k in ("policy_loss", "value_loss") if not math.isfinite(row[k])]
             if bad:
@@ -170,9 +175,10 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
                 metrics_file.writelines(json.dumps({"step": step, "name": k, "value": v}) + "\n"
                                         for k, v in row.items() if math.isfinite(v))
                 metrics_file.flush()
-            log(f"ppo step {step}/{cfg.steps}: reward {row['reward']:.3f} kl {row['kl']:.3f} "
-                f"entropy {row['entropy']:.3f} clipfrac {row['clipfrac']:.3f}")
-            if stage.save_steps and (step % stage.save_steps == 0 or step == cfg.steps):
+            if rank == 0:
+                log(f"ppo step {step}/{cfg.steps}: reward {row['reward']:.3f} kl {row['kl']:.3f} "
+                    f"entropy {row['entropy']:.3f} clipfrac {row['clipfrac']:.3f}")
+            if rank == 0 and stage.save_steps and (step % stage.save_steps == 0 or step == cfg.steps):
                 save_state(stage.output_dir, step, model, head, optimizer, schedule, kl_ctl, rng, history)
     finally:
         if metrics_file:
@@ -189,11 +195,62 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         # policy (the reference is the same weights, adapter off) + value head + reward model(s)
         "weights_mb": weights_mb(model, head, *[m.model for m, _ in getattr(reward, "parts", [])]),
     }
-    if heldout_prompts:
+    if heldout_prompts and rank == 0:
         metrics["kl_to_base"] = round(kl_to_base(model, tok, heldout_prompts[:64], seed=train_cfg.seed), 4)
-    if output_adapter is not None:
+    if output_adapter is not None and rank == 0:
         save_adapter(model, output_adapter)
+    barrier(world)
     return metrics, model
+
+
+def processes() -> tuple[int, int]:
+    """(how many processes train, this one's rank): (1, 0) without a launcher. Under `accelerate launch`
+    with several processes the group is set up here (gloo on CPU) if a trainer has not done it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.num_processes, state.process_index
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def mean_over_processes(row: dict[str, float], world: int) -> dict[str, float]:
+    """Each number averaged over the processes (every process gets the same row)."""
+    if world == 1:
+        return row
+    import torch
+    import torch.distributed as dist
+
+    values = torch.tensor([row[k] for k in row], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) / world for k, v in zip(row, values)}
+
+
+def average_gradients(params, world: int) -> None:
+    """Data parallelism by hand: every process's gradients replaced by their mean over the processes,
+    so the same optimiser step keeps the weights identical everywhere (they start identical: the same
+    seed draws the same LoRA init, and the value head starts at 0)."""
+    if world == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
 
 
 def _trainable(model) -> dict[str, Any]:
@@ -248,8 +305,10 @@ def load_state(checkpoint: Path, model, head, optimizer, schedule, kl_ctl, rng: 
 
 
 def optimise(model, head, optimizer, schedule, params, r: dict[str, Any], advantages, returns,
-             cfg: PPOConfig) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped policy + value updates over shuffled minibatches."""
+             cfg: PPOConfig, world: int = 1) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped policy + value updates over shuffled minibatches; with several
+    processes each holds 1/world of the rollouts and of every minibatch, and the gradients are
+    averaged over them before each step."""
     import torch
 
     model.train()
@@ -257,7 +316,7 @@ def optimise(model, head, optimizer, schedule, params, r: dict[str, Any], advant
     sums: dict[str, float] = {}
     count = 0
     for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(n).split(cfg.minibatch):
+        for idx in torch.randperm(n).split(cfg.minibatch // world):
             logits, values = forward(model, head, r["seq"][idx], r["attention"][idx], r["width"], cfg.temperature)
             mask = r["mask"][idx]
             logprobs = pm.logprobs_from_logits(logits, r["answer"][idx])
@@ -266,6 +325,7 @@ def optimise(model, head, optimizer, schedule, params, r: dict[str, Any], advant
             loss = pg_loss + cfg.vf_coef * vf_loss
             optimizer.zero_grad()
             loss.backward()
+            average_gradients(params, world)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
