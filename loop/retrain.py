@@ -27,7 +27,7 @@ from loop.config import Config, to_dict
 from loop.evaluation import judges
 from loop.evaluation.gate import Decision, decide, heldout_prompts, newest_prompt_id, shadow_prompts
 from loop.evaluation.judges import Judge, JudgeUnavailable
-from loop.training import launch
+from loop.training import launch, memory
 
 
 class RunFailed(RuntimeError):
@@ -40,8 +40,13 @@ def train(cfg: Config, client: GatewayClient, run_id: int, run_dir: Path, job: d
         finite = [r for r in rows if isinstance(r.get("value"), int | float) and math.isfinite(r["value"])]
         client.call("POST", f"/api/runs/{run_id}/heartbeat", json={"metrics": finite})
 
+    try:
+        memory.preflight(cfg, [job["method"]])
+    except memory.DoesNotFit as e:
+        raise RunFailed(f"not started: {e}") from None
+    env = {"ALIGNLOOP_RUN_ID": str(run_id), **({"CUDA_VISIBLE_DEVICES": cfg.train.devices} if cfg.train.devices else {})}
     done = launch.launch(job, run_dir, launch.command(cfg.train, cfg.root, run_dir), cfg.train.timeout_s,
-                         on_metrics=heartbeat, env={"ALIGNLOOP_RUN_ID": str(run_id)})
+                         on_metrics=heartbeat, env=env)
     if done.timed_out:
         raise RunFailed(done.error)
     if done.error:

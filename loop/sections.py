@@ -81,6 +81,8 @@ class EngineConfig:
     max_lora_rank: int = _f(8, "largest LoRA rank an adapter may have")
     max_loras: int = _f(4, "adapters held in the engine at once (serving, previous, candidate, ...)")
     kv_cache_gb: int = _f(1, "CPU build: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_share: float = _f(0.9, "CUDA build: share of each of its GPUs' memory the engine takes (vLLM "
+                                      "--gpu-memory-utilization); on a GPU the trainer shares, the trainer gets the rest")
     startup_timeout_s: float = _f(300.0, "seconds to wait for the engine to become healthy")
     replicas: int = _f(1, "local vLLM servers the gateway starts and supervises, on ports port, port+1, ...; "
                           "requests go to the least loaded healthy one")
@@ -101,6 +103,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.replicas < 0:
             raise ValueError("replicas must be at least 0")
+        if not 0.0 < self.gpu_memory_share <= 1.0:
+            raise ValueError("gpu_memory_share must be in (0, 1]")
         _check_port(self.port + max(self.replicas - 1, 0))
         if self.replicas + len(self.external_urls()) < 1:
             raise ValueError("no engine: set replicas to at least 1 or name an external server")
@@ -173,6 +177,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of the run")
     num_processes: int = _f(1, "processes `accelerate launch` starts (GPUs, or CPU processes)")
     accelerate_config: str = _f("", "accelerate config file (e.g. ops/accelerate/multi_gpu.yaml); empty: none")
+    devices: str = _f("", "GPUs the trainer uses (CUDA_VISIBLE_DEVICES, e.g. \"1\" beside an engine on \"0\"); "
+                         "empty: the first num_processes GPUs")
     timeout_s: float = _f(3600.0, "a training run taking longer is killed and marked failed")
     checkpoint_steps: int = _f(25, "optimiser steps between the checkpoints a killed run resumes from on the next cycle (DPO, KTO, reward models); 0: none")
 

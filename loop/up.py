@@ -16,6 +16,7 @@ from pathlib import Path
 
 from loop.client import GatewayClient
 from loop.config import Config
+from loop.training import memory
 
 APP = Path(__file__).resolve().parents[1] / "labeling_ui" / "app.py"
 
@@ -47,6 +48,12 @@ def up(cfg: Config, overrides: list[str]) -> int:
     procs: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     scheduler = None
+    if cfg.schedule.enabled:  # it will train beside the engine: refuse now what cannot fit, not at night
+        try:
+            memory.preflight(cfg, cfg.schedule.methods() or [cfg.train.method])
+        except memory.DoesNotFit as e:
+            print(f"alignloop up: {e}", file=sys.stderr)
+            return 1
     try:
         procs.append(subprocess.Popen(_cli(cfg, overrides) + ["serve"]))
         client = GatewayClient.for_config(cfg)

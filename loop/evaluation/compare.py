@@ -42,7 +42,8 @@ def knobs(method: str) -> int:
     """Config fields that belong to the method alone (LoRA, max_length and seed are shared by all)."""
     if method == "ppo":
         rm = [f for f in dataclasses.fields(RewardConfig) if f.name not in ("lora", "weight", "extra")]
-        return len(rm) + len(dataclasses.fields(PPOConfig))
+        ppo = [f for f in dataclasses.fields(PPOConfig) if f.name != "checkpoint_steps"]  # operations, not tuning
+        return len(rm) + len(ppo)
     if method == "kto":
         return len(dataclasses.fields(KTOConfig)) - 1  # heldout_share is not a training knob
     return len(DPO_KNOBS)

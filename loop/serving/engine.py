@@ -55,7 +55,7 @@ def command(model_dir: Path, cfg: EngineConfig, base_name: str, port: int | None
         "--max-model-len", str(cfg.max_model_len),
         "--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(cfg.max_loras),
         "--scheduling-policy", "priority",  # live traffic first, background pair sampling after
-        *(["--no-enable-chunked-prefill"] if cpu_build() else []),
+        *(["--no-enable-chunked-prefill"] if cpu_build() else ["--gpu-memory-utilization", str(cfg.gpu_memory_share)]),
         *(["--tensor-parallel-size", str(cfg.tensor_parallel_size)] if cfg.tensor_parallel_size > 1 else []),
         "--uvicorn-log-level", "warning",
     ]
