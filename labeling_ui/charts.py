@@ -35,7 +35,10 @@ def seconds_per_label(rows: list[dict[str, Any]]) -> alt.Chart:
     data = pd.DataFrame(rows).dropna(subset=["median_seconds"])
     return alt.Chart(data, height=HEIGHT, title="Median seconds per label").mark_bar(
         color="#f58518", **thick(len(data), "height")).encode(
-        y=alt.Y("name:N", title=None, sort="x"), x=alt.X("median_seconds:Q", title="seconds"),
+        y=alt.Y("name:N", title=None, sort="x"),
+        # at least 0-1 s: with every median 0 (scripted labellers) the axis was a column of "0.000000"
+        x=alt.X("median_seconds:Q", title="seconds", axis=alt.Axis(format=".1~f"),
+                scale=alt.Scale(domain=[0, max(1.0, float(data["median_seconds"].max()) if len(data) else 1.0)], nice=True)),
         tooltip=["name:N", alt.Tooltip("median_seconds:Q", format=".1f")])
 
 

@@ -202,3 +202,14 @@ def test_a_finished_run_shows_its_verdict_and_curve(tmp_path, monkeypatch):
         at.switch_page("views/admin.py").run()
         assert not at.exception and not at.error
         assert at.dataframe[-1].value["reason"].tolist() == ["won 61%"]
+
+
+def test_the_seconds_chart_has_a_readable_axis_when_every_median_is_zero():
+    """Scripted labellers send 0 s; the axis was a column of "0.000000" ticks."""
+    from labeling_ui import charts
+
+    x = charts.seconds_per_label([{"name": "sim-0", "median_seconds": 0.0},
+                                  {"name": "sim-1", "median_seconds": 0.0}]).to_dict()["encoding"]["x"]
+    assert x["scale"]["domain"] == [0, 1.0] and x["axis"]["format"] == ".1~f"
+    slow = charts.seconds_per_label([{"name": "ann", "median_seconds": 7.5}]).to_dict()["encoding"]["x"]
+    assert slow["scale"]["domain"] == [0, 7.5]
