@@ -275,9 +275,7 @@ def save_state(folder: Path, step: int, model, head, optimizer, schedule, kl_ctl
                 "history": history}, tmp / STATE)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    done = sorted((p for p in folder.glob(toolkit.CHECKPOINT + "*") if p.name[len(toolkit.CHECKPOINT):].isdigit()),
-                  key=lambda p: int(p.name[len(toolkit.CHECKPOINT):]))
-    for old in done[:-2]:
+    for old in toolkit.checkpoints(folder)[:-2]:
         shutil.rmtree(old, ignore_errors=True)
     return out
 

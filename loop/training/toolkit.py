@@ -166,13 +166,18 @@ def trainer_settings(lora_dropout: float, save_steps: int = 0) -> dict[str, Any]
 CHECKPOINT = "checkpoint-"  # + the step: the folder names of HF's Trainer, used by PPO's too
 
 
+def checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """The `checkpoint-N` folders in `folder`, oldest (smallest N) first."""
+    found = [p for p in Path(folder).glob(CHECKPOINT + "*") if p.name[len(CHECKPOINT):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT):]))
+
+
 def last_checkpoint(folder: str | os.PathLike[str], marker: str = "trainer_state.json") -> Path | None:
     """The newest complete `checkpoint-N` in `folder`, or None. Complete: its `marker` is there (the
     Trainer writes trainer_state.json after the weights, optimizer, scheduler and RNG states; PPO
     renames a finished checkpoint into place), so one cut off by a kill is passed over."""
-    done = [p for p in Path(folder).glob(CHECKPOINT + "*")
-            if p.name[len(CHECKPOINT):].isdigit() and (p / marker).is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT):]), default=None)
+    done = [p for p in checkpoints(folder) if (p / marker).is_file()]
+    return done[-1] if done else None
 
 
 @dataclass(frozen=True)
@@ -313,15 +318,20 @@ def kl_to_base(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: 
     return total / count
 
 
-def weights_mb(*models) -> float:
-    """MB of parameters and buffers the given models hold (a tensor shared by two counts once)."""
+def weights_bytes(*models) -> int:
+    """Bytes of parameters and buffers the given models hold (a tensor shared by two counts once)."""
     seen, total = set(), 0
     for m in models:
         for t in [*m.parameters(), *m.buffers()]:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-    return round(total / 2**20, 2)
+    return total
+
+
+def weights_mb(*models) -> float:
+    """`weights_bytes` in MB, to two decimals."""
+    return round(weights_bytes(*models) / 2**20, 2)
 
 
 def save_adapter(model, output_adapter: str | os.PathLike[str]) -> Path:

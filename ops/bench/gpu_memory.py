@@ -14,7 +14,8 @@ runs a few optimiser steps on random tokens of a fixed length, as full fine-tuni
   reference = adapter off, a value head on the policy, and a LoRA reward model on its own copy of
   the base (alignloop's way, `loop/training/ppo.py`).
 
-Needs torch, transformers and peft only (not TRL, DuckDB or vLLM), so it runs on a bare GPU machine:
+Needs torch, transformers and peft only (not TRL, DuckDB or vLLM), so it runs on a bare GPU machine
+(the project's files come with it; nothing of it needs installing):
 
     python ops/bench/gpu_memory.py --size 0.5b --out ops/bench/results/gpu_memory.md
     python ops/bench/gpu_memory.py --size tiny --device cpu --steps 1      # the check in tests/
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from loop.training import ppo_math as pm  # noqa: E402  (torch only)
+from loop.training.toolkit import weights_bytes  # noqa: E402  (heavy imports inside its functions only)
 
 # Qwen2.5's shapes (its config.json), vocabulary included: the embedding is a large share of a small model
 SIZES = {
@@ -134,13 +136,7 @@ def seq_logp(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def weights_mb(*models) -> float:
-    seen, total = set(), 0
-    for m in models:
-        for t in [*m.parameters(), *m.buffers()]:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total / 2**20
+    return weights_bytes(*models) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
