@@ -19,6 +19,7 @@ import pytest
 
 from loop.serving.limits import too_deep
 from loop.serving.rate_limit import RateLimiter, retry_after
+from tests.serving import free_port
 from tests.ui_gateway import running
 
 
@@ -181,8 +182,10 @@ def test_exclude_a_user_through_the_api(tmp_path):
 
 def test_the_data_folder_and_the_store_are_the_owners_alone(tmp_path):
     config = tmp_path / "alignloop.toml"
-    subprocess.run([sys.executable, "-m", "loop.cli", "--config", str(config), "--set", "data.dir=data", "init"],
-                   check=True, capture_output=True, cwd=tmp_path)
+    # a port of its own: the CLI goes through whatever gateway answers on the configured one (a
+    # developer's `make up` on 8000 made this test's `user add` fail)
+    subprocess.run([sys.executable, "-m", "loop.cli", "--config", str(config), "--set", "data.dir=data",
+                    "--set", f"gateway.port={free_port()}", "init"], check=True, capture_output=True, cwd=tmp_path)
     data = tmp_path / "data"
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert [stat.S_IMODE(p.stat().st_mode) for p in data.glob("*.duckdb")] == [0o600]
