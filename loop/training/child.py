@@ -171,9 +171,8 @@ def train_judge(job: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
     return {"path": str(judge_dir), "accuracy": rm.get("accuracy"), "metrics": rm}
 
 
-def run(run_dir: Path) -> dict[str, Any]:
-    """Run the job in `run_dir`; returns what goes into result.json."""
-    job = read_job(run_dir)
+def run(run_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Run `job` (read from `run_dir`); returns what goes into result.json."""
     method = job["method"]
     if method not in TRAINERS:
         raise ValueError(f"unknown train method {method!r}; expected {', '.join(METHODS)}")
@@ -195,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args[0]).resolve()
     main_process = _is_main_process()
     try:
-        result = run(run_dir)
+        job = read_job(run_dir)
+        result = run(run_dir, job)
     except Exception as e:
         if isinstance(e, NoTrainingPairs):
             code, reason = EXIT_NO_PAIRS, str(e)
@@ -213,9 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["metrics"]["peak_gpu_mb"] = _peak_gpu_mb()
         _write_json(run_dir / "result.json", result)
         print(f"loop.training.child: adapter saved to {result['adapter']}", file=sys.stderr)
-        checkpoints = read_job(run_dir).get("checkpoint_dir")
-        if checkpoints:  # done: nothing left to resume
-            shutil.rmtree(checkpoints, ignore_errors=True)
+        if job.get("checkpoint_dir"):  # done: nothing left to resume
+            shutil.rmtree(job["checkpoint_dir"], ignore_errors=True)
     return 0
 
 

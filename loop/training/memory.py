@@ -25,8 +25,6 @@ from loop.sections import EngineConfig, RewardConfig, TrainConfig, extra_rewards
 GiB = 2**30
 FP32 = 4
 ADAM_FULL = 3  # gradients + two Adam moments, each the size of the weights (fp32)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class DoesNotFit(RuntimeError):

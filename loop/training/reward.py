@@ -86,7 +86,7 @@ def train(train_pairs: list[dict[str, Any]], heldout_pairs: list[dict[str, Any]]
                             train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
                             peft_config=lora_config(train_cfg, model) if cfg.lora else None, callbacks=[callback])
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(st.resume_from) if st.resume_from else None)
+    out = trainer.train(resume_from_checkpoint=st.resume_arg)
     if callback.failure:
         raise NonFiniteLoss(f"reward model: {callback.failure}")
     metrics: dict[str, Any] = {"train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),

@@ -190,6 +190,11 @@ class Stage:
     resume_from: Path | None
 
     @property
+    def resume_arg(self) -> str | None:
+        """What HF's `Trainer.train(resume_from_checkpoint=...)` takes: the checkpoint, or None."""
+        return str(self.resume_from) if self.resume_from else None
+
+    @property
     def resumed_step(self) -> int:
         """The step the stage starts at: that of its checkpoint, else 0."""
         return int(self.resume_from.name[len(CHECKPOINT):]) if self.resume_from else 0
@@ -361,8 +366,7 @@ def train_and_report(trainer, callback, tok, counts: dict[str, Any], kl_prompts:
     `kl_prompts` and save the adapter (main process only). Returns (metrics, policy); metrics start
     with `counts`."""
     t0 = time.perf_counter()
-    resume_from = stage.resume_from if stage else None
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    out = trainer.train(resume_from_checkpoint=stage.resume_arg if stage else None)
     train_seconds = time.perf_counter() - t0
     if callback.failure:
         raise NonFiniteLoss(callback.failure)
