@@ -249,3 +249,14 @@ def test_two_cpu_processes_with_ddp(tiny_model, snapshot, tmp_path):
     losses = [m["step"] for m in metric_lines(run_dir) if m["name"] == "loss"]
     assert losses == [1, 2]  # written once, by rank 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_launcher_leaves_no_pid_of_a_child_that_has_exited(tmp_path):
+    from loop.training import launch as launcher
+
+    out = launcher.launch({"method": "none"}, tmp_path, [sys.executable, "-c", "raise SystemExit(3)"], timeout_s=60)
+    assert out.returncode == 3 and out.error == "exit code 3 (killed?)"
+    assert (tmp_path / "job.json").exists() and not (tmp_path / "train.pid").exists()
+    out = launcher.launch({"method": "none"}, tmp_path, [sys.executable, "-c", "import time; time.sleep(60)"],
+                          timeout_s=0.5, tick_s=0.1)
+    assert out.timed_out and not (tmp_path / "train.pid").exists()

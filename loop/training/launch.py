@@ -66,7 +66,7 @@ def launch(job: dict[str, Any], run_dir: Path, cmd: list[str], timeout_s: float,
            on_metrics: Callable[[list[dict[str, Any]]], None] | None = None, tick_s: float = 2.0,
            env: dict[str, str] | None = None) -> TrainerExit:
     """Write `job.json`, run `cmd` (from `command`) until it exits or `timeout_s` passes, and
-    return how it ended. Its output goes to `train.log`, its pid to `train.pid`."""
+    return how it ended. Its output goes to `train.log`, its pid to `train.pid` while it runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(json.dumps(job, indent=2))
     started = time.perf_counter()
@@ -90,6 +90,7 @@ def launch(job: dict[str, Any], run_dir: Path, cmd: list[str], timeout_s: float,
         if not pid:  # still running: a timeout, or an error in on_metrics
             os.killpg(proc.pid, signal.SIGKILL)
             _, status, usage = os.wait4(proc.pid, 0)
+        (run_dir / "train.pid").unlink(missing_ok=True)  # while the child runs only: no stale pid to signal later
     proc.returncode = os.waitstatus_to_exitcode(status)
     out = TrainerExit(proc.returncode, round(time.perf_counter() - started, 1), round(usage.ru_maxrss / 1024, 1),
                       timed_out=timed_out)
