@@ -200,6 +200,21 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
     return result
 
 
+SUMMARY = ("steps", "train_pairs", "eval_loss", "eval_rewards/accuracies", "reward_last", "kl_to_base",
+           "resumed_from_step")
+
+
+def trained_summary(metrics: dict[str, Any]) -> str:
+    """The trainer's few telling numbers for the log; the rest go to the run's metrics. Its own
+    `train_seconds` (the steps alone) beside the cycle's wall time, which adds starting the child
+    process and loading the model."""
+    parts = [f"{k} {metrics[k]:.3g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+             for k in SUMMARY if metrics.get(k) is not None]
+    if metrics.get("train_seconds") is not None:
+        parts.insert(0, f"{metrics['train_seconds']:.0f} s of training steps")
+    return ", ".join(parts)
+
+
 def training_data(manifest: dict[str, Any], method: str) -> tuple[str, int, str]:
     """(hash, count, noun) of what `method` learns from: labelled pairs (DPO; PPO's reward model, plus
     the prompts PPO rolls out on) or thumbs (KTO)."""
@@ -269,7 +284,7 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     started = time.monotonic()
     trained = train(cfg, client, run_id, run_dir, job)
     train_seconds = time.monotonic() - started
-    log(f"run {run_id}: trained in {train_seconds:.0f} s: {trained['metrics']}")
+    log(f"run {run_id}: trained in {train_seconds:.0f} s ({trained_summary(trained['metrics'])})")
     reward_model = None
     if trained.get("reward_model"):
         reward_model = register_reward_model(cfg, client, run_id, trained["reward_model"], pairs_hash, "reward")

@@ -107,3 +107,11 @@ def test_the_gates_reward_model_is_refitted_only_when_its_pairs_or_settings_chan
     assert judge_fingerprint(epochs, "pairs-1") != same
     seed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
     assert judge_fingerprint(seed, "pairs-1") != same
+
+
+def test_the_log_tells_the_trainers_own_seconds_apart_from_the_cycles():
+    from loop.retrain import trained_summary
+
+    line = trained_summary({"train_seconds": 10.03, "steps": 32, "kl_to_base": 1.2749, "eval_loss": None,
+                            "eval_logits/chosen": -1.9, "resumed_from_step": 0})
+    assert line == "10 s of training steps, steps 32, kl_to_base 1.27, resumed_from_step 0"
