@@ -134,17 +134,24 @@ def cmd_exclude(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+LAST_RUNS = 3  # the runs `status` shows, newest first
+
+
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     """From the gateway when it runs; else straight from the store."""
     client = _gateway(cfg)
     if client.running():
         status = client.call("GET", "/api/status")
         status["gateway"] = client.url
+        runs = client.call("GET", "/api/runs")[:LAST_RUNS]
     else:
         with _store(cfg) as store:
             serving, previous = store.serving(cfg.model.served_name)
             status = {"alias": cfg.model.served_name, "serving": serving, "previous": previous,
                       "gateway": None, "counts": store.counts()}
+            runs = store.runs(LAST_RUNS)
+    status["last_runs"] = [{k: r.get(k) for k in ("id", "method", "trigger", "status", "reason", "started_at")}
+                           for r in runs]
     status.update(config=str(cfg.path) if cfg.path else None, data_dir=str(cfg.data_dir),
                   base_model=str(cfg.base_model_dir))
     if args.json:
@@ -157,6 +164,15 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                     print(f"{'replica':>12}: {r['name']} {r['url']} {state}, {r['in_flight']} in flight, "
                           f"{r['answered']} answered, {r['failed']} failed, {r['restarts']} restarts, "
                           f"adapters {r['adapters']}")
+            elif key == "last_runs":
+                for r in value or [{"id": None}]:
+                    print(f"{'run':>12}: " + ("none yet" if r["id"] is None else
+                                              f"{r['id']} {r['method']} ({r['trigger']}) {r['status']}"
+                                              + (f": {r['reason']}" if r["reason"] else "")))
+            elif key in ("serving", "previous") and isinstance(value, int):
+                print(f"{key:>12}: {'base' if value == 0 else f'v{value}'}")
+            elif key == "counts":
+                print(f"{key:>12}: " + ", ".join(f"{n} {table.replace('_', ' ')}" for table, n in value.items()))
             else:
                 print(f"{key:>12}: {value}")
     return 0

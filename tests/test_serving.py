@@ -260,6 +260,9 @@ def test_cli_goes_through_the_running_gateway(server):
     with server.client() as admin:  # what serves depends on the tests that ran before: compare, don't assume
         serving = admin.get("/api/status").json()["serving"]
     assert json.loads(status.stdout)["serving"] == serving and json.loads(status.stdout)["gateway"] == server.url
+    runs = json.loads(status.stdout)["last_runs"]
+    shown = subprocess.run(cli + ["status"], capture_output=True, text=True, check=True).stdout
+    assert (f"run: {runs[0]['id']} " if runs else "run: none yet") in shown
     added = subprocess.run(cli + ["user", "add", "ana", "--role", "labeller"], capture_output=True, text=True)
     assert added.returncode == 0, added.stderr
     assert "sign-in token" in added.stdout
