@@ -284,10 +284,28 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     from loop.demo.simulate import simulate
 
+    if args.nights and (args.flip or args.requests is not None):
+        raise ConfigError("--nights takes --pairs (new pairs a night), --labellers and --seed; not --flip or --requests")
     client = _gateway(cfg)
+    if args.nights:
+        return _simulate_nights(cfg, client, args)
     result = simulate(client, cfg.model.served_name, args.labellers, args.pairs, flip=args.flip, seed=args.seed,
                       feedback_share=args.feedback_share, requests=args.requests)
     print(json.dumps(result["counts"]))
+    return 0
+
+
+def _simulate_nights(cfg: Config, client, args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from loop.demo import continual
+
+    out = cfg.data_dir / "simulate" / f"nights-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = continual.nights(cfg, client, args.nights, args.pairs, args.labellers, args.seed)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(continual.table(records))
+    print(f"every number: {out}")
     return 0
 
 
@@ -370,7 +388,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("simulate", help="scripted users and labellers (demo judge) through the HTTP API")
     s.add_argument("--labellers", type=int, default=4)
-    s.add_argument("--pairs", type=int, default=200, help="send traffic until the store holds this many pairs")
+    s.add_argument("--pairs", type=int, default=200, help="send traffic until the store holds this many pairs "
+                                                          "(with --nights: this many new pairs each night)")
+    s.add_argument("--nights", type=int, default=0,
+                   help="the continual run: each night traffic, labels, the nightly retrain and the demo rule's grades "
+                        "of what serves (a table, and every number in DATA_DIR/simulate/)")
     s.add_argument("--flip", action="store_true", help="label against the judge (to see the gate reject)")
     s.add_argument("--feedback-share", type=float, default=0.5,
                    help="share of answers the simulated users rate with a thumb (what KTO learns from)")

@@ -23,9 +23,9 @@ import time
 import httpx
 import pytest
 
-from loop.demo import corpus as demo_corpus
+from loop.client import GatewayClient
+from loop.demo import continual
 
-from loop.demo import judge
 from tests.serving import free_port, start
 
 pytestmark = pytest.mark.slow
@@ -36,18 +36,11 @@ PAIRS = 400  # pairs of live traffic to label; about a third are ties for the ju
 def judged_win_rate(server, candidate: str, base: str, seeds=(0, 1)) -> float:
     """The demo judge's win rate of `candidate` over `base` on the demo domain's held-out prompts,
     sampled at temperature 1 (what a client gets by default), ties counting half."""
-    prompts = [[{"role": "user", "content": p}] for p in demo_corpus.prompts("heldout")]
-    wins = total = 0.0
-    with server.client(timeout=600) as c:
-        for seed in seeds:
-            body = {"prompts": prompts, "max_tokens": 64, "temperature": 1.0, "seed": 1000 * seed}
-            a = c.post("/api/generate", json={"model": candidate, **body}).json()["answers"]
-            b = c.post("/api/generate", json={"model": base, **body}).json()["answers"]
-            for p, x, y in zip(prompts, a, b):
-                verdict = judge.prefer(p[0]["content"], x["text"], y["text"])
-                wins += {"a": 1.0, "b": 0.0, "tie": 0.5}[verdict]
-                total += 1
-    return wins / total
+    client = GatewayClient.for_config(server.cfg, timeout=600)
+    try:
+        return continual.win_rate(client, candidate, base, {}, seeds=[1000 * s for s in seeds])[0]
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +95,8 @@ def test_one_cycle_raises_the_judged_win_rate(up, simulated):
         stats = c.get("/api/stats").json()
     assert stats["runs"][0]["curve"] and any(m["name"] == "loss" for m in stats["runs"][0]["curve"])
     status_json = json.loads(up.cli("status", "--json").stdout)
-    assert status_json["serving"] == status["serving"]
+    assert status_json["serving"] == status["serving"] and status_json["last_runs"][0]["id"] == run["id"]
+    assert f"run: {run['id']} dpo (manual) promoted: " in up.cli("status").stdout
 
 
 def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up, simulated):
@@ -156,6 +150,27 @@ def test_kto_cycle_learns_from_thumbs_and_is_gated(up, simulated):
     # candidates at 0.56 (rejected: lower bound 0.496) as well as above; both decisions are honest ones.
     assert metrics["judge"].startswith("reward model") and run["status"] in ("promoted", "rejected"), run["reason"]
     assert (status["serving"] == run["candidate_version_id"]) == (run["status"] == "promoted")
+
+
+def test_an_empty_night_skips_the_retrain_and_still_grades_what_serves(up):
+    """`simulate --nights` with no traffic: nothing new to label, so the nightly retrain is skipped with
+    its reason (whether or not a cycle trained on these labels before), and the night is graded.
+    No labellers either: pairs left in the queue by other tests stay unlabelled."""
+    with up.client() as c:
+        before = c.get("/api/status").json()
+    out = up.cli("simulate", "--nights", "1", "--pairs", "0", "--labellers", "0")
+    records = [json.loads(line) for line in open(out.stdout.split("every number: ")[1].strip())]
+    assert [r["night"] for r in records] == [0, 1]
+    night = records[1]
+    assert night["requests"] == night["labels"] == 0
+    assert night["decision"] == "skipped" and night["reason"].startswith("no "), night
+    assert night["serving"] == records[0]["serving"] and night["win_over_previous"] is None
+    assert 0.0 <= night["good"] <= 1.0 and not night["worse_than_previous"]
+    with up.client() as c:
+        assert c.get("/api/status").json()["serving"] == before["serving"]
+    assert "| 1 | 0 (" in out.stdout and "skipped" in out.stdout
+    bad = up.cli("simulate", "--nights", "2", "--flip", check=False)
+    assert bad.returncode != 0 and "--nights takes" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_up_serves_the_labelling_app(up):

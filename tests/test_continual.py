@@ -1,0 +1,19 @@
+"""The continual run's table (the run itself is end to end in tests/test_loop_e2e.py and measured in
+ops/bench/continual.py)."""
+
+from loop.demo.continual import table
+
+
+def record(night, **kw):
+    base = {"night": night, "labels": 0, "labels_total": 0, "decision": None, "kl_to_base": None, "serving": "base",
+            "good": 0.3, "win_over_base": (0.5, 0.5, 0.5), "win_over_previous": None}
+    return {**base, **kw}
+
+
+def test_the_table_has_a_row_a_night_with_what_is_unknown_as_a_dash():
+    rows = table([record(0), record(1, labels=200, labels_total=200, decision="promoted", kl_to_base=1.234,
+                                    serving="v1", good=0.61, win_over_base=(0.7, 0.65, 0.75),
+                                    win_over_previous=(0.7, 0.65, 0.75))]).splitlines()
+    assert len(rows) == 4
+    assert rows[2] == "| 0 | 0 (0) | - | - | base | 0.300 | 0.500 (0.500-0.500) | - |"
+    assert rows[3] == "| 1 | 200 (200) | promoted | 1.23 | v1 | 0.610 | 0.700 (0.650-0.750) | 0.700 (0.650-0.750) |"
