@@ -25,10 +25,9 @@ from loop.config import Config
 from loop.demo import corpus as demo_corpus
 from loop.demo import judge
 from loop.demo.simulate import label, traffic
-from loop.evaluation.gate import confidence_bounds
+from loop.evaluation.gate import POINTS, confidence_bounds
 
 GRADE_SEEDS = (7001, 7002)  # the gate samples with train.seed + 1000 * sample: these it never uses
-POINTS = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 Answers = dict[tuple[str, int], list[str]]
 
@@ -61,13 +60,11 @@ def win_rate(client: GatewayClient, model: str, against: str, cache: Answers,
     return confidence_bounds(scores, 0.025)
 
 
-def serving_name(client: GatewayClient) -> str:
-    serving = client.call("GET", "/api/status")["serving"]
-    return "base" if not serving else f"v{serving}"
-
-
-def labels_given(client: GatewayClient) -> int:
-    return client.call("GET", "/api/status")["counts"]["labels"]
+def standing(client: GatewayClient) -> tuple[str, int, int]:
+    """(the version that serves, by name; human labels given; pairs made), from one status call."""
+    status = client.call("GET", "/api/status")
+    name = "base" if not status["serving"] else f"v{status['serving']}"
+    return name, status["counts"]["labels"], status["counts"]["pairs"]
 
 
 def night(cfg: Config, client: GatewayClient, number: int, pairs: int, labellers: int, seed: int,
@@ -75,19 +72,19 @@ def night(cfg: Config, client: GatewayClient, number: int, pairs: int, labellers
     """One night: traffic until `pairs` new pairs (or none), labels, the nightly retrain, the grades."""
     from loop.scheduler import Scheduler
 
-    before, labels_before = serving_name(client), labels_given(client)
-    have = client.call("GET", "/api/status")["counts"]["pairs"]
+    before, labels_before, have = standing(client)
     sent = traffic(client, cfg.model.served_name, have + pairs, seed=seed * 1000 + number, log=log) if pairs else 0
     label(client, labellers, log=log)
     run = Scheduler(cfg, log=log).trigger("simulated night") or {"status": "not started", "reason": "see the log"}
     metrics = run.get("metrics") or {}
     metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
-    after = serving_name(client)
-    record = {"night": number, "requests": sent, "labels": labels_given(client) - labels_before,
-              "labels_total": labels_given(client), "run": run.get("id"), "method": run.get("method"),
+    after, labels_after, _ = standing(client)
+    replaced = before if after != before else None
+    record = {"night": number, "requests": sent, "labels": labels_after - labels_before,
+              "labels_total": labels_after, "run": run.get("id"), "method": run.get("method"),
               "decision": run["status"], "reason": run.get("reason"), "kl_to_base": metrics.get("kl_to_base"),
-              "gate_win_rate": metrics.get("win_rate"), "serving": after, "replaced": before if after != before else None}
-    record.update(grades(client, after, before if after != before else None, cache))
+              "gate_win_rate": metrics.get("win_rate"), "serving": after, "replaced": replaced}
+    record.update(grades(client, after, replaced, cache))
     log(f"night {number}: {record['labels']} labels ({record['labels_total']} in all), {record['decision']}, "
         f"{after} serves: good {record['good']:.3f}, over base {record['win_over_base'][0]:.3f}")
     return record
@@ -106,8 +103,8 @@ def nights(cfg: Config, client: GatewayClient, count: int, pairs: int, labellers
            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Night 0 (what serves before the first night, graded) and `count` nights."""
     cache: Answers = {}
-    serving = serving_name(client)
-    start = {"night": 0, "requests": 0, "labels": 0, "labels_total": labels_given(client), "run": None,
+    serving, labels, _ = standing(client)
+    start = {"night": 0, "requests": 0, "labels": 0, "labels_total": labels, "run": None,
              "method": None, "decision": None, "reason": None, "kl_to_base": None, "gate_win_rate": None,
              "serving": serving, "replaced": None, **grades(client, serving, None, cache)}
     records = [start]
