@@ -2,6 +2,7 @@
 
     alignloop init [--demo]                   write ./alignloop.toml (and build the demo model)
     alignloop import FILE --format hh|jsonl   add preference pairs to the store
+    alignloop gold FILE --format hh|jsonl     add gold pairs: known answers that measure labellers
     alignloop export pairs|prompts|feedback|snapshot --output PATH
     alignloop user add NAME --role labeller|admin|app
     alignloop exclude --user NAME [--undo]    leave a user's contributions out of every future snapshot
@@ -76,10 +77,10 @@ def ensure_demo_model(cfg: Config, rebuild: bool = False) -> Path:
 
 
 def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
-    from store.importer import import_file
+    from store.importer import import_file, import_gold
 
     with _store(cfg) as store:
-        report = import_file(store, args.file, args.format)
+        report = (import_gold if args.gold else import_file)(store, args.file, args.format)
     print(report.summary())
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -331,7 +332,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--format", required=True, choices=["hh", "jsonl"])
     s.add_argument("--report", help="write the full report (every skipped line) as JSON here")
-    s.set_defaults(run=cmd_import)
+    s.set_defaults(run=cmd_import, gold=False)
+
+    s = sub.add_parser("gold", help="add gold pairs (chosen is the known better reply): handed to labellers "
+                                    "unmarked to measure them, never trained on")
+    s.add_argument("file")
+    s.add_argument("--format", required=True, choices=["hh", "jsonl"])
+    s.add_argument("--report", help="write the full report (every skipped or refused line) as JSON here")
+    s.set_defaults(run=cmd_import, gold=True)
 
     s = sub.add_parser("export", help="export pairs, prompts or feedback (or a whole snapshot) for training")
     s.add_argument("kind", choices=["pairs", "prompts", "feedback", "snapshot"])

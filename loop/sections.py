@@ -143,6 +143,7 @@ class LabelingConfig:
     aggregate: str = _f("reliability", "how a pair's votes become its training label: 'reliability' (each vote weighted by its labeller's accuracy estimated from agreement) or 'majority'")
     min_accuracy: float = _f(0.7, "a labeller whose estimated accuracy (from agreement) is clearly below this, the whole interval under it, is flagged to admins")
     max_batch: int = _f(64, "labels sent at the same time are written in one transaction, at most this many; 1 writes each alone")
+    gold_share: float = _f(0.1, "share of hand-outs that are gold pairs (known-answer pairs an admin adds with `alignloop gold FILE`), while any are left for that labeller; labellers are never told which")
 
     def __post_init__(self) -> None:
         _check_port(self.app_port)
@@ -152,6 +153,8 @@ class LabelingConfig:
             raise ValueError(f"aggregate must be 'majority' or 'reliability', got {self.aggregate!r}")
         if not 0 <= self.min_accuracy <= 1:
             raise ValueError("min_accuracy must be between 0 and 1")
+        if not 0 <= self.gold_share <= 1:
+            raise ValueError("gold_share must be between 0 and 1")
         if self.overlap < 1:
             raise ValueError("overlap must be at least 1")
         if self.lease_s <= 0:

@@ -29,6 +29,9 @@ ROLES = ("labeller", "admin", "app", "system")  # app: an application's API key,
 INT64_MAX = 2**63 - 1
 
 
+GOLD_TAKEN = ("added", "made gold", "already gold")  # what add_gold_pairs says of a pair it did not refuse
+
+
 class StoreError(RuntimeError):
     """The store cannot do what was asked; the message says why."""
 
@@ -92,7 +95,7 @@ class Store:
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = str(path)
-        self.pair_writes = 0  # bumped by every method that may add pairs: the labelling queue's cue to look for new ones
+        self.pair_writes = 0  # bumped by every method that may add pairs or gold: the labelling queue's cue to look again
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -230,7 +233,60 @@ class Store:
                 self._insert_pairs(db, new, source, self._system_user(db, labeller))
         return len(new), len(pairs) - len(new)
 
-    def _insert_pairs(self, db: duckdb.DuckDBPyConnection, pairs: list[NewPair], source: str, user_id: int) -> None:
+    # --- gold pairs --------------------------------------------------------------------------
+
+    def add_gold_pairs(self, pairs: list[NewPair], source: str) -> list[str]:
+        """Store pairs whose better reply an admin knows (`chosen`) as gold pairs, in one transaction:
+        the labelling queue hands them out among the others to measure labellers, and no snapshot
+        trains on them. A pair already in the store becomes gold. Returns what came of each pair, in
+        order: one of GOLD_TAKEN, or why it was refused (the file, or the store's gold, says the
+        other reply is the better one: a contradiction is never settled by a guess)."""
+        answers: dict[str, set[str]] = {}
+        for p in pairs:
+            answers.setdefault(p.uid, set()).add(p.chosen)
+        with self.transaction() as db:
+            known = {uid: (pair_id, a, gold) for uid, pair_id, a, gold in db.execute("""
+                SELECT p.uid, p.id, ra.text, g.answer FROM pairs p JOIN responses ra ON ra.id = p.response_a_id
+                LEFT JOIN gold_answers g ON g.pair_id = p.id WHERE p.uid IN (SELECT unnest(?))""",
+                [list(answers)]).fetchall()}
+            outcomes: list[str] = []
+            new: list[NewPair] = []
+            gold: list[tuple[int, str]] = []
+            seen: set[str] = set()
+            for p in pairs:
+                if len(answers[p.uid]) > 1:
+                    outcomes.append("refused: another line of the file says the other reply is the better one")
+                elif p.uid in seen:
+                    outcomes.append("already gold")
+                elif p.uid not in known:
+                    new.append(p)
+                    outcomes.append("added")
+                else:
+                    pair_id, a_text, stored = known[p.uid]
+                    answer = "a" if p.chosen == a_text else "b"
+                    if stored is None:
+                        gold.append((pair_id, answer))
+                        outcomes.append("made gold")
+                    elif stored == answer:
+                        outcomes.append("already gold")
+                    else:
+                        outcomes.append("refused: the store's gold answer for this pair is the other reply")
+                seen.add(p.uid)
+            if new:
+                gold += [(pair_id, "a") for pair_id in self._insert_pairs(db, new, source, None)]
+            if gold:
+                self.pair_writes += 1
+                _insert(db, "gold_answers", {"pair_id": [g[0] for g in gold], "answer": [g[1] for g in gold],
+                                             "source": [source] * len(gold)})
+        return outcomes
+
+    def gold_answers(self) -> dict[int, str]:
+        """The better reply ('a' or 'b') of every gold pair, by pair id."""
+        return dict(self._all("SELECT pair_id, answer FROM gold_answers"))
+
+    def _insert_pairs(self, db: duckdb.DuckDBPyConnection, pairs: list[NewPair], source: str,
+                      user_id: int | None) -> list[int]:
+        """Insert new pairs (chosen as reply a); `user_id`, unless None, labels each 'a'. Returns their ids."""
         self.pair_writes += 1
         n = len(pairs)
         prompt_ids = _next_ids(db, "prompts", n)
@@ -244,7 +300,9 @@ class Store:
                                   "source": [source] * (2 * n)})
         _insert(db, "pairs", {"id": pair_ids, "uid": [p.uid for p in pairs], "prompt_id": prompt_ids,
                               "response_a_id": a_ids, "response_b_id": b_ids, "source": [source] * n})
-        _insert(db, "labels", {"pair_id": pair_ids, "user_id": [user_id] * n, "choice": ["a"] * n})
+        if user_id is not None:
+            _insert(db, "labels", {"pair_id": pair_ids, "user_id": [user_id] * n, "choice": ["a"] * n})
+        return pair_ids
 
     # --- live traffic ------------------------------------------------------------------------
 
@@ -545,7 +603,7 @@ class Store:
     def pair_votes(self, cutoff: datetime) -> list[dict[str, Any]]:
         """Every pair with at least one non-skip label by `cutoff`, with its vote counts, its labellers,
         each vote (`voters` and `choices`, in label order) and the caller whose prompt it answers;
-        excluded users' labels and prompts are left out."""
+        excluded users' labels and prompts, and gold pairs (kept to measure labellers), are left out."""
         return self._dicts(f"""
             WITH {self._CALLERS}
             SELECT p.id, p.uid, p.source, pr.messages, ra.text AS a, rb.text AS b,
@@ -564,6 +622,7 @@ class Store:
             JOIN users lu ON lu.id = l.user_id AND lu.excluded_at IS NULL
             LEFT JOIN callers c ON c.prompt_id = p.prompt_id
             WHERE p.created_at <= ? AND NOT coalesce(c.excluded, false)
+              AND p.id NOT IN (SELECT pair_id FROM gold_answers)
             GROUP BY p.id, p.uid, p.source, pr.messages, ra.text, rb.text, ra.version_id, rb.version_id, c.name
             ORDER BY p.id""", [cutoff, cutoff])
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.database import NewPair, Store
+from store.database import GOLD_TAKEN, NewPair, Store
 
 FORMATS = ("hh", "jsonl")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -41,9 +41,10 @@ class ImportReport:
     added: int = 0
     already_present: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    what: str = "pairs"
 
     def summary(self, limit: int = 20) -> str:
-        out = [(f"{self.path}: {self.lines} lines, {self.added} pairs added, "
+        out = [(f"{self.path}: {self.lines} lines, {self.added} {self.what} added, "
                 f"{self.already_present} already in the store, {len(self.skipped)} skipped")]
         for line, why in self.skipped[:limit]:
             out.append(f"  line {line}: {why}")
@@ -163,6 +164,12 @@ def _row(line: bytes, first: bool) -> dict[str, Any]:
 
 def read_pairs(path: str | Path, fmt: str) -> tuple[list[NewPair], ImportReport]:
     """Parse a file; returns the good pairs and a report of every skipped line."""
+    numbered, report = _read_numbered(path, fmt)
+    return [pair for _, pair in numbered], report
+
+
+def _read_numbered(path: str | Path, fmt: str) -> tuple[list[tuple[int, NewPair]], ImportReport]:
+    """`read_pairs`, each pair with its line number."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     parse = parse_hh if fmt == "hh" else parse_jsonl
@@ -174,13 +181,13 @@ def read_pairs(path: str | Path, fmt: str) -> tuple[list[NewPair], ImportReport]
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
             raise ValueError(f"{path}: broken gzip file: {e}") from None
-    pairs = []
+    pairs: list[tuple[int, NewPair]] = []
     for number, line in enumerate(raw.splitlines(), start=1):
         report.lines = number
         if not line.strip():
             continue
         try:
-            pairs.append(parse(_row(line, number == 1)))
+            pairs.append((number, parse(_row(line, number == 1))))
         except BadRow as e:
             report.skipped.append((number, str(e)))
     return pairs, report
@@ -192,4 +199,21 @@ def import_file(store: Store, path: str | Path, fmt: str) -> ImportReport:
     if pairs:
         report.added, report.already_present = store.add_labelled_pairs(
             pairs, source=f"import:{Path(path).name}", labeller=f"dataset:{fmt}")
+    return report
+
+
+def import_gold(store: Store, path: str | Path, fmt: str) -> ImportReport:
+    """Import a file's pairs as gold pairs (chosen is the known better reply), in one transaction.
+    A pair the file, or the store's gold, contradicts is refused and reported with its line."""
+    numbered, report = _read_numbered(path, fmt)
+    report.what = "gold pairs"
+    outcomes = store.add_gold_pairs([pair for _, pair in numbered], source=f"gold:{Path(path).name}")
+    for (number, _), outcome in zip(numbered, outcomes):
+        if outcome == "already gold":
+            report.already_present += 1
+        elif outcome in GOLD_TAKEN:
+            report.added += 1
+        else:
+            report.skipped.append((number, outcome))
+    report.skipped.sort()
     return report

@@ -15,6 +15,12 @@ All human labels go through this class (the gateway is the only writer, docs/des
 
 A labeller sees the two replies as "first" and "second"; which of a/b is first is fixed per pair
 by a hash of its uid, so order is random across pairs but stable for one pair.
+
+Gold pairs (ones whose better reply an admin knows, `Store.add_gold_pairs`) are handed out among the
+others, about `gold_share` of hand-outs, and only when a regular pair is there to hand: a labeller
+cannot tell them apart (the same view, no source). Every labeller may label each gold pair once,
+beyond the overlap, and they never count in the queue: they measure labellers
+(loop/evaluation/reliability.py), they are not work to be done.
 """
 
 from __future__ import annotations
@@ -75,8 +81,8 @@ def to_stored_choice(choice: str, uid: str) -> str:
 
 
 class LabelQueue:
-    def __init__(self, store: Store, overlap: int, lease_s: float) -> None:
-        self.store, self.overlap, self.lease_s = store, overlap, lease_s
+    def __init__(self, store: Store, overlap: int, lease_s: float, gold_share: float = 0.0) -> None:
+        self.store, self.overlap, self.lease_s, self.gold_share = store, overlap, lease_s, gold_share
         self._forget()
 
     def _forget(self) -> None:
@@ -89,6 +95,7 @@ class LabelQueue:
         self._held: dict[int, int] = {}               # user -> the pair they hold
         self._priority: dict[int, int] = {}           # pair -> priority
         self._uid: dict[int, str] = {}                # pair -> content uid (which reply is shown first)
+        self._gold: list[int] = []                     # gold pairs, ascending (never in _open)
         self._seen = 0                                 # highest pair id indexed
         self._synced_writes = -1                       # Store.pair_writes when new pairs were last looked for
         self._today: dict[int, tuple[date, int]] = {}  # user -> (day, labels given that day)
@@ -125,11 +132,19 @@ class LabelQueue:
                 self._leases[pair_id][user_id] = expires
                 self._held[user_id] = pair_id
             self._loaded = True
+        gold = [row[0] for row in db.execute("SELECT pair_id FROM gold_answers ORDER BY pair_id").fetchall()]
+        for pair_id in set(gold) - set(self._gold):  # a pair already indexed may have become gold
+            key = (self._priority.get(pair_id), pair_id)
+            i = bisect.bisect_left(self._open, key) if key[0] is not None else len(self._open)
+            if i < len(self._open) and self._open[i] == key:
+                self._open.pop(i)
+        self._gold = gold
+        golden = set(gold)
         for pair_id, priority, uid in db.execute("SELECT id, priority, uid FROM pairs WHERE id > ? ORDER BY id",
                                                  [self._seen]).fetchall():
             self._priority[pair_id] = priority
             self._uid[pair_id] = uid
-            if self._labels[pair_id] < self.overlap:
+            if self._labels[pair_id] < self.overlap and pair_id not in golden:
                 bisect.insort(self._open, (priority, pair_id))
             self._seen = pair_id
 
@@ -147,6 +162,8 @@ class LabelQueue:
         """Add to a pair's human labels, taking it out of the open index when full (or back)."""
         before = self._labels[pair_id]
         self._labels[pair_id] = before + delta
+        if self._is_gold(pair_id):
+            return
         key = (self._priority[pair_id], pair_id)
         if before < self.overlap <= before + delta:
             i = bisect.bisect_left(self._open, key)
@@ -199,8 +216,22 @@ class LabelQueue:
         done = self._done[user_id]
         for _, pair_id in reversed(self._open):
             if pair_id not in done and self._labels[pair_id] + self._active_leases(pair_id, now) < self.overlap:
-                return pair_id
+                return self._gold_instead(user_id, done) or pair_id
         return None
+
+    def _gold_instead(self, user_id: int, done: set[int]) -> int | None:
+        """A gold pair this labeller has not labelled, on about `gold_share` of their hand-outs (which
+        ones is fixed by a hash of who and how many they have done), or None."""
+        if not self._gold or self.gold_share <= 0:
+            return None
+        draw = int.from_bytes(hashlib.sha256(f"gold:{user_id}:{len(done)}".encode()).digest()[:8], "big") / 2**64
+        if draw >= self.gold_share:
+            return None
+        return next((pair_id for pair_id in self._gold if pair_id not in done), None)
+
+    def _is_gold(self, pair_id: int) -> bool:
+        i = bisect.bisect_left(self._gold, pair_id)
+        return i < len(self._gold) and self._gold[i] == pair_id
 
     def lease(self, user_id: int, pair_id: int) -> dict[str, Any]:
         """Hand a given pair (e.g. the user's own arena pair) to this labeller now."""
@@ -216,7 +247,8 @@ class LabelQueue:
         return view
 
     def pair_views(self, pair_ids: list[int], db=None) -> dict[int, dict[str, Any]]:
-        """What a labeller sees of each pair (the replies as first and second), by pair id."""
+        """What a labeller sees of each pair (the replies as first and second), by pair id: nothing
+        says where it came from, so a gold pair looks like any other."""
         if not pair_ids:
             return {}
         if db is None:
@@ -224,14 +256,14 @@ class LabelQueue:
                 return self.pair_views(pair_ids, conn)
         one = len(pair_ids) == 1  # an equality filter is looked up in the primary key's index: 2.5 ms, not 4
         rows = db.execute(f"""
-            SELECT p.id, p.uid, p.source, pr.messages, ra.text AS a, rb.text AS b
+            SELECT p.id, p.uid, pr.messages, ra.text AS a, rb.text AS b
             FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
             JOIN responses ra ON ra.id = p.response_a_id JOIN responses rb ON rb.id = p.response_b_id
             WHERE {"p.id = ?" if one else "p.id IN (SELECT unnest(?))"}""", [pair_ids[0] if one else pair_ids]).fetchall()
         views = {}
-        for pair_id, uid, source, messages, a, b in rows:
+        for pair_id, uid, messages, a, b in rows:
             first, second = (b, a) if swapped(uid) else (a, b)
-            views[pair_id] = {"pair_id": pair_id, "source": source, "messages": json.loads(messages),
+            views[pair_id] = {"pair_id": pair_id, "messages": json.loads(messages),
                               "first": first, "second": second}
         return views
 
@@ -292,7 +324,7 @@ class LabelQueue:
         if a.pair_id in self._done[a.user_id]:
             raise LabelConflict(f"you have labelled pair {a.pair_id} already (undo it to change your label)")
         holds = self._leases[a.pair_id].get(a.user_id, now) > now
-        if not holds and stored != "skip":
+        if not holds and stored != "skip" and not self._is_gold(a.pair_id):
             if self._labels[a.pair_id] + self._active_leases(a.pair_id, now) >= self.overlap:
                 raise LabelConflict(f"pair {a.pair_id} has all its {self.overlap} labels (your lease expired)")
         if self._held.get(a.user_id) != a.pair_id:

@@ -227,11 +227,24 @@ def m004_held_runs_and_judges(db: duckdb.DuckDBPyConnection) -> None:
     db.execute("ALTER TABLE reward_models ADD COLUMN purpose VARCHAR NOT NULL DEFAULT 'reward'")
 
 
+def m005_gold_answers(db: duckdb.DuckDBPyConnection) -> None:
+    """Gold pairs: pairs whose right answer an admin knows, handed to labellers among the others
+    (who are never told which) to measure each labeller against a truth; never trained on."""
+    db.execute("""
+        CREATE TABLE gold_answers (
+            pair_id BIGINT PRIMARY KEY,
+            answer VARCHAR NOT NULL CHECK (answer IN ('a', 'b')),   -- the better reply of the pair
+            source VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial,
     m002_reward_models,
     m003_apps_and_exclusions,
     m004_held_runs_and_judges,
+    m005_gold_answers,
 ]
 
 

@@ -34,6 +34,7 @@ EXPECTED_SCHEMA = {
     "runs": ["id BIGINT", "method VARCHAR", "trigger VARCHAR", "status VARCHAR", "snapshot_hash VARCHAR",
              "candidate_version_id BIGINT", "config VARCHAR", "metrics VARCHAR", "reason VARCHAR",
              "labels_at_start BIGINT", "started_at TIMESTAMP", "heartbeat_at TIMESTAMP", "finished_at TIMESTAMP"],
+    "gold_answers": ["pair_id BIGINT", "answer VARCHAR", "source VARCHAR", "created_at TIMESTAMP"],
     "settings": ["key VARCHAR", "value VARCHAR", "updated_by VARCHAR", "updated_at TIMESTAMP"],
     "schema_migrations": ["version INTEGER", "name VARCHAR", "applied_at TIMESTAMP"],
     "users": ["id BIGINT", "name VARCHAR", "role VARCHAR", "token_hash VARCHAR", "excluded_at TIMESTAMP",

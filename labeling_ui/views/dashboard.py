@@ -53,14 +53,17 @@ plot(columns[2], [r for r in per_labeller if r["median_seconds"] is not None], c
 if "labellers" in s:  # admins only
     st.subheader("Labellers")
     st.caption("How often each labeller picks the better reply, estimated from how they agree with the others "
-               "(Dawid-Skene; only first/second votes count), with a 90% interval. Flagged: the whole interval "
-               "is below `labeling.min_accuracy`. Exclude a labeller on the admin page.")
+               "and from gold pairs, whose answer is known (Dawid-Skene; only first/second votes count), with a "
+               "90% interval. Gold: right of first/second votes on gold pairs (`alignloop gold FILE` adds them). "
+               "Flagged: the whole interval is below `labeling.min_accuracy`. Exclude a labeller on the admin page.")
     if s["labellers"]:
         st.dataframe([{"labeller": r["name"], "votes compared": r["votes"], "accuracy": round(r["accuracy"], 2),
-                       "interval": f"{r['low']:.2f}-{r['high']:.2f}", "flagged": "⚠" if r["flagged"] else "",
+                       "interval": f"{r['low']:.2f}-{r['high']:.2f}",
+                       "gold": f"{r['gold_right']}/{r['gold']}" if r["gold"] else "",
+                       "flagged": "⚠" if r["flagged"] else "",
                        "excluded": "yes" if r["excluded"] else ""} for r in s["labellers"]], hide_index=True)
     else:
-        st.info("No votes to compare yet: it needs pairs labelled by two or more people.")
+        st.info("No votes to compare yet: it needs pairs labelled by two or more people, or gold pairs.")
 
 st.subheader("Model versions")
 runs = s["runs"]

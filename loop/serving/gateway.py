@@ -57,7 +57,8 @@ class Gateway:
         g = self.cfg.gateway
         self.writer = LogWriter(self.store, flush_ms=g.log_flush_ms, max_queue=g.log_max_queue)
         self.pairs = PairMaker(self.router, self.engine_json, self.writer.put, lambda: self.in_flight, g.pair_share)
-        self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s)
+        self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s,
+                                self.cfg.labeling.gold_share)
         self.labels = LabelBatcher(self.queue, self.cfg.labeling.max_batch)
         self.runs = Runs(self.store)
         self.reward_models = RewardModels(self.store)

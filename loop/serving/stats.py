@@ -61,11 +61,13 @@ def stats(store: Store, queue: LabelQueue, admin: bool = True, min_accuracy: flo
 
 
 def labellers(store: Store, labels: list[tuple[int, int, str]], min_accuracy: float) -> list[dict[str, Any]]:
-    """Each labeller's accuracy estimated from agreement (loop.evaluation.reliability), with its
-    interval; flagged when the whole interval is below `min_accuracy`. Least reliable first."""
-    people, _ = reliability.estimate(labels)
+    """Each labeller's accuracy estimated from agreement and gold pairs (loop.evaluation.reliability),
+    with its interval and their gold record; flagged when the whole interval is below `min_accuracy`.
+    Least reliable first."""
+    people, _ = reliability.estimate(labels, store.gold_answers())
     users = {u["id"]: u for u in store.users()}
     rows = [{"name": users[r.user_id]["name"], "votes": r.votes, "accuracy": r.accuracy, "low": r.low,
-             "high": r.high, "flagged": r.high < min_accuracy, "excluded": users[r.user_id]["excluded_at"] is not None}
+             "high": r.high, "gold": r.gold, "gold_right": r.gold_right, "flagged": r.high < min_accuracy,
+             "excluded": users[r.user_id]["excluded_at"] is not None}
             for r in people.values() if r.user_id in users]
     return sorted(rows, key=lambda r: r["accuracy"])
