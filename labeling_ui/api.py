@@ -71,6 +71,10 @@ def status(token: str) -> dict[str, Any]:
     return call("GET", "/api/status", token)
 
 
+def queue(token: str, limit: int) -> dict[str, Any]:
+    return call("GET", "/api/queue", token, params={"limit": limit})
+
+
 def versions(token: str) -> list[dict[str, Any]]:
     return call("GET", "/api/versions", token)
 

@@ -11,6 +11,7 @@
     alignloop versions [--add ADAPTER_DIR]
     alignloop retrain [--method dpo|ppo|kto] [--force]  one cycle: snapshot, train, evaluate, gate, promote
     alignloop gate VERSION                    the gate on a registered candidate: promote, reject or hold
+    alignloop rank                            order the labelling queue by what a label would teach
     alignloop scheduler                       retrain nightly / every N labels
     alignloop simulate --labellers N --pairs M
     alignloop compare [--methods dpo,ppo] [--seeds 0,1,2]  DPO vs RLHF measured on the same labelled data
@@ -247,6 +248,15 @@ def cmd_gate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.queue_ranker import rank
+
+    done = rank(cfg, _gateway(cfg))
+    if done.get("reason"):
+        print(f"not ranked: {done['reason']}")
+    return 0
+
+
 def cmd_scheduler(cfg: Config, args: argparse.Namespace) -> int:
     from loop.scheduler import Scheduler
 
@@ -286,7 +296,10 @@ def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     from loop.demo.simulate import simulate
 
     if args.nights and (args.flip or args.requests is not None):
-        raise ConfigError("--nights takes --pairs (new pairs a night), --labellers and --seed; not --flip or --requests")
+        raise ConfigError("--nights takes --pairs (new pairs a night), --labellers, --labels and --seed; "
+                          "not --flip or --requests")
+    if args.labels is not None and (not args.nights or args.labels < 0):
+        raise ConfigError("--labels (a nightly label budget, 0 or more) goes with --nights")
     client = _gateway(cfg)
     if args.nights:
         return _simulate_nights(cfg, client, args)
@@ -303,7 +316,7 @@ def _simulate_nights(cfg: Config, client, args: argparse.Namespace) -> int:
 
     out = cfg.data_dir / "simulate" / f"nights-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    records = continual.nights(cfg, client, args.nights, args.pairs, args.labellers, args.seed)
+    records = continual.nights(cfg, client, args.nights, args.pairs, args.labellers, args.seed, labels=args.labels)
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(continual.table(records))
     print(f"every number: {out}")
@@ -391,6 +404,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("version", help="the candidate's name, e.g. v3")
     s.set_defaults(run=cmd_gate)
 
+    s = sub.add_parser("rank", help="labeling.order = 'active': score the waiting pairs with the gate's newest reward "
+                                    "model and hand out first those a label would teach most (a retrain does it too)")
+    s.set_defaults(run=cmd_rank)
+
     s = sub.add_parser("scheduler", help="retrain by the [schedule] rules until stopped")
     s.set_defaults(run=cmd_scheduler)
 
@@ -407,6 +424,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--requests", type=int, default=None,
                    help="stop the traffic after this many requests, however many pairs there are")
+    s.add_argument("--labels", type=int, default=None,
+                   help="with --nights: at most this many labels a night (default: the queue labelled empty)")
     s.set_defaults(run=cmd_simulate)
 
     s = sub.add_parser("compare", help="DPO vs RLHF (reward model + PPO) on the same labelled data: memory, time, "

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from loop import queue_ranker
 from loop.client import GatewayClient, GatewayError
 from loop.config import Config, to_dict
 from loop.evaluation import judges
@@ -307,6 +308,11 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
                "judge_model_id": judge_model["id"] if judge_model else None, "judge_error": trained.get("judge_error")}
     log(f"run {run_id}: {candidate['name']} vs {versions[serving_id]['name']}: {decision.outcome}: {decision.reason}")
     settle(client, candidate, decision, f"run {run_id}")
+    if cfg.labeling.order == "active":  # the newest reward model orders what people label next
+        try:
+            queue_ranker.rank(cfg, client, log=lambda line: log(f"run {run_id}: {line}"))
+        except Exception as e:  # the run stands; the queue keeps its last order
+            log(f"run {run_id}: the labelling queue was not ranked: {type(e).__name__}: {e}")
     status = {"promote": "promoted", "reject": "rejected", "hold": "held"}[decision.outcome]
     return {"status": status, "reason": decision.reason, "metrics": metrics, "candidate_version_id": candidate["id"],
             "snapshot_hash": snapshot_hash}

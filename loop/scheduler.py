@@ -4,6 +4,8 @@ APScheduler runs the triggers; each calls `run_cycle` in its own thread, with `t
 when `schedule.alternate` lists several ("dpo,ppo"), the next one in turn after the last run's. One run at a time: a
 trigger that fires while a run is going is skipped and logged (here, and by the gateway, which
 refuses a second running run, so two scheduler processes cannot overlap either).
+With `labeling.order = "active"` it also re-ranks the labelling queue every
+`schedule.rank_every_s` (loop/queue_ranker.py), except while a run goes (a run ranks at its end).
 """
 
 from __future__ import annotations
@@ -41,6 +43,22 @@ class Scheduler:
             self.log(f"{datetime.now():%H:%M:%S} scheduler: {reason} run failed to start: {e}")
             return None
         finally:
+            self._busy.release()
+
+    def rank(self) -> dict | None:
+        """Re-rank the labelling queue now, unless a run is going; returns what was done."""
+        from loop.queue_ranker import rank
+
+        if not self._busy.acquire(blocking=False):
+            return None
+        client = GatewayClient.for_config(self.cfg, timeout=600)
+        try:
+            return rank(self.cfg, client, log=lambda line: self.log(f"{datetime.now():%H:%M:%S} scheduler: {line}"))
+        except Exception as e:  # the queue keeps its last order; the scheduler goes on
+            self.log(f"{datetime.now():%H:%M:%S} scheduler: the labelling queue was not ranked: {type(e).__name__}: {e}")
+            return None
+        finally:
+            client.close()
             self._busy.release()
 
     def next_method(self) -> str:
@@ -82,10 +100,14 @@ class Scheduler:
         if s.min_new_labels > 0:
             self._sched.add_job(self._check_labels, "interval", seconds=s.check_every_s, id="labels",
                                 max_instances=1, coalesce=True)
+        if self.cfg.labeling.order == "active" and s.rank_every_s > 0:
+            self._sched.add_job(self.rank, "interval", seconds=s.rank_every_s, id="rank", max_instances=1, coalesce=True)
         self._sched.start()
         rules = [f"cron '{s.cron}'"] if s.cron else []
         rules += [f"every {s.min_new_labels} new labels"] if s.min_new_labels else []
-        self.log(f"scheduler: retrains on {' and '.join(rules) or 'nothing (no rule set)'}")
+        ranks = self.cfg.labeling.order == "active" and s.rank_every_s > 0
+        self.log(f"scheduler: retrains on {' and '.join(rules) or 'nothing (no rule set)'}"
+                 + (f"; re-ranks the labelling queue every {s.rank_every_s:g} s" if ranks else ""))
 
     def _check_labels(self) -> None:
         if self.enough_new_labels():

@@ -144,6 +144,8 @@ class LabelingConfig:
     min_accuracy: float = _f(0.7, "a labeller whose estimated accuracy (from agreement) is clearly below this, the whole interval under it, is flagged to admins")
     max_batch: int = _f(64, "labels sent at the same time are written in one transaction, at most this many; 1 writes each alone")
     gold_share: float = _f(0.1, "share of hand-outs that are gold pairs (known-answer pairs an admin adds with `alignloop gold FILE`), while any are left for that labeller; labellers are never told which")
+    order: str = _f("arrival", "which waiting pair is handed out first (live pairs before imported ones in every order): 'arrival' (newest first), 'random', or 'active' (what a label would teach: the gate's reward model unsure, votes split, a prompt not labelled yet; ranked after each retrain and by `alignloop rank`)")
+    rank_limit: int = _f(5000, "active order: how many waiting pairs (from the head of the queue) are scored at each ranking")
 
     def __post_init__(self) -> None:
         _check_port(self.app_port)
@@ -155,6 +157,10 @@ class LabelingConfig:
             raise ValueError("min_accuracy must be between 0 and 1")
         if not 0 <= self.gold_share <= 1:
             raise ValueError("gold_share must be between 0 and 1")
+        if self.order not in ("arrival", "random", "active"):
+            raise ValueError(f"order must be 'arrival', 'random' or 'active', got {self.order!r}")
+        if self.rank_limit < 1:
+            raise ValueError("rank_limit must be at least 1")
         if self.overlap < 1:
             raise ValueError("overlap must be at least 1")
         if self.lease_s <= 0:
@@ -386,10 +392,13 @@ class ScheduleConfig:
     min_new_labels: int = _f(0, "also retrain once this many new labels arrived since the last run (0: off)")
     check_every_s: float = _f(60.0, "how often the label trigger looks")
     alternate: str = _f("", "methods the scheduler takes in turn, e.g. 'dpo,ppo'; empty: always train.method")
+    rank_every_s: float = _f(600.0, "with labeling.order = 'active': re-rank the labelling queue this often, so new pairs are scored too (0: only after each retrain)")
 
     def __post_init__(self) -> None:
         if self.min_new_labels < 0:
             raise ValueError("min_new_labels must be >= 0")
+        if self.rank_every_s < 0:
+            raise ValueError("rank_every_s must be >= 0")
         unknown = [m for m in self.methods() if m not in METHODS]
         if unknown:
             raise ValueError(f"alternate: unknown method(s) {', '.join(unknown)}; expected {', '.join(METHODS)}")

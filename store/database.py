@@ -509,6 +509,14 @@ class Store:
         return self._all("""SELECT l.pair_id, l.user_id, l.choice FROM labels l JOIN users u ON u.id = l.user_id
                             WHERE u.role <> 'system' AND l.choice <> 'skip' ORDER BY l.pair_id, l.id""")
 
+    def labelled_per_prompt(self) -> dict[str, int]:
+        """Pairs with at least one human label (skips aside) per prompt, the prompt's
+        messages as stored (JSON text): what active learning's novelty counts."""
+        return dict(self._all("""
+            SELECT pr.messages, count(DISTINCT p.id) FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
+            WHERE p.id IN (SELECT l.pair_id FROM labels l JOIN users u ON u.id = l.user_id
+                           WHERE u.role <> 'system' AND l.choice <> 'skip') GROUP BY pr.messages"""))
+
     def version_comparisons(self) -> list[tuple[int, int, str]]:
         """(version of reply a, version of reply b, choice) for human labels on pairs whose replies
         come from two different known versions, in label order."""

@@ -4,8 +4,11 @@ Each pair gets `overlap` independent human labels (skips do not count). A pair h
 leased to its labeller for `lease_s` seconds; unanswered, it returns to the queue. A labeller can
 label only the pair handed to them (or asked for in the arena): nobody picks what they vote on. Nobody is
 handed a pair they labelled, skipped or hold. Pairs from recent live traffic come first, then
-imported ones. Every hand-out runs in one transaction under the store's lock, so concurrent
-labellers can never be handed a pair beyond its overlap.
+imported ones; within each, `order` decides: "arrival" (newest first), "random" (a fixed shuffle,
+by a hash of each pair's uid: the baseline active learning is measured against) or "active" (highest
+score first: what a label would teach, `set_scores` from loop/evaluation/active.py; pairs not scored
+yet sit at UNSCORED, newest first among equals). Every hand-out runs in one transaction under the
+store's lock, so concurrent labellers can never be handed a pair beyond its overlap.
 
 Which pair to hand out is decided on an in-memory index of the pairs that still need labels: built
 from the store on first use, kept in step by every call here, new pairs picked up by id. Scanning
@@ -38,6 +41,8 @@ from typing import Any
 from store.database import Store, StoreError, _next_ids
 
 CHOICES = ("first", "second", "tie", "both_bad", "skip")
+ORDERS = ("arrival", "random", "active")
+UNSCORED = 0.5  # an active queue's score of a pair made since the last ranking: nothing is known of it
 
 
 class LabelConflict(StoreError):
@@ -81,20 +86,24 @@ def to_stored_choice(choice: str, uid: str) -> str:
 
 
 class LabelQueue:
-    def __init__(self, store: Store, overlap: int, lease_s: float, gold_share: float = 0.0) -> None:
-        self.store, self.overlap, self.lease_s, self.gold_share = store, overlap, lease_s, gold_share
+    def __init__(self, store: Store, overlap: int, lease_s: float, gold_share: float = 0.0,
+                 order: str = "arrival") -> None:
+        if order not in ORDERS:
+            raise StoreError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.store, self.overlap, self.lease_s, self.gold_share, self.order = store, overlap, lease_s, gold_share, order
         self._forget()
 
     def _forget(self) -> None:
         """An empty index: rebuilt from the store on next use."""
         self._loaded = False
-        self._open: list[tuple[int, int]] = []        # (priority, pair id), ascending, of pairs needing labels
+        self._open: list[tuple[int, float, int]] = []  # _key of the pairs needing labels, ascending
         self._labels: dict[int, int] = defaultdict(int)  # pair -> human labels (skips not counted)
         self._done: dict[int, set[int]] = defaultdict(set)  # user -> pairs they labelled or skipped
         self._leases: dict[int, dict[int, datetime]] = defaultdict(dict)  # pair -> user -> lease expiry
         self._held: dict[int, int] = {}               # user -> the pair they hold
         self._priority: dict[int, int] = {}           # pair -> priority
         self._uid: dict[int, str] = {}                # pair -> content uid (which reply is shown first)
+        self._score: dict[int, float] = {}            # pair -> active-learning score (pair_scores)
         self._gold: list[int] = []                     # gold pairs, ascending (never in _open)
         self._seen = 0                                 # highest pair id indexed
         self._synced_writes = -1                       # Store.pair_writes when new pairs were last looked for
@@ -131,13 +140,12 @@ class LabelQueue:
                     "SELECT pair_id, user_id, expires_at FROM assignments").fetchall():
                 self._leases[pair_id][user_id] = expires
                 self._held[user_id] = pair_id
+            self._score = dict(db.execute("SELECT pair_id, score FROM pair_scores").fetchall())
             self._loaded = True
         gold = [row[0] for row in db.execute("SELECT pair_id FROM gold_answers ORDER BY pair_id").fetchall()]
         for pair_id in set(gold) - set(self._gold):  # a pair already indexed may have become gold
-            key = (self._priority.get(pair_id), pair_id)
-            i = bisect.bisect_left(self._open, key) if key[0] is not None else len(self._open)
-            if i < len(self._open) and self._open[i] == key:
-                self._open.pop(i)
+            if pair_id in self._priority:
+                self._unopen(pair_id)
         self._gold = gold
         golden = set(gold)
         for pair_id, priority, uid in db.execute("SELECT id, priority, uid FROM pairs WHERE id > ? ORDER BY id",
@@ -145,8 +153,25 @@ class LabelQueue:
             self._priority[pair_id] = priority
             self._uid[pair_id] = uid
             if self._labels[pair_id] < self.overlap and pair_id not in golden:
-                bisect.insort(self._open, (priority, pair_id))
+                bisect.insort(self._open, self._key(pair_id))
             self._seen = pair_id
+
+    def _key(self, pair_id: int) -> tuple[int, float, int]:
+        """Where a pair sits in the open index (handed out from the highest): its priority, then its
+        place by `order`, then its id."""
+        if self.order == "active":
+            within = self._score.get(pair_id, UNSCORED)
+        elif self.order == "random":
+            within = int.from_bytes(hashlib.sha256(f"shuffle:{self._uid[pair_id]}".encode()).digest()[:8], "big") / 2**64
+        else:
+            within = 0.0
+        return self._priority[pair_id], within, pair_id
+
+    def _unopen(self, pair_id: int) -> None:
+        key = self._key(pair_id)
+        i = bisect.bisect_left(self._open, key)
+        if i < len(self._open) and self._open[i] == key:
+            self._open.pop(i)
 
     def _active_leases(self, pair_id: int, now: datetime) -> int:
         leases = self._leases.get(pair_id)
@@ -164,13 +189,10 @@ class LabelQueue:
         self._labels[pair_id] = before + delta
         if self._is_gold(pair_id):
             return
-        key = (self._priority[pair_id], pair_id)
         if before < self.overlap <= before + delta:
-            i = bisect.bisect_left(self._open, key)
-            if i < len(self._open) and self._open[i] == key:
-                self._open.pop(i)
+            self._unopen(pair_id)
         elif before + delta < self.overlap <= before:
-            bisect.insort(self._open, key)
+            bisect.insort(self._open, self._key(pair_id))
 
     def _take(self, user_id: int, pair_id: int, now: datetime) -> None:
         self._release(user_id)
@@ -214,7 +236,7 @@ class LabelQueue:
 
     def _pick(self, user_id: int, now: datetime) -> int | None:
         done = self._done[user_id]
-        for _, pair_id in reversed(self._open):
+        for *_, pair_id in reversed(self._open):
             if pair_id not in done and self._labels[pair_id] + self._active_leases(pair_id, now) < self.overlap:
                 return self._gold_instead(user_id, done) or pair_id
         return None
@@ -232,6 +254,50 @@ class LabelQueue:
     def _is_gold(self, pair_id: int) -> bool:
         i = bisect.bisect_left(self._gold, pair_id)
         return i < len(self._gold) and self._gold[i] == pair_id
+
+    # --- active learning ---------------------------------------------------------------------
+
+    def waiting(self, limit: int) -> list[dict[str, Any]]:
+        """The first `limit` pairs still needing labels, in the order they are handed out (leases
+        aside), with their prompt (`messages`, and `prompt_key`: the messages as stored, the key of
+        `Store.labelled_per_prompt`), replies a and b, people's decisive votes so far and score, if scored."""
+        with self._transaction() as db:
+            ids = [key[-1] for key in reversed(self._open[-limit:])] if limit > 0 else []
+            if not ids:
+                return []
+            rows = db.execute("""
+                WITH wanted AS (SELECT unnest(?) AS id),
+                votes AS (SELECT l.pair_id, count(*) FILTER (l.choice = 'a') AS a, count(*) FILTER (l.choice = 'b') AS b
+                          FROM labels l JOIN users u ON u.id = l.user_id
+                          WHERE u.role <> 'system' AND l.pair_id IN (SELECT id FROM wanted) GROUP BY l.pair_id)
+                SELECT p.id, pr.messages, ra.text, rb.text, coalesce(v.a, 0), coalesce(v.b, 0),
+                       s.score, s.uncertainty, s.disagreement, s.novelty, s.reward_model_id, s.scored_at
+                FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
+                JOIN responses ra ON ra.id = p.response_a_id JOIN responses rb ON rb.id = p.response_b_id
+                LEFT JOIN pair_scores s ON s.pair_id = p.id LEFT JOIN votes v ON v.pair_id = p.id
+                WHERE p.id IN (SELECT id FROM wanted)""", [ids]).fetchall()
+        names = ("pair_id", "messages", "a", "b", "votes_a", "votes_b", "score", "uncertainty", "disagreement",
+                 "novelty", "reward_model_id", "scored_at")
+        by_id = {r[0]: {**dict(zip(names, r)), "messages": json.loads(r[1]), "prompt_key": r[1]} for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def set_scores(self, scores: list[dict[str, Any]], reward_model_id: int | None) -> int:
+        """Replace the scores of these pairs (dicts with pair_id, score, uncertainty, disagreement,
+        novelty; pairs not in the store are left out) and reorder the open index by them. Returns how
+        many were stored."""
+        with self._transaction() as db:
+            known = [s for s in scores if s["pair_id"] in self._uid]
+            if not known:
+                return 0
+            ids = [s["pair_id"] for s in known]
+            db.execute("DELETE FROM pair_scores WHERE pair_id IN (SELECT unnest(?))", [ids])
+            db.execute("""INSERT INTO pair_scores (pair_id, score, uncertainty, disagreement, novelty, reward_model_id)
+                          SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), ?""",
+                       [ids, *([float(s[k]) for s in known] for k in ("score", "uncertainty", "disagreement", "novelty")),
+                        reward_model_id])
+            self._score.update((s["pair_id"], float(s["score"])) for s in known)
+            self._open = sorted(self._key(key[-1]) for key in self._open)
+        return len(known)
 
     def lease(self, user_id: int, pair_id: int) -> dict[str, Any]:
         """Hand a given pair (e.g. the user's own arena pair) to this labeller now."""

@@ -239,12 +239,28 @@ def m005_gold_answers(db: duckdb.DuckDBPyConnection) -> None:
         )""")
 
 
+def m006_pair_scores(db: duckdb.DuckDBPyConnection) -> None:
+    """Active learning: how much a label on each waiting pair would teach (loop/evaluation/active.py),
+    the order an active queue hands pairs out in, and the parts the score is made of, for admins."""
+    db.execute("""
+        CREATE TABLE pair_scores (
+            pair_id BIGINT PRIMARY KEY,
+            score DOUBLE NOT NULL,            -- higher first
+            uncertainty DOUBLE NOT NULL,      -- of the reward model below: 1 = cannot tell a from b
+            disagreement DOUBLE NOT NULL,     -- of the votes so far: 1 = split evenly
+            novelty DOUBLE NOT NULL,          -- 1 / (1 + pairs of its prompt labelled or ranked ahead)
+            reward_model_id BIGINT,           -- what scored it
+            scored_at TIMESTAMP NOT NULL DEFAULT current_localtimestamp()
+        )""")
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_initial,
     m002_reward_models,
     m003_apps_and_exclusions,
     m004_held_runs_and_judges,
     m005_gold_answers,
+    m006_pair_scores,
 ]
 
 

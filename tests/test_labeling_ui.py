@@ -137,8 +137,10 @@ def test_a_labeller_has_no_admin_page(app, gateway):
 
 def test_an_admin_adds_a_user_sees_the_token_once_and_sees_why_an_action_failed(app, gateway):
     at = app(gateway.admin_token).switch_page("views/admin.py").run()
-    assert [t.label for t in at.tabs] == ["Status", "Versions", "Users", "Guidelines", "Runs", "Export"]
+    assert [t.label for t in at.tabs] == ["Status", "Versions", "Users", "Guidelines", "Runs", "Queue", "Export"]
     assert not at.exception and not at.error
+    queue = next(d.value for d in at.dataframe if "novelty" in d.value.columns)  # what labellers get next, and why
+    assert len(queue) > 0 and queue["score"].isna().all()  # newest first: nothing ranked it
     at.text_input(key="new_name").input("newbie")
     at.selectbox(key="new_role").select("labeller")
     at.button(key="FormSubmitter:add-user-Add user").click().run()
@@ -201,7 +203,8 @@ def test_a_finished_run_shows_its_verdict_and_curve(tmp_path, monkeypatch):
         assert [m.value for m in at.metric if m.label == "win_rate"] == ["0.61"]
         at.switch_page("views/admin.py").run()
         assert not at.exception and not at.error
-        assert at.dataframe[-1].value["reason"].tolist() == ["won 61%"]
+        runs = next(d.value for d in at.dataframe if "reason" in d.value.columns)
+        assert runs["reason"].tolist() == ["won 61%"]
 
 
 def test_the_seconds_chart_has_a_readable_axis_when_every_median_is_zero():

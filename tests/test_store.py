@@ -35,6 +35,8 @@ EXPECTED_SCHEMA = {
              "candidate_version_id BIGINT", "config VARCHAR", "metrics VARCHAR", "reason VARCHAR",
              "labels_at_start BIGINT", "started_at TIMESTAMP", "heartbeat_at TIMESTAMP", "finished_at TIMESTAMP"],
     "gold_answers": ["pair_id BIGINT", "answer VARCHAR", "source VARCHAR", "created_at TIMESTAMP"],
+    "pair_scores": ["pair_id BIGINT", "score DOUBLE", "uncertainty DOUBLE", "disagreement DOUBLE", "novelty DOUBLE",
+                    "reward_model_id BIGINT", "scored_at TIMESTAMP"],
     "settings": ["key VARCHAR", "value VARCHAR", "updated_by VARCHAR", "updated_at TIMESTAMP"],
     "schema_migrations": ["version INTEGER", "name VARCHAR", "applied_at TIMESTAMP"],
     "users": ["id BIGINT", "name VARCHAR", "role VARCHAR", "token_hash VARCHAR", "excluded_at TIMESTAMP",

@@ -54,8 +54,8 @@ def save_guidelines() -> None:
 
 
 pair.notice("admin_notice")
-status, versions, users, guide, runs, export = st.tabs(
-    ["Status", "Versions", "Users", "Guidelines", "Runs", "Export"])
+status, versions, users, guide, runs, queue, export = st.tabs(
+    ["Status", "Versions", "Users", "Guidelines", "Runs", "Queue", "Export"])
 
 s: dict = {}  # /api/status, fetched once per page for every tab
 with status:
@@ -160,6 +160,28 @@ with runs:
         keys = ("id", "method", "trigger", "status", "started_at", "finished_at", "reason")
         st.dataframe([{k: r.get(k) for k in keys} | {"metrics": metrics_text(r.get("metrics"))} for r in history],
                      width="stretch", hide_index=True)
+
+with queue:
+    try:
+        q = api.queue(ss.token, 20)
+    except api.ApiError as e:
+        st.error(e.message)
+        q = None
+    if q is not None:
+        order = {"active": "by what a label would teach (active learning; `alignloop rank` and every retrain re-rank)",
+                 "random": "in a fixed random order", "arrival": "newest first"}[q["order"]]
+        st.caption(f"The next pairs labellers get, {order} (`labeling.order`), live pairs before imported "
+                   "ones. Score = max(uncertainty, disagreement) x novelty: uncertainty of the gate's reward model "
+                   "(1: it cannot tell the replies apart), disagreement of the votes so far (1: split evenly), "
+                   "novelty (1 / (1 + pairs of the same prompt labelled or ranked ahead)).")
+        if not q["pairs"]:
+            st.info("No pairs are waiting for labels.")
+        else:
+            st.dataframe([{"pair": p["pair_id"], "prompt": p["messages"][-1]["content"][:80],
+                           "votes a/b": f"{p['votes_a']}/{p['votes_b']}",
+                           **{k: None if p[k] is None else round(p[k], 3)
+                              for k in ("score", "uncertainty", "disagreement", "novelty")},
+                           "scored": p["scored_at"]} for p in q["pairs"]], width="stretch", hide_index=True)
 
 with export:
     st.caption("The same files as `alignloop export KIND`: labelled pairs (with the held-out split), "

@@ -4,7 +4,10 @@ Each night, on a running gateway:
 
 1. the simulated users send live traffic to what serves now, so the night's new pairs are on-policy
    (`simulate.traffic`);
-2. the simulated labellers label the queue through the HTTP API (`simulate.label`);
+2. with `labeling.order = "active"`, the scheduler re-ranks the queue (as its `rank_every_s` job
+   would between the traffic and the labellers); the simulated labellers label the queue through
+   the HTTP API (`simulate.label`), empty or up to `labels` a night (a budget: what the queue's order
+   decides is which pairs get them);
 3. the scheduler's nightly trigger runs one retrain (`Scheduler.trigger`: snapshot, train, the gate
    with its own judge, promotion or not);
 4. the simulated people grade what serves then: the demo rule, on the demo corpus's held-out
@@ -68,14 +71,18 @@ def standing(client: GatewayClient) -> tuple[str, int, int]:
 
 
 def night(cfg: Config, client: GatewayClient, number: int, pairs: int, labellers: int, seed: int,
-          cache: Answers, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """One night: traffic until `pairs` new pairs (or none), labels, the nightly retrain, the grades."""
+          cache: Answers, log: Callable[[str], None] = print, labels: int | None = None) -> dict[str, Any]:
+    """One night: traffic until `pairs` new pairs (or none), labels (at most `labels`), the nightly
+    retrain, the grades."""
     from loop.scheduler import Scheduler
 
+    scheduler = Scheduler(cfg, log=log)
     before, labels_before, have = standing(client)
     sent = traffic(client, cfg.model.served_name, have + pairs, seed=seed * 1000 + number, log=log) if pairs else 0
-    label(client, labellers, log=log)
-    run = Scheduler(cfg, log=log).trigger("simulated night") or {"status": "not started", "reason": "see the log"}
+    if cfg.labeling.order == "active":
+        scheduler.rank()
+    label(client, labellers, limit=10**9 if labels is None else labels, log=log)
+    run = scheduler.trigger("simulated night") or {"status": "not started", "reason": "see the log"}
     metrics = run.get("metrics") or {}
     metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
     after, labels_after, _ = standing(client)
@@ -100,8 +107,9 @@ def grades(client: GatewayClient, serving: str, replaced: str | None, cache: Ans
 
 
 def nights(cfg: Config, client: GatewayClient, count: int, pairs: int, labellers: int = 4, seed: int = 0,
-           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Night 0 (what serves before the first night, graded) and `count` nights."""
+           log: Callable[[str], None] = print, labels: int | None = None) -> list[dict[str, Any]]:
+    """Night 0 (what serves before the first night, graded) and `count` nights (`labels`: a nightly
+    label budget; None: the queue is labelled empty)."""
     cache: Answers = {}
     serving, labels, _ = standing(client)
     start = {"night": 0, "requests": 0, "labels": 0, "labels_total": labels, "run": None,
@@ -109,7 +117,7 @@ def nights(cfg: Config, client: GatewayClient, count: int, pairs: int, labellers
              "serving": serving, "replaced": None, **grades(client, serving, None, cache)}
     records = [start]
     for number in range(1, count + 1):
-        records.append(night(cfg, client, number, pairs, labellers, seed, cache, log))
+        records.append(night(cfg, client, number, pairs, labellers, seed, cache, log, labels))
         keep = ("base", records[-1]["serving"])  # what no longer serves is not graded again
         cache = {key: texts for key, texts in cache.items() if key[0] in keep}
     return records

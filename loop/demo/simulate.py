@@ -117,7 +117,8 @@ def labeller(url: str, token: str, flip: bool, stop: threading.Event, limit: int
 
 
 def label(client: GatewayClient, labellers: int, flip: bool = False, limit: int = 10**9, log=print) -> int:
-    """Create scripted labellers (or reuse them) and label the queue empty; returns labels given."""
+    """Create scripted labellers (or reuse them) and label the queue empty, or `limit` labels in all;
+    returns labels given."""
     if labellers < 1:
         return 0
     tokens = []
@@ -126,7 +127,8 @@ def label(client: GatewayClient, labellers: int, flip: bool = False, limit: int 
         tokens.append(client.user_token(name, "labeller"))  # a fresh token if it exists from an earlier run
     stop = threading.Event()
     with ThreadPoolExecutor(labellers) as pool:
-        given = sum(pool.map(lambda t: labeller(client.url, t, flip, stop, limit // labellers + 1), tokens))
+        shares = [limit // labellers + (i < limit % labellers) for i in range(labellers)]  # `limit` in all
+        given = sum(pool.map(lambda t, n: labeller(client.url, t, flip, stop, n), tokens, shares))
     log(f"simulate: {labellers} labellers gave {given} labels" + (" (flipped)" if flip else ""))
     return given
 

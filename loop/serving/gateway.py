@@ -25,6 +25,7 @@ import orjson
 from fastapi.responses import Response
 
 from loop.config import Config
+from loop.evaluation import active
 from loop.sections import METHODS
 from loop.serving.engine import KEEP_ALIVE_S, Replica
 from loop.serving.label_batcher import LabelBatcher
@@ -58,7 +59,7 @@ class Gateway:
         self.writer = LogWriter(self.store, flush_ms=g.log_flush_ms, max_queue=g.log_max_queue)
         self.pairs = PairMaker(self.router, self.engine_json, self.writer.put, lambda: self.in_flight, g.pair_share)
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s,
-                                self.cfg.labeling.gold_share)
+                                self.cfg.labeling.gold_share, self.cfg.labeling.order)
         self.labels = LabelBatcher(self.queue, self.cfg.labeling.max_batch)
         self.runs = Runs(self.store)
         self.reward_models = RewardModels(self.store)
@@ -256,6 +257,19 @@ class Gateway:
         kind, value = ("thumbs", 1.0 if req.thumbs == "up" else 0.0) if req.thumbs else ("score", float(req.score))
         self.metrics.feedback.labels(kind).inc()
         return self.store.add_feedback(response_id, kind, value, req.comment, user_id)
+
+    # --- active learning ----------------------------------------------------------------------
+
+    def rank_queue(self, margins: dict[int, float], reward_model_id: int | None) -> dict[str, Any]:
+        """Rank the waiting pairs given a margin (reply a's reward minus b's, by the current reward
+        model) by what a label would teach (loop/evaluation/active.py), and hand them out in that
+        order. Pairs labelled meanwhile, or not waiting, are left out."""
+        waiting = self.queue.waiting(self.cfg.labeling.rank_limit)
+        candidates = [active.Candidate(p["pair_id"], p["prompt_key"], margins[p["pair_id"]], p["votes_a"], p["votes_b"])
+                      for p in waiting if p["pair_id"] in margins]
+        scored = active.rank(candidates, self.store.labelled_per_prompt())
+        stored = self.queue.set_scores([vars(s) for s in scored], reward_model_id)
+        return {"ranked": stored, "left_out": len(margins) - stored, "order": self.cfg.labeling.order}
 
     # --- what operators see -----------------------------------------------------------------------
 

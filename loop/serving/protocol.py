@@ -319,6 +319,18 @@ class RewardModelIn(ApiModel):
     purpose: Literal["reward", "judge"] = "reward"
 
 
+class Margin(ApiModel):
+    pair_id: Id
+    margin: float = Field(ge=-1e6, le=1e6)  # reward of reply a minus reward of reply b
+
+
+class MarginsRequest(ApiModel):
+    """The current reward model's margins on waiting pairs (`alignloop rank`): the gateway ranks the
+    queue by them (loop/evaluation/active.py)."""
+    reward_model_id: Id | None = None
+    margins: list[Margin] = Field(max_length=100_000)
+
+
 class GenerateRequest(ApiModel):
     model: str
     prompts: list[list[dict[str, str]]] = Field(min_length=1, max_length=2048)

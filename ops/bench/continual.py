@@ -10,7 +10,11 @@ It writes every night of every seed to OUT/nights.jsonl, a table per seed and th
 OUT/continual.png (good-answer share against human labels used).
 
     .venv/bin/python ops/bench/continual.py [--nights 5] [--seeds 0,1,2] [--pairs 150] [--labellers 4]
-        [--out DIR] [--set section.field=value ...]
+        [--labels N] [--out DIR] [--set section.field=value ...]
+
+Active learning against random order: the same command twice, `--labels` under `--pairs` (so the
+order decides which pairs get labels), with `--set labeling.order=random` and
+`--set labeling.order=active`.
 
 Results and the command that made them: ops/bench/results/continual.md.
 """
@@ -37,7 +41,8 @@ from tests.serving import free_port, start  # noqa: E402
 SETTINGS = ["gateway.pair_share=1.0", "store.heldout_share=0.2"]
 
 
-def run_seed(seed: int, root: Path, nights: int, pairs: int, labellers: int, extra: list[str]) -> list[dict]:
+def run_seed(seed: int, root: Path, nights: int, pairs: int, labellers: int, extra: list[str],
+             labels: int | None = None) -> list[dict]:
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(demo_model.ensure_demo_model(REPO / "alignloop-data" / "models" / "demo"),
                     root / "alignloop-data" / "models" / "demo")
@@ -45,7 +50,8 @@ def run_seed(seed: int, root: Path, nights: int, pairs: int, labellers: int, ext
     try:
         client = GatewayClient.for_config(server.cfg, timeout=900)
         log = lambda m: print(f"seed {seed}: {m}", file=sys.stderr, flush=True)  # noqa: E731
-        return [{"seed": seed, **r} for r in continual.nights(server.cfg, client, nights, pairs, labellers, seed, log)]
+        return [{"seed": seed, **r}
+                for r in continual.nights(server.cfg, client, nights, pairs, labellers, seed, log, labels)]
     finally:
         server.stop(signal.SIGINT, timeout=180)
 
@@ -77,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--pairs", type=int, default=150, help="new pairs of traffic each night")
     ap.add_argument("--labellers", type=int, default=4)
+    ap.add_argument("--labels", type=int, default=None, help="at most this many labels a night (default: all)")
     ap.add_argument("--out", type=Path, default=REPO / "alignloop-data" / "bench-continual")
     ap.add_argument("--set", action="append", default=[], help="section.field=value for every seed's server")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        rows = run_seed(seed, args.out / f"seed-{seed}", args.nights, args.pairs, args.labellers, args.set)
+        rows = run_seed(seed, args.out / f"seed-{seed}", args.nights, args.pairs, args.labellers, args.set, args.labels)
         records += rows
         with (args.out / "nights.jsonl").open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -29,6 +29,7 @@ from loop.serving.protocol import (
     GenerateRequest,
     GuidelinesRequest,
     HTTPProblem,
+    MarginsRequest,
     PromoteRequest,
     RetrainRequest,
     RewardModelIn,
@@ -107,6 +108,22 @@ async def exchanges(request: Request, limit: int = 100) -> list[dict[str, Any]]:
     gw = _gw(request)
     await asyncio.to_thread(gw.writer.flush)
     return await asyncio.to_thread(gw.store.exchanges, min(max(limit, 1), 10_000))
+
+
+@router.get("/queue")
+async def queue(request: Request, limit: int = 20) -> dict[str, Any]:
+    """The pairs labellers get next, in that order, and why (each one's active-learning score and
+    its parts, when ranked): the admin page's queue, and what `alignloop rank` scores."""
+    gw = _gw(request)
+    pairs = await asyncio.to_thread(gw.queue.waiting, min(max(limit, 1), 100_000))
+    return {"order": gw.cfg.labeling.order, "pairs": pairs}
+
+
+@router.post("/queue/margins")
+async def rank_queue(body: MarginsRequest, request: Request) -> dict[str, Any]:
+    """Rank the waiting pairs by the reward model's margins on them (`alignloop rank`)."""
+    margins = {m.pair_id: m.margin for m in body.margins}
+    return await _call(partial(_gw(request).rank_queue, margins, body.reward_model_id))
 
 
 @router.get("/versions")
