@@ -517,6 +517,12 @@ class Store:
             WHERE p.id IN (SELECT l.pair_id FROM labels l JOIN users u ON u.id = l.user_id
                            WHERE u.role <> 'system' AND l.choice <> 'skip') GROUP BY pr.messages"""))
 
+    def pairs_per_prompt(self) -> list[tuple[str, int]]:
+        """(prompt's messages as stored, JSON text; its pairs) for every prompt with a pair: what the
+        pair maker's novelty counts."""
+        return self._all("""SELECT pr.messages, count(*) FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
+                            GROUP BY pr.messages""")
+
     def version_comparisons(self) -> list[tuple[int, int, str]]:
         """(version of reply a, version of reply b, choice) for human labels on pairs whose replies
         come from two different known versions, in label order."""

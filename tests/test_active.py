@@ -2,6 +2,7 @@
 labelled yet), the queue handing pairs out by it, and the admin API that ranks and shows it."""
 
 import math
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from loop.config import load
 from loop.evaluation.active import Candidate, disagreement, rank, uncertainty
+from loop.serving.pair_maker import PairJob, PairMaker, chance
+from loop.serving.router import Router
 from store.database import NewPair, StoreError
 from store.labelling import UNSCORED, LabelQueue
 
@@ -24,6 +27,17 @@ def test_the_most_uncertain_pair_comes_first_and_a_split_vote_counts():
     assert ranked[-1].uncertainty == pytest.approx(1 - math.tanh(2.0))
     assert disagreement(1, 0) == 0 and disagreement(2, 2) == 1 and disagreement(3, 1) == 0.5
     assert uncertainty(0.0) == 1 and uncertainty(-3.0) == uncertainty(3.0) < 0.2
+
+
+def test_an_ensembles_uncertainty_is_what_its_members_disagree_on_not_a_shared_tie():
+    """BALD: members that all call a pair a coin flip (margins 0) agree, and a label would not move
+    them; members split either way disagree, and it would."""
+    assert uncertainty(0.0, (0.0, 0.0)) == pytest.approx(0, abs=1e-12)
+    assert uncertainty(5.0, (5.0, 5.0)) == pytest.approx(0, abs=1e-12)
+    assert uncertainty(6.0, (-6.0, 6.0)) > 0.5 > uncertainty(1.0, (-1.0, 1.0)) > 0
+    tie = Candidate(1, "p", margin=0.0, others=(0.0, 0.0))
+    split = Candidate(2, "q", margin=4.0, others=(-4.0, 0.0))
+    assert [s.pair_id for s in rank([tie, split])] == [2, 1]
 
 
 def test_novelty_spreads_the_head_of_the_queue_over_prompts():
@@ -162,3 +176,30 @@ def test_the_waiting_pairs_carry_peoples_votes_not_the_datasets(store):
         queue.submit(user, ids[0], choice)
     assert {p["pair_id"]: (p["votes_a"], p["votes_b"]) for p in queue.waiting(5)}[ids[0]] == (1, 1)
     assert list(store.labelled_per_prompt().values()) == [1]
+
+
+class _Draw(random.Random):
+    """Every draw lands on the same number, so which prompts pass is fixed."""
+
+    def random(self) -> float:
+        return 0.6
+
+
+def test_with_active_order_the_pair_maker_favours_prompts_not_paired_yet(store):
+    _pairs(store, 2)
+    store.add_labelled_pairs([NewPair([{"role": "user", "content": "question 0"}], "fine", "worse")], "import:t",
+                             "dataset:t")
+    assert sorted(n for _, n in store.pairs_per_prompt()) == [1, 2]
+
+    def job(text):
+        return PairJob("chatcmpl-1", [{"role": "user", "content": text}], 0, 8)
+
+    maker = PairMaker(Router("alignloop", "base"), None, print, lambda: 0, share=1.0, rng=_Draw(),
+                      novelty=store.pairs_per_prompt())
+    for text in ("question 0", "question 1", "new", "new"):  # chances 1/3, 1/2, 1, then 1/2
+        maker.offer(job(text))
+    assert [maker.queue.get_nowait().messages[0]["content"] for _ in range(maker.queue.qsize())] == ["new"]
+    plain = PairMaker(Router("alignloop", "base"), None, print, lambda: 0, share=1.0, rng=_Draw())
+    for text in ("question 0", "new", "new"):
+        plain.offer(job(text))
+    assert plain.queue.qsize() == 3 and chance(0.25, 3) == 0.0625

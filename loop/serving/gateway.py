@@ -57,7 +57,9 @@ class Gateway:
     def __post_init__(self) -> None:
         g = self.cfg.gateway
         self.writer = LogWriter(self.store, flush_ms=g.log_flush_ms, max_queue=g.log_max_queue)
-        self.pairs = PairMaker(self.router, self.engine_json, self.writer.put, lambda: self.in_flight, g.pair_share)
+        novelty = self.store.pairs_per_prompt() if self.cfg.labeling.order == "active" else None
+        self.pairs = PairMaker(self.router, self.engine_json, self.writer.put, lambda: self.in_flight, g.pair_share,
+                               novelty=novelty)
         self.queue = LabelQueue(self.store, self.cfg.labeling.overlap, self.cfg.labeling.lease_s,
                                 self.cfg.labeling.gold_share, self.cfg.labeling.order)
         self.labels = LabelBatcher(self.queue, self.cfg.labeling.max_batch)

@@ -5,15 +5,24 @@ for a second answer: from the canary version when one is set, else from the same
 other sampling (temperature 1, another seed). The worker asks only while no live request is in
 flight, and with a lower vLLM priority than live requests, so live traffic is never slowed by it.
 A full queue drops the newest prompt. The answer goes to the log writer, which stores the pair.
+
+With `labeling.order = "active"` the draw also weighs novelty, as the labelling queue does
+(loop/evaluation/active.py): a prompt that already has n pairs (stored, or made since start) gets a
+second answer with probability share / (1 + n), so the engine's idle time and the people's labels
+go to prompts not paired yet rather than to the hundredth "hi". The reward model's uncertainty
+cannot weigh here: it needs both answers, and the second is what is being decided.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,20 +40,40 @@ class PairJob:
     max_tokens: int | None
 
 
+def prompt_key(messages_json: str) -> bytes:
+    """A short fixed-size key of a prompt (its messages as the store keeps them, JSON text), so
+    counting pairs per prompt costs 8 bytes a prompt, not the prompt."""
+    return hashlib.blake2b(messages_json.encode(), digest_size=8).digest()
+
+
+def chance(share: float, pairs_of_prompt: int) -> float:
+    """A prompt's chance of a second answer when novelty weighs: share / (1 + its pairs so far)."""
+    return share / (1 + pairs_of_prompt)
+
+
 class PairMaker:
     def __init__(self, router: Router, post: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
                  emit: Callable[[SecondResponse], object],
                  in_flight: Callable[[], int], share: float, max_queue: int = 256,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, novelty: Iterable[tuple[str, int]] | None = None) -> None:
+        """`novelty`: (prompt's messages as JSON text, pairs it has) for every paired prompt, to weigh
+        novelty in the draw; None draws every prompt with probability `share`."""
         self.router, self.post, self.emit, self.in_flight = router, post, emit, in_flight
         self.share = share
         self.queue: asyncio.Queue[PairJob] = asyncio.Queue(maxsize=max_queue)
         self.rng = rng or random.Random()
+        self.per_prompt = None if novelty is None else Counter({prompt_key(m): n for m, n in novelty})
         self.made = self.dropped = self.failed = 0
 
     def offer(self, job: PairJob) -> None:
-        if self.share <= 0 or self.rng.random() >= self.share:
+        if self.share <= 0:
             return
+        key = None if self.per_prompt is None else prompt_key(json.dumps(job.messages, ensure_ascii=False))
+        before = 0 if key is None else self.per_prompt[key]
+        if self.rng.random() >= chance(self.share, before):
+            return
+        if key is not None:
+            self.per_prompt[key] += 1
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
