@@ -31,6 +31,31 @@ def test_a_failed_second_answer_is_counted_and_live_traffic_goes_on():
     assert (maker.failed, made) == (1, [])
 
 
+def test_a_second_answer_being_made_is_still_pending():
+    """`pair_queue` in status (what `simulate` waits on before it reports the pairs made, and what a
+    ranking that follows relies on) counts the job the worker is answering, not only the queued."""
+    release, emitted = asyncio.Event(), []
+
+    async def slow_engine(path, body):
+        await release.wait()
+        return {"choices": [{"message": {"content": "a second answer"}, "finish_reason": "stop"}]}
+
+    maker = PairMaker(Router("alignloop", "base"), slow_engine, emitted.append, in_flight=lambda: 0, share=1.0)
+
+    async def one() -> list[int]:
+        worker = asyncio.create_task(maker.run())
+        maker.offer(PairJob("chatcmpl-1", [{"role": "user", "content": "hi"}], 0, 8))
+        seen = [maker.pending]
+        await asyncio.sleep(0.05)  # the worker has taken the job off the queue and waits on the engine
+        seen += [maker.queue.qsize(), maker.pending, len(emitted)]
+        release.set()
+        await asyncio.wait_for(maker.queue.join(), 5)
+        worker.cancel()
+        return seen + [maker.pending, len(emitted)]
+
+    assert asyncio.run(one()) == [1, 0, 1, 0, 0, 1]
+
+
 def test_status_and_metrics_show_the_counted_failures(tmp_path):
     with running(tmp_path, pairs=1) as gateway:
         gateway.gw.pairs.failed = 3  # as three failed second answers would leave it

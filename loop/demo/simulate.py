@@ -85,10 +85,23 @@ def traffic(client: GatewayClient, alias: str, pairs: int, seed: int = 0, burst:
             with ThreadPoolExecutor(USERS) as pool:
                 thumbs += sum(pool.map(ask, [i % USERS for i in range(burst)], rate))
             sent += burst
-        counts = client.call("GET", "/api/status")["counts"]
+        counts = settled(client, min(deadline, time.monotonic() + 120))["counts"]
         log(f"simulate: {sent} requests, {thumbs} thumbs sent; {counts['pairs']} pairs, "
             f"{counts.get('feedback', 0)} feedback in the store")
     return sent
+
+
+def settled(client: GatewayClient, deadline: float) -> dict:
+    """The gateway's status once the background pair maker has made every second answer it was
+    offered and the log writer has stored them (two readings in a row; at the deadline, as it is): what
+    the traffic sent is then all in the store, and a ranking or a label run that follows sees it."""
+    quiet = 0
+    while True:
+        status = client.call("GET", "/api/status")
+        quiet = quiet + 1 if status["pair_queue"] == 0 and status["log_queue"] == 0 else 0
+        if quiet == 2 or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.1)
 
 
 def labeller(url: str, token: str, flip: bool, stop: threading.Event, limit: int) -> int:

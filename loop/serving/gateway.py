@@ -287,7 +287,7 @@ class Gateway:
                 "canary_share": r.canary_share, "models": self.router.names(),
                 "engine": self.engine_summary(), "replicas": self.replicas.status(),
                 "log_queue": self.writer.depth, "log_dropped": self.writer.dropped,
-                "pair_queue": self.pairs.queue.qsize(), "pairs_made": self.writer.pairs_made,
+                "pair_queue": self.pairs.pending, "pairs_made": self.writer.pairs_made,
                 "errors": self.errors(), "monitor": self.monitor.status(), "methods": list(METHODS),
                 "counts": self.store.counts()}
 
@@ -303,7 +303,7 @@ class Gateway:
         m.in_flight.set(self.in_flight)
         m.log_queue.set(self.writer.depth)
         m.log_dropped.set(self.writer.dropped)
-        m.pair_queue.set(self.pairs.queue.qsize())
+        m.pair_queue.set(self.pairs.pending)
         m.pairs.set(self.writer.pairs_made)
         for where, count in self.errors().items():
             m.errors.labels(where).set(count)

@@ -36,7 +36,8 @@ class LogWriter:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Records not yet in the store: queued, or in the batch being written now."""
+        return self._queue.unfinished_tasks
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written."""

@@ -17,8 +17,8 @@ class Metrics:
         self.tokens = Counter("alignloop_tokens", "Tokens processed, by kind (prompt, completion)",
                               ["kind"], registry=r)
         self.in_flight = Gauge("alignloop_requests_in_flight", "Live requests being answered now", registry=r)
-        self.log_queue = Gauge("alignloop_log_queue_depth", "Records waiting to be written to the store", registry=r)
-        self.pair_queue = Gauge("alignloop_pair_queue_depth", "Exchanges waiting for a second response",
+        self.log_queue = Gauge("alignloop_log_queue_depth", "Records not yet written to the store (queued or being written)", registry=r)
+        self.pair_queue = Gauge("alignloop_pair_queue_depth", "Exchanges waiting for a second response or being answered",
                                 registry=r)
         self.pairs = Gauge("alignloop_pairs_made", "Pairs made from live traffic since the gateway started",
                            registry=r)

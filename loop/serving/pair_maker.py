@@ -64,6 +64,13 @@ class PairMaker:
         self.rng = rng or random.Random()
         self.per_prompt = None if novelty is None else Counter({prompt_key(m): n for m, n in novelty})
         self.made = self.dropped = self.failed = 0
+        self._answering = 0  # 1 while the worker is answering a job it took off the queue
+
+    @property
+    def pending(self) -> int:
+        """Prompts waiting for their second answer or being answered now: 0 once all that was
+        offered has been made (or has failed) and handed to the log writer."""
+        return self.queue.qsize() + self._answering
 
     def offer(self, job: PairJob) -> None:
         if self.share <= 0:
@@ -82,6 +89,7 @@ class PairMaker:
     async def run(self) -> None:
         while True:
             job = await self.queue.get()
+            self._answering = 1
             try:
                 while self.in_flight() > 0:  # yield to live traffic
                     await asyncio.sleep(0.05)
@@ -92,6 +100,7 @@ class PairMaker:
                     print(f"alignloop pair maker: a second answer failed ({self.failed} so far): {e!r}",
                           file=sys.stderr, flush=True)
             finally:
+                self._answering = 0
                 self.queue.task_done()
 
     async def _second(self, job: PairJob) -> None:
