@@ -31,6 +31,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from loop import config as configuration
 from loop.config import Config, ConfigError
@@ -176,8 +177,19 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             elif key == "counts":
                 print(f"{key:>12}: " + ", ".join(f"{n} {table.replace('_', ' ')}" for table, n in value.items()))
             else:
-                print(f"{key:>12}: {value}")
+                print(f"{key:>12}: {_plain(value)}")
     return 0
+
+
+def _plain(value: Any, nested: bool = False) -> str:
+    """A status value in one readable line: a dict as `name value, ...` (unset entries left out; a
+    dict within, in parentheses), a list comma-separated."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{k.replace('_', ' ')} {_plain(v, True)}" for k, v in value.items() if v is not None)
+        return f"({text})" if nested else text
+    if isinstance(value, list):
+        return ", ".join(_plain(v, True) for v in value) or "none"
+    return str(value)
 
 
 def _private_dir(path: Path) -> None:

@@ -96,7 +96,9 @@ def test_one_cycle_raises_the_judged_win_rate(up, simulated):
     assert stats["runs"][0]["curve"] and any(m["name"] == "loss" for m in stats["runs"][0]["curve"])
     status_json = json.loads(up.cli("status", "--json").stdout)
     assert status_json["serving"] == status["serving"] and status_json["last_runs"][0]["id"] == run["id"]
-    assert f"run: {run['id']} dpo (manual) promoted: " in up.cli("status").stdout
+    text = up.cli("status").stdout
+    assert f"run: {run['id']} dpo (manual) promoted: " in text
+    assert "errors: pair maker " in text and "{" not in text  # no dict printed raw
 
 
 def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up, simulated):
@@ -150,6 +152,27 @@ def test_kto_cycle_learns_from_thumbs_and_is_gated(up, simulated):
     # candidates at 0.56 (rejected: lower bound 0.496) as well as above; both decisions are honest ones.
     assert metrics["judge"].startswith("reward model") and run["status"] in ("promoted", "rejected"), run["reason"]
     assert (status["serving"] == run["candidate_version_id"]) == (run["status"] == "promoted")
+
+
+def test_the_gates_reward_model_ranks_the_labelling_queue(up, simulated):
+    """`alignloop rank` (what every cycle does with labeling.order = "active"): the gate's newest
+    reward model scores both replies of each pair nobody has labelled yet, and the gateway keeps
+    each pair's score and its parts, which admins see."""
+    with up.client() as c:
+        if not c.get("/api/reward_models", params={"purpose": "judge"}).json():
+            up.cli("retrain")  # the first cycle fits the gate's reward model
+    up.cli("simulate", "--labellers", "0", "--requests", "16", "--pairs", "1000000")  # new live pairs, unlabelled
+    out = up.cli("rank", "--set", "labeling.order=active")
+    with up.client() as c:
+        waiting = c.get("/api/queue", params={"limit": 1000}).json()["pairs"]
+        judge = c.get("/api/reward_models", params={"purpose": "judge"}).json()[0]
+    assert f"ranked {len(waiting)} waiting pairs by the reward model {judge['id']}" in out.stdout, out.stdout
+    assert len(waiting) >= 16 and all(p["reward_model_id"] == judge["id"] for p in waiting)
+    for p in waiting:
+        assert 0 <= p["uncertainty"] <= 1 and 0 < p["novelty"] <= 1
+        assert p["score"] == pytest.approx(max(p["uncertainty"], p["disagreement"]) * p["novelty"])
+    assert len({round(p["uncertainty"], 6) for p in waiting}) > 1  # the model tells pairs apart
+    assert "not ranked: labeling.order is 'arrival'" in up.cli("rank").stdout  # this server's own order
 
 
 def test_an_empty_night_skips_the_retrain_and_still_grades_what_serves(up):
