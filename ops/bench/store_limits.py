@@ -1,7 +1,9 @@
 """How much the single DuckDB writer takes on this machine: exchanges and labels per second.
 
 Exchanges go in as the gateway's log writer sends them, in batches (`Store.log_batch`, one
-transaction each); the run compares batch sizes against one exchange per transaction. Labels go
+transaction each); the run compares batch sizes against one exchange per transaction, and at each
+size the two ways `store.database._insert` can bulk insert (lists bound and unnested, or an Arrow
+table), interleaved, which is where `ARROW_FROM_ROWS` comes from. Labels go
 through the labelling queue as the API does it (hand out the next pair, then submit the label, each
 in its own transaction), beside the bare insert (`Store.add_label`).
 
@@ -22,10 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+import store.database as database  # noqa: E402
 from store.database import Exchange, NewPair, Store  # noqa: E402
 from store.labelling import LabelQueue  # noqa: E402
 
-BATCHES = (1, 20, 200, 1000)
+BATCHES = (1, 20, 200, 500, 1000)
 
 
 def exchange(i: int) -> Exchange:
@@ -35,13 +38,19 @@ def exchange(i: int) -> Exchange:
                     {"max_tokens": 64, "temperature": 0.7}, latency_ms=12.0, prompt_tokens=30, completion_tokens=40)
 
 
-def exchanges_per_s(path: Path, n: int, batch: int) -> float:
-    with Store(path) as store:
-        records = [exchange(i) for i in range(n)]
-        started = time.perf_counter()
-        for i in range(0, n, batch):
-            store.log_batch(records[i:i + batch], [])
-        return n / (time.perf_counter() - started)
+def exchanges_per_s(path: Path, n: int, batch: int, arrow_from: int = database.ARROW_FROM_ROWS) -> float:
+    """Exchanges a second written in batches of `batch`, with `_insert` switching to Arrow from
+    `arrow_from` rows."""
+    default, database.ARROW_FROM_ROWS = database.ARROW_FROM_ROWS, arrow_from
+    try:
+        with Store(path) as store:
+            records = [exchange(i) for i in range(n)]
+            started = time.perf_counter()
+            for i in range(0, n, batch):
+                store.log_batch(records[i:i + batch], [])
+            return n / (time.perf_counter() - started)
+    finally:
+        database.ARROW_FROM_ROWS = default
 
 
 def labels_per_s(path: Path, n: int, labellers: int = 4, through_queue: bool = True) -> float:
@@ -70,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "ops/bench/results/store_limits.md")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        rates = {b: exchanges_per_s(Path(tmp) / f"ex{b}.duckdb", args.exchanges if b > 1 else args.exchanges // 4, b)
-                 for b in BATCHES}
+        rates, paths = {}, {}
+        for b in BATCHES:
+            n = args.exchanges if b > 1 else args.exchanges // 4
+            rates[b] = exchanges_per_s(Path(tmp) / f"ex{b}.duckdb", n, b)
+            paths[b] = {way: exchanges_per_s(Path(tmp) / f"ex{b}-{way}.duckdb", n, b, 10**9 if way == "unnest" else 0)
+                        for way in ("unnest", "arrow")}
         queued = labels_per_s(Path(tmp) / "labels.duckdb", args.labels)
         bare = labels_per_s(Path(tmp) / "bare.duckdb", args.labels, through_queue=False)
     lines = ["# The single DuckDB writer's limits", "",
@@ -79,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, a local disk; one process, one connection "
              "(as in the gateway). Absolute rates move with the machine; the ratios are from the same run.", "",
              "## Exchanges (`Store.log_batch`: prompt, exchange and response rows in one transaction)", "",
-             "| batch | exchanges/s | × one per transaction |", "|---:|---:|---:|"]
+             "| batch | exchanges/s | × one per transaction | unnested lists, exchanges/s | Arrow, exchanges/s |",
+             "|---:|---:|---:|---:|---:|"]
     for b, rate in rates.items():
-        lines.append(f"| {b} | {rate:,.0f} | {rate / rates[1]:.1f} |")
+        lines.append(f"| {b} | {rate:,.0f} | {rate / rates[1]:.1f} | {paths[b]['unnest']:,.0f} | {paths[b]['arrow']:,.0f} |")
+    lines += ["", f"The store unnests lists below `ARROW_FROM_ROWS` = {database.ARROW_FROM_ROWS} rows a table and "
+              "goes through Arrow from there (the first column is what it does)."]
     lines += ["", "The gateway writes a batch every `gateway.log_flush_ms` (200 ms), so under load its batches are "
               "what arrived in 200 ms.", "",
               "## Labels", "",
