@@ -4,6 +4,7 @@ with no engine: sign-in, every choice, undo, conflicts, the arena's error, dashb
 import itertools
 from pathlib import Path
 
+import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -139,8 +140,17 @@ def test_an_admin_adds_a_user_sees_the_token_once_and_sees_why_an_action_failed(
     at = app(gateway.admin_token).switch_page("views/admin.py").run()
     assert [t.label for t in at.tabs] == ["Status", "Versions", "Users", "Guidelines", "Runs", "Queue", "Export"]
     assert not at.exception and not at.error
-    queue = next(d.value for d in at.dataframe if "novelty" in d.value.columns)  # what labellers get next, and why
-    assert len(queue) > 0 and queue["score"].isna().all()  # newest first: nothing ranked it
+    queue = next(d.value for d in at.dataframe if "votes a/b" in d.value.columns)  # what labellers get next
+    assert len(queue) > 0 and "score" not in queue.columns  # newest first: nothing ranked it, no empty columns
+    assert any("None of these is scored yet" in c.value for c in at.caption)
+    assert at.metric[0].value == "base" and at.metric[1].value == "none"  # versions by name, not by id
+    waiting = httpx.get(f"{gateway.url}/api/queue", headers={"Authorization": f"Bearer {gateway.admin_token}"}).json()
+    margins = [{"pair_id": p["pair_id"], "margin": 0.1 * i} for i, p in enumerate(waiting["pairs"])]
+    httpx.post(f"{gateway.url}/api/queue/margins", json={"reward_model_id": None, "margins": margins},
+               headers={"Authorization": f"Bearer {gateway.admin_token}"}).raise_for_status()  # as `alignloop rank` does
+    at.switch_page("views/admin.py").run()
+    queue = next(d.value for d in at.dataframe if "votes a/b" in d.value.columns)
+    assert queue["score"].notna().all() and {"uncertainty", "disagreement", "novelty", "scored"} <= set(queue.columns)
     at.text_input(key="new_name").input("newbie")
     at.selectbox(key="new_role").select("labeller")
     at.button(key="FormSubmitter:add-user-Add user").click().run()

@@ -62,9 +62,10 @@ with status:
     try:
         s = api.status(ss.token)
         c = st.columns(4)
-        c[0].metric(f"Serving as '{s['alias']}'", s["serving"])
-        c[1].metric("Previous", s["previous"] if s["previous"] is not None else "none")
-        c[2].metric("Canary", s["canary"] if s["canary"] is not None else "none")
+        name = lambda v: "none" if v is None else "base" if v == 0 else f"v{v}"  # noqa: E731 (versions are v<id>)
+        c[0].metric(f"Serving as '{s['alias']}'", name(s["serving"]))
+        c[1].metric("Previous", name(s["previous"]))
+        c[2].metric("Canary", name(s["canary"]))
         e = s["engine"]
         c[3].metric("Engine replicas ready", f"{e.get('replicas_ready', int(e['ready']))} of {e.get('replicas', 1)}")
         replicas = s.get("replicas") or []
@@ -177,11 +178,16 @@ with queue:
         if not q["pairs"]:
             st.info("No pairs are waiting for labels.")
         else:
+            scored = any(p["scored_at"] is not None for p in q["pairs"])
+            if not scored:
+                st.caption("None of these is scored yet: pairs are scored with `labeling.order = \"active\"`, "
+                           "once a retrain has fitted the gate's reward model.")
             st.dataframe([{"pair": p["pair_id"], "prompt": p["messages"][-1]["content"][:80],
                            "votes a/b": f"{p['votes_a']}/{p['votes_b']}",
-                           **{k: None if p[k] is None else round(p[k], 3)
-                              for k in ("score", "uncertainty", "disagreement", "novelty")},
-                           "scored": p["scored_at"]} for p in q["pairs"]], width="stretch", hide_index=True)
+                           **({k: None if p[k] is None else round(p[k], 3)
+                               for k in ("score", "uncertainty", "disagreement", "novelty")}
+                              | {"scored": p["scored_at"]} if scored else {})}
+                          for p in q["pairs"]], width="stretch", hide_index=True)
 
 with export:
     st.caption("The same files as `alignloop export KIND`: labelled pairs (with the held-out split), "
