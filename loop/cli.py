@@ -79,9 +79,17 @@ def ensure_demo_model(cfg: Config, rebuild: bool = False) -> Path:
 
 
 def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
+    from store.database import StoreLocked
     from store.importer import import_file, import_gold
 
-    with _store(cfg) as store:
+    try:
+        store = _store(cfg)
+    except StoreLocked as e:  # there is no import over HTTP: say what to do
+        raise StoreLocked(f"{e}\nThe gateway holds the store while it runs, and `alignloop "
+                          f"{'gold' if args.gold else 'import'}` writes it directly: stop the gateway (Ctrl-C on "
+                          "`alignloop up`), run this again, then start it; the queue hands the new pairs out "
+                          "from then on.") from None
+    with store:
         report = (import_gold if args.gold else import_file)(store, args.file, args.format)
     print(report.summary())
     if args.report:

@@ -36,6 +36,10 @@ class StoreError(RuntimeError):
     """The store cannot do what was asked; the message says why."""
 
 
+class StoreLocked(StoreError):
+    """Another process (the gateway, as a rule) has the store open for writing."""
+
+
 @dataclass(frozen=True)
 class NewPair:
     """A preference pair about to be stored: a conversation and two final replies, a preferred."""
@@ -102,7 +106,7 @@ class Store:
             self._db = duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as e:
             if "lock" in str(e).lower():
-                raise StoreError(
+                raise StoreLocked(
                     f"{self.path} is open in another process (the gateway?): only one process may "
                     f"write it. Stop that process, or go through the gateway's API. ({e})") from None
             raise StoreError(f"cannot open {self.path}: {e}") from None

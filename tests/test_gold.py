@@ -161,6 +161,15 @@ def test_gold_from_the_cli_then_labellers_through_the_gateway_are_graded(tmp_pat
     assert rows["dee"]["gold"] >= 1 and rows["dee"]["gold_right"] == 0
     assert rows["dee"]["accuracy"] < 0.5 < rows["ann"]["accuracy"]
 
+    with running(tmp_path / "up", pairs=1) as gateway:  # while the gateway holds the store: a clear refusal
+        port = gateway.url.rsplit(":", 1)[1]
+        late = subprocess.run(cli + ["--set", f"data.dir={tmp_path / 'up'}", "--set", f"gateway.port={port}", "gold",
+                                     str(gold), "--format", "jsonl"], capture_output=True, text=True, cwd=tmp_path)
+        counts = httpx.get(f"{gateway.url}/api/status", headers={"Authorization": f"Bearer {gateway.admin_token}"}
+                           ).json()["counts"]
+    assert late.returncode == 1 and "Ctrl-C on `alignloop up`" in late.stderr and "Traceback" not in late.stderr
+    assert counts["pairs"] == 1  # nothing was written
+
 
 @pytest.mark.parametrize("share", [-0.1, 1.5])
 def test_a_gold_share_outside_zero_to_one_is_refused(share):
