@@ -28,7 +28,7 @@ from loop.config import Config, to_dict
 from loop.evaluation import judges
 from loop.evaluation.gate import Decision, decide, heldout_prompts, newest_prompt_id, shadow_prompts
 from loop.evaluation.judges import Judge, JudgeUnavailable
-from loop.training import launch, memory
+from loop.training import engine_sampler, launch, memory
 
 
 class RunFailed(RuntimeError):
@@ -45,7 +45,8 @@ def train(cfg: Config, client: GatewayClient, run_id: int, run_dir: Path, job: d
         memory.preflight(cfg, [job["method"]])
     except memory.DoesNotFit as e:
         raise RunFailed(f"not started: {e}") from None
-    env = {"ALIGNLOOP_RUN_ID": str(run_id), **({"CUDA_VISIBLE_DEVICES": cfg.train.devices} if cfg.train.devices else {})}
+    env = {"ALIGNLOOP_RUN_ID": str(run_id), **({"CUDA_VISIBLE_DEVICES": cfg.train.devices} if cfg.train.devices else {}),
+           **({engine_sampler.TOKEN_ENV: client.token} if job.get("rollouts") and client.token else {})}
     done = launch.launch(job, run_dir, launch.command(cfg.train, cfg.root, run_dir), cfg.train.timeout_s,
                          on_metrics=heartbeat, env=env)
     if done.timed_out:
@@ -202,7 +203,7 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
 
 
 SUMMARY = ("steps", "train_pairs", "eval_loss", "eval_rewards/accuracies", "reward_last", "kl_to_base",
-           "resumed_from_step")
+           "resumed_from_step", "rollouts_on", "rollout_fallback")
 
 
 def trained_summary(metrics: dict[str, Any]) -> str:
@@ -280,6 +281,8 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
            "reward": asdict(cfg.reward), "ppo": asdict(cfg.ppo), "kto": asdict(cfg.kto), "eval_prompts": prompts + shadow,
            "judge": not cfg.gate.uses_llm() and judge_model is None}
     job["checkpoint_dir"] = str(checkpoint_dir(cfg, job, f"{snapshot_hash}+{pairs_hash}"))
+    if method == "ppo" and cfg.ppo.rollouts == "engine":  # where to sample, not what is learned: not in the hash
+        job["rollouts"] = {"gateway": client.url}
     if any(Path(job["checkpoint_dir"]).rglob("checkpoint-*")):
         log(f"run {run_id}: a killed run of this job left checkpoints in {job['checkpoint_dir']}: it resumes from them")
     started = time.monotonic()

@@ -115,11 +115,14 @@ def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up, simula
     assert run["method"] == "ppo" and run["status"] == "promoted", out.stdout + out.stderr
     metrics = json.loads(run["metrics"])
     assert reward_models[0]["run_id"] == run["id"] and metrics["reward_model_id"] == reward_models[0]["id"]
+    # every rollout was sampled on the serving engine (ppo.rollouts = "engine", the default)
+    assert metrics["rollouts_on"] == "engine" and metrics["rollout_engine_steps"] == up.cfg.ppo.steps, metrics
     rate = judged_win_rate(up, f"v{status['serving']}", "base")
     print(f"\nE2E PPO: reward model held-out accuracy {reward_models[0]['accuracy']:.3f} on "
           f"{metrics['reward_model_heldout_pairs']} pairs, reward {metrics['reward_first']:.2f} -> "
           f"{metrics['reward_last']:.2f}, gate win rate {metrics['win_rate']:.3f}, held-out judged win rate over "
-          f"base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; whole cycle {cycle:.0f} s")
+          f"base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; rollouts on the engine at "
+          f"{metrics['rollout_engine_tokens_per_s']} tokens/s; whole cycle {cycle:.0f} s")
     # Offline (ops/bench/results/compare.md) the reward model scores 0.80-0.90 on the held-out pairs and
     # PPO reaches 0.63-0.66 over the base, 3 seeds. The held-out set here is ~23 pairs, so one pair is
     # 0.043 and the standard error near 0.08: 0.60 is better than a coin by 2 standard errors and 3

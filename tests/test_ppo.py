@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ class ShareOfE:
         return torch.tensor([10 * a.count("e") / max(len(a), 1) for a in answers])
 
 
-def toy_run(model, kl_coef: float, tmp_path):
+def toy_run(model, kl_coef: float, tmp_path, sampler=None):
+    """48 PPO steps on the toy reward; `sampler(first_step)`: rollouts on an engine (else HF generate)."""
     from loop.training import ppo
 
     # 48 steps: in 24 the tiny model built on some machines (AMD EPYC, 2026-12) did not move yet
@@ -37,7 +39,7 @@ def toy_run(model, kl_coef: float, tmp_path):
                     kl_coef=kl_coef, missing_eos_penalty=0.0)
     metrics_path = tmp_path / f"metrics-{kl_coef}.jsonl"
     metrics, _ = ppo.run(PROMPTS, ShareOfE(), model, None, cfg, TrainConfig(), metrics_path=metrics_path,
-                         log=lambda m: None)
+                         log=lambda m: None, sampler=sampler)
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     return metrics, rows
 
@@ -51,6 +53,22 @@ def test_ppo_raises_a_toy_reward_while_the_kl_penalty_bounds_the_drift(tiny_mode
     assert max(r["step"] for r in rows) == 48
     strong, _ = toy_run(tiny_model, 5.0, tmp_path)
     assert strong["kl_last"] < weak["kl_last"] / 2, (strong, weak)  # the penalty is what holds it back
+
+
+def test_ppo_with_no_engine_to_reach_falls_back_to_hf_generate_and_says_so(tiny_model, tmp_path):
+    from loop.client import GatewayClient
+    from loop.training import ppo
+    from loop.training.engine_sampler import EngineSampler
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = PPOConfig(steps=2, rollout_batch=8, minibatch=4, max_new_tokens=8)
+    metrics, _ = ppo.run(PROMPTS, ShareOfE(), tiny_model, tmp_path / "adapter", cfg, TrainConfig(), log=lambda m: None,
+                         sampler=lambda first: EngineSampler(GatewayClient(url, "t"), tmp_path / "ra", "x", 1, first))
+    assert metrics["rollouts_on"] == "engine, then hf-generate", metrics
+    assert metrics["rollout_engine_steps"] == 0 and "cannot reach the gateway" in metrics["rollout_fallback"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and not (tmp_path / "ra").exists()
 
 
 class Broken:

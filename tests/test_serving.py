@@ -268,6 +268,88 @@ def test_cli_goes_through_the_running_gateway(server):
     assert "sign-in token" in added.stdout
 
 
+def rollout_adapters(server) -> list[list[str]]:
+    with server.client() as c:
+        return [[a for a in r["adapters"] if a.startswith("rollout-")] for r in c.get("/api/status").json()["replicas"]]
+
+
+def test_ppo_rollouts_on_the_engine_come_from_the_trainers_own_policy(server, tiny_model, adapters):
+    """The engine samples with the policy the trainer holds: its log-probs of the sampled tokens
+    match the trainer's own and not the base's; min = max tokens gives exact lengths; the adapter
+    is loaded once per sync_steps steps, the older one unloaded, the last one unloaded at the end."""
+    from loop.client import GatewayClient
+    from loop.config import PPOConfig
+    from loop.training import ppo
+    from loop.training.engine_sampler import EngineSampler
+    from loop.training.toolkit import load_policy
+
+    model, tok = load_policy(tiny_model, adapters[0])  # random LoRA weights: far from the base
+    head = ppo.value_head(model.config.hidden_size)
+    folder = adapters[0].parent / "rollout-adapters"
+    sampler = EngineSampler(GatewayClient(server.url, server.admin_token), folder, "t", sync_steps=2)
+    prompts = [HELLO, [{"role": "user", "content": "What goes with tomatoes?"}]] * 4
+    cfg = PPOConfig(max_new_tokens=12)
+    sampler.sync(model, 1)
+    assert sampler.failed is None and rollout_adapters(server) == [["rollout-t-1"]]
+    r = ppo.rollout(model, head, tok, prompts, cfg, 7, sampler=sampler, step=1)
+    assert sampler.steps == 1 and sampler.tokens == int(r["mask"].sum())
+    base_gap = float(((r["ref_logprobs"] - r["logprobs"]).abs() * r["mask"]).sum() / r["mask"].sum())
+    assert r["engine_logprob_gap"] < 0.05 and base_gap > 10 * r["engine_logprob_gap"], (r["engine_logprob_gap"], base_gap)
+    sampler.sync(model, 2)  # sync_steps = 2: step 2 samples from step 1's adapter
+    assert rollout_adapters(server) == [["rollout-t-1"]]
+    exact = ppo.rollout(model, head, tok, prompts, cfg, 8, sampler=sampler, step=2, min_new_tokens=12)
+    assert (exact["mask"].sum(dim=1) == 12).all() and not exact["has_eos"].any()
+    sampler.sync(model, 3)
+    assert rollout_adapters(server) == [["rollout-t-3"]] and not (folder / "rollout-t-1").exists()
+    with server.client() as c:  # what the engine refuses comes back as a 400 with its reason
+        r = c.post("/api/rollouts", json={"adapter": "rollout-t-3", "prompts": [[10**6]]})
+        assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"], r.text
+    sampler.close()
+    assert rollout_adapters(server) == [[]] and not folder.exists()
+
+
+def test_ppo_through_the_engine_follows_the_policy_as_it_moves(server, tiny_model, tmp_path):
+    """PPO steps with every rollout sampled on the engine (the adapter reloaded at every step): the
+    engine's log-probs stay those of the trainer's policy while the policy moves away from where it
+    started. (That a PPO cycle through the engine beats the base is tests/test_loop_e2e.py's.)"""
+    from loop.client import GatewayClient
+    from loop.config import PPOConfig, TrainConfig
+    from loop.training import ppo
+    from loop.training.engine_sampler import EngineSampler
+    from tests.test_ppo import PROMPTS, ShareOfE
+
+    client = GatewayClient(server.url, server.admin_token)
+    cfg = PPOConfig(steps=6, rollout_batch=16, minibatch=8, max_new_tokens=16, learning_rate=3e-2, kl_coef=0.0,
+                    missing_eos_penalty=0.0)
+    metrics_path = tmp_path / "metrics.jsonl"
+    metrics, _ = ppo.run(PROMPTS, ShareOfE(), tiny_model, None, cfg, TrainConfig(), metrics_path=metrics_path,
+                         log=lambda m: None, sampler=lambda first: EngineSampler(client, tmp_path / "ra", "toy", 1, first))
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    assert metrics["rollouts_on"] == "engine" and metrics["rollout_engine_steps"] == 6, metrics
+    gaps = [r["value"] for r in rows if r["name"] == "engine_logprob_gap"]
+    kl = [r["value"] for r in rows if r["name"] == "kl"]
+    print("engine/trainer log-prob gap per step", gaps, "KL to the start per step", kl)
+    assert len(gaps) == 6 and max(gaps) < 0.05, gaps
+    assert kl[-1] > 20 * max(gaps) * 16, kl  # moved: a stale adapter on the engine would show in the gap
+    assert rollout_adapters(server) == [[]]
+
+
+def test_the_rollout_api_refuses_bad_input_clearly(server, tmp_path):
+    with server.client() as c:
+        r = c.post("/api/rollouts", json={"adapter": "rollout-none", "prompts": [[1, 2]]})
+        assert r.status_code == 404 and "POST /api/rollouts/adapters" in r.json()["error"]["message"]
+        r = c.post("/api/rollouts/adapters", json={"name": "rollout-bad", "path": str(tmp_path / "missing")})
+        assert r.status_code == 400 and "could not load" in r.json()["error"]["message"], r.text
+        for body in ({"name": "v3-abcdef", "path": "/x"}, {"name": "rollout-x", "path": ""}):
+            assert c.post("/api/rollouts/adapters", json=body).status_code in (400, 422)
+        assert rollout_adapters(server) == [[]]
+        assert c.delete("/api/rollouts/adapters/rollout-none").json()["replicas"] == []
+        assert c.delete("/api/rollouts/adapters/v1-abcdef").status_code in (400, 404, 422)
+        for bad in ({"prompts": []}, {"prompts": [[]]}, {"prompts": [[-1]]}, {"max_tokens": 0}, {"temperature": 0}):
+            r = c.post("/api/rollouts", json={"adapter": "rollout-none", "prompts": [[1]], **bad})
+            assert r.status_code in (400, 422), (bad, r.text)
+
+
 def test_promote_and_rollback_under_load_lose_no_request(server, oai, adapters):
     with server.client() as admin:
         v1 = admin.post("/api/versions", json={"adapter_path": str(adapters[0]), "method": "test"}).json()

@@ -28,6 +28,7 @@ from typing import Any
 
 from loop.config import Config, KTOConfig, PPOConfig, RewardConfig, TrainConfig
 from loop.training import launch
+from loop.training.engine_sampler import TOKEN_ENV
 
 # What each method holds while it trains (by construction of loop.training.dpo, loop.training.ppo, loop.training.reward):
 MODELS_IN_MEMORY = {
@@ -42,18 +43,19 @@ def knobs(method: str) -> int:
     """Config fields that belong to the method alone (LoRA, max_length and seed are shared by all)."""
     if method == "ppo":
         rm = [f for f in dataclasses.fields(RewardConfig) if f.name not in ("lora", "weight", "extra")]
-        ppo = [f for f in dataclasses.fields(PPOConfig) if f.name != "checkpoint_steps"]  # operations, not tuning
+        operations = ("checkpoint_steps", "rollouts", "sync_steps")  # where and how safely, not what is learned
+        ppo = [f for f in dataclasses.fields(PPOConfig) if f.name not in operations]
         return len(rm) + len(ppo)
     if method == "kto":
         return len(dataclasses.fields(KTOConfig)) - 1  # heldout_share is not a training knob
     return len(DPO_KNOBS)
 
 
-def run_trainer(job: dict[str, Any], run_dir: Path, timeout_s: float) -> dict[str, Any]:
+def run_trainer(job: dict[str, Any], run_dir: Path, timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     """The trainer child on `job`, as one plain process (so its peak RSS is the trainer's own); its
     result.json plus wall_s and peak_rss_mb (or an error)."""
     cmd = launch.command(TrainConfig(**job["train"]), Path.cwd(), run_dir, accelerate=False)
-    done = launch.launch(job, run_dir, cmd, timeout_s)
+    done = launch.launch(job, run_dir, cmd, timeout_s, env=env)
     out = {"wall_s": done.wall_s, "peak_rss_mb": done.peak_rss_mb, "exit": done.returncode}
     return {**out, "error": done.error} if done.error else {**out, **done.result}
 
@@ -125,9 +127,10 @@ def grader(cfg: Config):
 
 
 def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_prompts: list, samples: int,
-          judge, log=print, init_adapter: str | None = None) -> dict[str, Any]:
+          judge, log=print, init_adapter: str | None = None, gateway: tuple[str, str] | None = None) -> dict[str, Any]:
     """Train `method` with `seed` on `snapshot` (from `init_adapter`, or a fresh adapter) in
-    work/METHOD-seedSEED, and judge it against the base."""
+    work/METHOD-seedSEED, and judge it against the base. `gateway`: (URL, admin token) of a running
+    gateway whose engine samples PPO's rollouts (else HF `generate`)."""
     train = dataclasses.replace(cfg.train, seed=seed, num_processes=1)
     run_dir = work / f"{method}-seed{seed}"
     job = {"method": method, "snapshot": str(snapshot), "base_model": str(cfg.base_model_dir),
@@ -135,8 +138,11 @@ def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_
            "output_adapter": str(run_dir / "adapter"), "train": dataclasses.asdict(train),
            "reward": dataclasses.asdict(cfg.reward), "ppo": dataclasses.asdict(cfg.ppo),
            "kto": dataclasses.asdict(cfg.kto), "eval_prompts": eval_prompts}
+    env = None
+    if gateway and method == "ppo":
+        job["rollouts"], env = {"gateway": gateway[0]}, {TOKEN_ENV: gateway[1]}
     log(f"compare: {method} seed {seed}: training ({run_dir})")
-    done = run_trainer(job, run_dir, cfg.train.timeout_s)
+    done = run_trainer(job, run_dir, cfg.train.timeout_s, env)
     row: dict[str, Any] = {"method": method, "seed": seed, "wall_s": done["wall_s"], "peak_rss_mb": done["peak_rss_mb"]}
     if "error" in done:
         log(f"compare: {method} seed {seed}: failed: {done['error']}")
@@ -144,7 +150,8 @@ def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_
     m = done["metrics"]
     row["adapter"] = done["adapter"]
     row.update({"kl_to_base": m.get("kl_to_base"), "peak_gpu_mb": m.get("peak_gpu_mb"), "weights_mb": m.get("weights_mb"),
-                "reward_model_accuracy": m.get("reward_model_accuracy")})
+                "reward_model_accuracy": m.get("reward_model_accuracy"), "train_seconds": m.get("train_seconds"),
+                **{k: m[k] for k in ("rollouts_on", "rollout_engine_tokens_per_s", "rollout_fallback") if k in m}})
     row.update(judge_against_base(cfg, done["adapter"], eval_prompts, samples, seed, judge))
     log(f"compare: {method} seed {seed}: win rate {row['win_rate']:.3f}, {row['wall_s']} s, "
         f"peak RSS {row['peak_rss_mb']} MB")

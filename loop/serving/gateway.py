@@ -88,11 +88,12 @@ class Gateway:
     def engine_ready(self) -> bool:
         return self.replicas.any_ready()
 
-    async def _send(self, path: str, body: dict[str, Any]) -> tuple[Replica, aiohttp.ClientResponse]:
-        """POST to the least loaded ready replica; one that refuses the connection (so it got
-        nothing) leaves rotation and the next one is tried. The caller releases the response and
-        the replica's `in_flight`."""
-        tried: tuple[Replica, ...] = ()
+    async def _send(self, path: str, body: dict[str, Any],
+                    exclude: tuple[Replica, ...] = ()) -> tuple[Replica, aiohttp.ClientResponse]:
+        """POST to the least loaded ready replica (not one in `exclude`); one that refuses the
+        connection (so it got nothing) leaves rotation and the next one is tried. The caller
+        releases the response and the replica's `in_flight`."""
+        tried = exclude
         model = body["model"]
         while (replica := self.replicas.pick(exclude=tried)) is not None:
             replica.in_flight += 1
@@ -106,7 +107,7 @@ class Gateway:
             except BaseException:
                 self._failed(replica, model)
                 raise
-        raise self.unavailable("no engine replica is ready" if not tried else "every replica refused the connection")
+        raise self.unavailable("no engine replica is ready" if tried == exclude else "every replica refused the connection")
 
     def _failed(self, replica: Replica, model: str) -> None:
         replica.in_flight -= 1
@@ -124,19 +125,21 @@ class Gateway:
         return HTTPProblem(503, f"the model engine is unavailable ({why}); retry shortly", "service_unavailable",
                            code="engine_unavailable", headers={"Retry-After": str(self.cfg.gateway.retry_after_s)})
 
-    async def engine_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST to the engine and return its JSON answer: for requests that are not live traffic
-        (second answers, arena, evaluation). A 4xx keeps its status, anything worse is a 503."""
+    async def engine_json(self, path: str, body: dict[str, Any], exclude: tuple[Replica, ...] = ()) -> dict[str, Any]:
+        """POST to the engine (not to a replica in `exclude`) and return its JSON answer: for
+        requests that are not live traffic (second answers, arena, evaluation, rollouts). A 4xx
+        keeps its status, anything worse is a 503."""
         try:
-            replica, r = await self._send(path, body)
+            replica, r = await self._send(path, body, exclude)
         except TimeoutError:
             raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None
         except aiohttp.ClientError as e:
             raise self.unavailable(type(e).__name__) from None
         try:
+            if r.status >= 500:
+                raise HTTPProblem(503, f"the engine failed: {(await r.read())[:300]!r}")
             if r.status >= 400:
-                text = await r.text()
-                raise HTTPProblem(r.status if r.status < 500 else 503, text)
+                raise engine_refusal(r.status, await r.read())
             return orjson.loads(await r.read())
         except TimeoutError:
             raise HTTPProblem(504, "the model engine did not answer in time", "timeout") from None

@@ -1,5 +1,6 @@
-"""Answers that are not live traffic: two answers for the arena, and a version's answers to many
-prompts for evaluation. Neither is logged as an exchange nor offered to the pair maker."""
+"""Answers that are not live traffic: two answers for the arena, a version's answers to many
+prompts for evaluation, and the PPO trainer's rollouts. None is logged as an exchange nor offered
+to the pair maker."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ import asyncio
 from typing import Any
 
 from loop.serving.gateway import Gateway
-from loop.serving.protocol import GenerateRequest, HTTPProblem
+from loop.serving.protocol import GenerateRequest, HTTPProblem, RolloutRequest
 from loop.serving.versions import VersionError
 
 EVAL_PRIORITY = 5  # vLLM: lower runs first; live requests have 0, the pair maker 10
 EVAL_CONCURRENCY = 16
+ROLLOUT_PRIORITY = 20  # behind everything else: a trainer's rollouts wait for every user
+ROLLOUT_CONCURRENCY = 64
+# sampling from the policy itself: a model's generation_config.json may carry defaults (Qwen2.5:
+# top_k 20, top_p 0.8, a repetition penalty) that vLLM applies to every parameter left unset
+NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 async def arena(gw: Gateway, messages: list[dict[str, str]], max_tokens: int, user_id: int) -> dict[str, Any]:
@@ -57,3 +64,30 @@ async def generate(gw: Gateway, req: GenerateRequest) -> dict[str, Any]:
 
     answers = await asyncio.gather(*(one(i, m) for i, m in enumerate(req.prompts)))
     return {"model": req.model, "answers": answers}
+
+
+async def rollouts(gw: Gateway, req: RolloutRequest) -> dict[str, Any]:
+    """The PPO trainer's rollouts: one answer per prompt from its rollout adapter, as token ids (the
+    trainer scores exactly the tokens that were sampled) with the engine's log-probability of each
+    (before temperature: vLLM's raw log-probs), on the replicas that hold the adapter, at the
+    lowest priority."""
+    holders = [r for r in gw.replicas.ready() if req.adapter in r.adapters]
+    if not holders:
+        raise HTTPProblem(404, f"no ready replica holds the rollout adapter {req.adapter!r}; "
+                               "load it with POST /api/rollouts/adapters", code="model_not_found")
+    others = tuple(r for r in gw.replicas.members if r not in holders)
+    limit = asyncio.Semaphore(ROLLOUT_CONCURRENCY)
+
+    async def one(i: int, ids: list[int]) -> dict[str, Any]:
+        body = {"model": req.adapter, "prompt": ids, "max_tokens": req.max_tokens, "min_tokens": req.min_tokens,
+                "temperature": req.temperature, **NEUTRAL_SAMPLING, "seed": (req.seed + i) % 2**63,
+                "priority": ROLLOUT_PRIORITY, "return_token_ids": True, "logprobs": 0}
+        async with limit:
+            data = await gw.engine_json("/v1/completions", body, exclude=others)
+        choice = data["choices"][0]
+        return {"token_ids": choice["token_ids"], "finish_reason": choice["finish_reason"],
+                "logprobs": (choice.get("logprobs") or {}).get("token_logprobs")}
+
+    completions = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(req.prompts)))
+    return {"adapter": req.adapter, "completions": completions,
+            "completion_tokens": sum(len(c["token_ids"]) for c in completions)}

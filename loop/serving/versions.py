@@ -35,6 +35,7 @@ class StaleServing(VersionError):
 
 
 ADAPTER_NAME = re.compile(r"v\d+-[0-9a-f]{6}")  # the names _load gives (others on an external server are not ours)
+ROLLOUT_NAME = re.compile(r"rollout-[A-Za-z0-9_-]{1,60}")  # the PPO trainer's policy, for its rollouts only
 
 
 RETIRE_GRACE_S = 1.0
@@ -268,6 +269,44 @@ class Versions:
         if previous is None:
             raise VersionError("nothing to roll back to: no version was promoted before this one")
         return self.promote(previous, actor=actor, reason="rollback")
+
+    # --- the PPO trainer's rollout adapters (never in the route table: no user reaches them) -----
+
+    def load_rollout(self, name: str, path: str) -> list[str]:
+        """Load a training policy's adapter on every ready replica under the trainer's `name`, then
+        unload every other rollout adapter: a trainer that died leaves at most one behind. Returns
+        the replicas that hold it (one that refuses is left out; rollouts go to the others)."""
+        if not ROLLOUT_NAME.fullmatch(name):
+            raise VersionError(f"{name!r} is not a rollout adapter name (rollout-...)")
+        with self._lock:
+            targets = self.replicas.ready()
+            if not targets:
+                raise VersionError("no engine replica is ready; try again once one is")
+            held: list[str] = []
+            refused: list[VersionError] = []
+            for replica in targets:
+                try:
+                    if name not in replica.adapters:
+                        self._load_on(replica, name, path)
+                    held.append(replica.name)
+                except ReplicaGone as e:
+                    replica.mark_down(str(e))
+                except VersionError as e:
+                    refused.append(e)
+            if not held:
+                raise refused[0] if refused else VersionError("no engine replica answered; try again once one is")
+            for replica in self.replicas.members:
+                for old in [n for n in replica.adapters if ROLLOUT_NAME.fullmatch(n) and n != name]:
+                    self._unload_on(replica, old)
+            return held
+
+    def unload_rollout(self, name: str) -> list[str]:
+        """Unload a rollout adapter wherever it is loaded; returns those replicas."""
+        with self._lock:
+            holders = [r for r in self.replicas.members if name in r.adapters]
+            for replica in holders:
+                self._unload_on(replica, name)
+            return [r.name for r in holders]
 
     def set_canary(self, ref: int | str | None, share: float, expect_canary: int | None = None) -> dict[str, Any]:
         """Send `share` of the alias's traffic to a version (None: stop the canary). With

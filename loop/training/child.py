@@ -13,7 +13,9 @@ RUN_DIR/job.json:
      "train": {...[train]...}, "reward": {...}, "ppo": {...}, "kto": {...} (the config's sections),
      "eval_prompts": [prompt messages the gate will judge on: PPO does not roll out on them],
      "judge": true | false (also refresh the gate's reward model on every labelled pair),
-     "checkpoint_dir": null | "/abs/dir" (this job's own: checkpoint there, resume from what is there)}
+     "checkpoint_dir": null | "/abs/dir" (this job's own: checkpoint there, resume from what is there),
+     "rollouts": {"gateway": URL} (PPO: sample the rollouts on the serving engine through this
+       gateway, signed in with $ALIGNLOOP_GATEWAY_TOKEN; absent: HF generate)}
 
 What it writes (only the main process writes):
 
@@ -50,6 +52,7 @@ import os
 import shutil
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -128,6 +131,7 @@ def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Refresh the reward model on every labelled pair, then PPO against it (and [reward] extra)."""
     from loop.config import PPOConfig, RewardConfig, TrainConfig
     from loop.training import dpo, ppo, reward
+    from loop.training.engine_sampler import EngineSampler
 
     train_cfg, reward_cfg = TrainConfig(**job["train"]), RewardConfig(**job["reward"])
     train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
@@ -138,10 +142,13 @@ def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                                         reward_cfg.extra)
     exclude = job.get("eval_prompts") or []
     prompts = rollout_prompts(job["snapshot"], exclude)
-    metrics, _ = ppo.run(prompts, scorer, job["base_model"], job["output_adapter"], PPOConfig(**job["ppo"]),
+    ppo_cfg = PPOConfig(**job["ppo"])
+    log = partial(print, file=sys.stderr, flush=True)
+    metrics, _ = ppo.run(prompts, scorer, job["base_model"], job["output_adapter"], ppo_cfg,
                          train_cfg, init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl",
                          heldout_prompts=exclude or [p["prompt"] for p in heldout_pairs],
-                         log=lambda m: print(m, file=sys.stderr, flush=True), checkpoint_dir=job.get("checkpoint_dir"))
+                         log=log, checkpoint_dir=job.get("checkpoint_dir"),
+                         sampler=partial(EngineSampler.for_job, job, run_dir, ppo_cfg.sync_steps, log=log))
     metrics.update({f"reward_model_{k}": v for k, v in rm.items()})
     return {"adapter": str(job["output_adapter"]), "metrics": metrics,
             "reward_model": {"path": str(reward_dir), "accuracy": rm.get("accuracy"), "metrics": rm}}

@@ -8,7 +8,10 @@ One step (`cfg.steps` of them), after Ziegler et al. 2019 and Huang et al., "The
 Details of RLHF with PPO" (2024); the numbers refer to the details in that write-up we follow:
 
 1. rollouts: `rollout_batch` prompts drawn from live traffic (no labels needed), one answer each,
-   sampled from the policy with HF `generate` at `temperature`, top-k/top-p off;
+   sampled from the policy at `temperature`, top-k/top-p off: on the serving vLLM engine, which
+   gets the policy's adapter every `sync_steps` steps (`ppo.rollouts = "engine"`, through the
+   gateway: `loop.training.engine_sampler`), or with HF `generate` (`"generate"`, or when no
+   engine can be reached);
 2. scores: the reward model scores prompt + answer; an answer cut off before its end token scores
    `missing_eos_penalty` instead (the EOS trick against length hacking; 0 turns it off); optionally whitened
    (`whiten_rewards`);
@@ -21,7 +24,9 @@ Details of RLHF with PPO" (2024); the numbers refer to the details in that write
 6. the KL coefficient follows the adaptive controller when `kl_target` > 0, else stays fixed.
 
 Per step, `metrics.jsonl` gets reward (mean raw score), kl (per answer, nats), entropy, clipfrac,
-value_loss, policy_loss, approx_kl, kl_coef, length and eos_share. A NaN/inf loss stops the run
+value_loss, policy_loss, approx_kl, kl_coef, length and eos_share (and with engine rollouts at
+temperature 1, engine_logprob_gap: the mean |log-prob| difference per token between the engine that
+sampled and the trainer: near 0 when both hold the same policy). A NaN/inf loss stops the run
 (`NonFiniteLoss`); nothing is saved.
 
 With a checkpoint dir (one per job), every `cfg.checkpoint_steps` steps the whole state is saved
@@ -38,11 +43,12 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loop.config import PPOConfig, TrainConfig
 from loop.training import ppo_math as pm
 from loop.training import toolkit
+from loop.training.engine_sampler import EngineSampler
 from loop.training.toolkit import (
     NonFiniteLoss,
     NoTrainingPairs,
@@ -81,8 +87,29 @@ def forward(model, head, seq, attention_mask, width: int, temperature: float):
     return logits, values
 
 
-def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator_seed: int) -> dict[str, Any]:
-    """Sample one answer per prompt; the tensors PPO needs (no gradients)."""
+def engine_answers(completions: list[dict[str, Any]], pad_id: int):
+    """The engine's answers as PPO's tensors: token ids right-padded, the mask over each answer's own
+    tokens (its stop token included), whether it stopped by itself (not cut off at max tokens), and
+    the engine's log-prob of each token (0 where it gave none)."""
+    import torch
+
+    width = max(1, max(len(c["token_ids"]) for c in completions))
+    answer = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width))
+    engine_logprobs = torch.zeros((len(completions), width))
+    for i, c in enumerate(completions):
+        n = len(c["token_ids"])
+        answer[i, :n] = torch.tensor(c["token_ids"], dtype=torch.long)
+        mask[i, :n] = 1.0
+        engine_logprobs[i, :n] = torch.tensor([x or 0.0 for x in (c.get("logprobs") or [0.0] * n)][:n])
+    has_eos = torch.tensor([c["finish_reason"] == "stop" for c in completions])
+    return answer, mask, has_eos, engine_logprobs
+
+
+def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator_seed: int,
+            sampler: EngineSampler | None = None, step: int = 0, min_new_tokens: int = 0) -> dict[str, Any]:
+    """Sample one answer per prompt (on the engine when `sampler` is given and works, else with HF
+    `generate`); the tensors PPO needs (no gradients)."""
     import torch
 
     tok.padding_side = "left"
@@ -90,35 +117,50 @@ def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     width = enc["input_ids"].shape[1]
     model.eval()
+    completions = None
+    if sampler is not None:
+        ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+        completions = sampler.sample(step, ids, cfg.max_new_tokens, cfg.temperature, generator_seed, min_new_tokens)
     with torch.no_grad():  # not inference_mode: these tensors take part in the loss later
-        torch.manual_seed(generator_seed)
-        seq = model.generate(**enc, **policy_sampling(cfg.temperature),
-                             max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        answer = seq[:, width:]
-        is_eos = (answer == tok.eos_token_id).long()
-        mask = ((is_eos.cumsum(dim=1) - is_eos) == 0).float()  # up to and including the first EOS
+        if completions is not None:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            answer, mask, has_eos, engine_logprobs = engine_answers(completions, pad)
+            seq = torch.cat([enc["input_ids"], answer], dim=1)
+        else:
+            torch.manual_seed(generator_seed)
+            seq = model.generate(**enc, **policy_sampling(cfg.temperature), max_new_tokens=cfg.max_new_tokens,
+                                 min_new_tokens=min_new_tokens or None, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+            answer = seq[:, width:]
+            is_eos = (answer == tok.eos_token_id).long()
+            mask = ((is_eos.cumsum(dim=1) - is_eos) == 0).float()  # up to and including the first EOS
+            has_eos = is_eos.sum(dim=1) > 0
         attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
         logits, values = forward(model, head, seq, attention, width, cfg.temperature)
         logprobs = pm.logprobs_from_logits(logits, answer)
         with model.disable_adapter():
             ref_logits, _ = forward(model, head, seq, attention, width, cfg.temperature)
         ref_logprobs = pm.logprobs_from_logits(ref_logits, answer)
-    answers = [t.strip() for t in tok.batch_decode(answer, skip_special_tokens=True)]
+    gap = None  # how far the engine's distribution is from the trainer's (vLLM gives log-probs before temperature)
+    if completions is not None and cfg.temperature == 1.0:
+        gap = float(((logprobs - engine_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
+    answers = [tok.decode(a[m.bool()], skip_special_tokens=True).strip() for a, m in zip(answer, mask)]
     return {"seq": seq, "attention": attention, "width": width, "answer": answer, "mask": mask,
-            "has_eos": is_eos.sum(dim=1) > 0, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
-            "values": values, "answers": answers}
+            "has_eos": has_eos, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
+            "values": values, "answers": answers, "engine_logprob_gap": gap}
 
 
 def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         output_adapter: str | os.PathLike[str] | None, cfg: PPOConfig, train_cfg: TrainConfig,
         init_adapter: str | os.PathLike[str] | None = None, metrics_path: str | os.PathLike[str] | None = None,
         heldout_prompts: list[Messages] | None = None, log=print,
-        checkpoint_dir: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], Any]:
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        sampler: Callable[[int], EngineSampler | None] | None = None) -> tuple[dict[str, Any], Any]:
     """Train the policy with PPO on `prompts` against `reward` (anything with `.score(prompts,
     answers)`, e.g. `loop.training.reward.CombinedReward`); save the adapter; returns (metrics, policy).
     With a `checkpoint_dir`, checkpoint every `cfg.checkpoint_steps` steps and resume from the newest
-    checkpoint a killed run of the same job left there."""
+    checkpoint a killed run of the same job left there. `sampler(first_step)`: the engine that samples
+    the rollouts (`loop.training.engine_sampler`), or None for HF `generate`."""
     import torch
     from peft import get_peft_model
 
@@ -144,13 +186,19 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
     if stage.resume_from:
         history = load_state(stage.resume_from, model, head, optimizer, schedule, kl_ctl, rng)
         log(f"ppo: resumed from {stage.resume_from} (step {stage.resumed_step})")
+    engine = sampler(stage.resumed_step + 1) if sampler else None
     metrics_file = Path(metrics_path).open("a", encoding="utf-8") if metrics_path and rank == 0 else None
     t0 = time.perf_counter()
     try:
         for step in range(stage.resumed_step + 1, cfg.steps + 1):
             # every process draws the same batch and takes its share: together, the one process's batch
             batch = [rng.choice(prompts) for _ in range(cfg.rollout_batch)][rank::world]
-            r = rollout(model, head, tok, batch, cfg, generator_seed=train_cfg.seed * 100_003 + step + 7_919 * rank)
+            if engine is not None:
+                if rank == 0:
+                    engine.sync(model, step)
+                barrier(world)
+            r = rollout(model, head, tok, batch, cfg, generator_seed=train_cfg.seed * 100_003 + step + 7_919 * rank,
+                        sampler=engine, step=step)
             raw = reward.score(batch, r["answers"]).float()
             scores = raw
             if cfg.missing_eos_penalty:
@@ -165,6 +213,8 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
             row = mean_over_processes({"reward": float(raw.mean()), "score": float(scores.mean()),
                                        "kl": float(kl.sum(dim=1).mean()), "length": float(mask.sum(dim=1).mean()),
                                        "eos_share": float(r["has_eos"].float().mean()), **stats}, world)
+            if r["engine_logprob_gap"] is not None and world == 1:
+                row["engine_logprob_gap"] = r["engine_logprob_gap"]
             kl_ctl.update(row["kl"], cfg.rollout_batch)  # the same on every process
             row = {**row, "kl_coef": kl_ctl.value}
             history.append(row)
@@ -183,6 +233,8 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
     finally:
         if metrics_file:
             metrics_file.close()
+        if engine is not None and rank == 0:
+            engine.close()
     train_seconds = time.perf_counter() - t0
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
     metrics: dict[str, Any] = {
@@ -194,6 +246,8 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         "kl_to_base": None,
         # policy (the reference is the same weights, adapter off) + value head + reward model(s)
         "weights_mb": weights_mb(model, head, *[m.model for m, _ in getattr(reward, "parts", [])]),
+        "rollouts_on": "hf-generate" if engine is None else ("engine" if engine.failed is None else "engine, then hf-generate"),
+        **(engine.summary() if engine is not None else {}),
     }
     if heldout_prompts and rank == 0:
         metrics["kl_to_base"] = round(kl_to_base(model, tok, heldout_prompts[:64], seed=train_cfg.seed), 4)

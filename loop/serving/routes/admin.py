@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Path as PathParam
 
 from loop.evaluation import reliability
 from loop.serving import sampling
 from loop.serving.auth import admin
 from loop.serving.protocol import (
+    ROLLOUT_NAME,
     CanaryRequest,
     ExcludeRequest,
     GenerateRequest,
@@ -33,6 +35,8 @@ from loop.serving.protocol import (
     PromoteRequest,
     RetrainRequest,
     RewardModelIn,
+    RolloutAdapterRequest,
+    RolloutRequest,
     RunFinish,
     RunMetrics,
     RunStart,
@@ -178,6 +182,24 @@ async def canary(body: CanaryRequest, request: Request) -> dict[str, Any]:
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
     return await sampling.generate(_gw(request), body)
+
+
+# --- the PPO trainer's rollouts on the serving engine (loop/training/engine_sampler.py) ---------
+
+@router.post("/rollouts/adapters")
+async def load_rollout_adapter(body: RolloutAdapterRequest, request: Request) -> dict[str, Any]:
+    held = await _call(partial(_gw(request).versions.load_rollout, body.name, body.path), errors=VERSION_ERRORS)
+    return {"name": body.name, "replicas": held}
+
+
+@router.delete("/rollouts/adapters/{name}")
+async def unload_rollout_adapter(request: Request, name: str = PathParam(pattern=ROLLOUT_NAME)) -> dict[str, Any]:
+    return {"name": name, "replicas": await asyncio.to_thread(_gw(request).versions.unload_rollout, name)}
+
+
+@router.post("/rollouts")
+async def rollouts(body: RolloutRequest, request: Request) -> dict[str, Any]:
+    return await sampling.rollouts(_gw(request), body)
 
 
 # --- data out ---------------------------------------------------------------------------------
