@@ -301,6 +301,14 @@ def test_ppo_rollouts_on_the_engine_come_from_the_trainers_own_policy(server, ti
     assert (exact["mask"].sum(dim=1) == 12).all() and not exact["has_eos"].any()
     sampler.sync(model, 3)
     assert rollout_adapters(server) == [["rollout-t-3"]] and not (folder / "rollout-t-1").exists()
+    # a resumed run loads under a name its killed run used: the engine must take the new weights
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(-1.0)
+    sampler.loaded = None
+    sampler.sync(model, 3)
+    again = ppo.rollout(model, head, tok, prompts, cfg, 9, sampler=sampler, step=3)
+    assert again["engine_logprob_gap"] < 0.05, again["engine_logprob_gap"]
     with server.client() as c:  # what the engine refuses comes back as a 400 with its reason
         r = c.post("/api/rollouts", json={"adapter": "rollout-t-3", "prompts": [[10**6]]})
         assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"], r.text

@@ -286,8 +286,9 @@ class Versions:
             refused: list[VersionError] = []
             for replica in targets:
                 try:
-                    if name not in replica.adapters:
-                        self._load_on(replica, name, path)
+                    if name in replica.adapters:  # a killed run's, under the name its resumed run gives: stale weights
+                        self._unload_on(replica, name)
+                    self._load_on(replica, name, path)
                     held.append(replica.name)
                 except ReplicaGone as e:
                     replica.mark_down(str(e))
