@@ -53,7 +53,7 @@ def up(tmp_path_factory, demo_model):
     s = start(root, None, free_port(), free_port(), [f"labeling.app_port={free_port()}", "gateway.pair_share=1.0",
                                                      "store.heldout_share=0.2"], timeout=900, command="up")
     yield s
-    s.stop(signal.SIGINT, timeout=180)
+    s.stop(signal.SIGTERM, timeout=180)  # not SIGINT: a shell that starts the suite in the background makes children ignore it
 
 
 @pytest.fixture(scope="module")
