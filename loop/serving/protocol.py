@@ -339,20 +339,20 @@ class GenerateRequest(ApiModel):
     seed: Seed = 0
 
 
-ROLLOUT_NAME = r"^rollout-[A-Za-z0-9_-]{1,60}$"  # the PPO trainer's names (never a version's)
+ROLLOUT_NAME_PATTERN = r"^rollout-[A-Za-z0-9_-]{1,60}$"  # the PPO trainer's adapter names (never a version's)
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=100_000)]
 
 
 class RolloutAdapterRequest(ApiModel):
     """The PPO trainer's current policy adapter, for its rollouts (loop/training/engine_sampler.py)."""
-    name: str = Field(pattern=ROLLOUT_NAME)
+    name: str = Field(pattern=ROLLOUT_NAME_PATTERN)
     path: str = Field(min_length=1, max_length=4096)
 
 
 class RolloutRequest(ApiModel):
     """Answers sampled from a rollout adapter, as token ids, to prompts given as token ids."""
-    adapter: str = Field(pattern=ROLLOUT_NAME)
+    adapter: str = Field(pattern=ROLLOUT_NAME_PATTERN)
     prompts: list[TokenIds] = Field(min_length=1, max_length=2048)
     max_tokens: int = Field(default=48, ge=1, le=100_000)
     min_tokens: int = Field(default=0, ge=0, le=100_000)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from loop.serving.engine import Replica
+from loop.serving.protocol import ROLLOUT_NAME_PATTERN
 from loop.serving.replicas import Replicas
 from loop.serving.router import Router
 from store.database import Store, StoreError
@@ -35,7 +36,7 @@ class StaleServing(VersionError):
 
 
 ADAPTER_NAME = re.compile(r"v\d+-[0-9a-f]{6}")  # the names _load gives (others on an external server are not ours)
-ROLLOUT_NAME = re.compile(r"rollout-[A-Za-z0-9_-]{1,60}")  # the PPO trainer's policy, for its rollouts only
+ROLLOUT_NAME = re.compile(ROLLOUT_NAME_PATTERN)  # the PPO trainer's policy, for its rollouts only
 
 
 RETIRE_GRACE_S = 1.0

@@ -25,7 +25,7 @@ from loop.evaluation import reliability
 from loop.serving import sampling
 from loop.serving.auth import admin
 from loop.serving.protocol import (
-    ROLLOUT_NAME,
+    ROLLOUT_NAME_PATTERN,
     CanaryRequest,
     ExcludeRequest,
     GenerateRequest,
@@ -193,7 +193,7 @@ async def load_rollout_adapter(body: RolloutAdapterRequest, request: Request) ->
 
 
 @router.delete("/rollouts/adapters/{name}")
-async def unload_rollout_adapter(request: Request, name: str = PathParam(pattern=ROLLOUT_NAME)) -> dict[str, Any]:
+async def unload_rollout_adapter(request: Request, name: str = PathParam(pattern=ROLLOUT_NAME_PATTERN)) -> dict[str, Any]:
     return {"name": name, "replicas": await asyncio.to_thread(_gw(request).versions.unload_rollout, name)}
 
 
