@@ -24,9 +24,11 @@ from tests.serving import free_port
 
 class FakeVLLM:
     """/health, /v1/models and runtime adapter loads, as vLLM answers them; `refuse` makes loads
-    fail with 400, `slow_s` delays every answer, `models` None answers /v1/models with 404 HTML."""
+    fail with 400, `slow_s` delays every answer, `models` False answers /v1/models with 404 HTML;
+    `port` 0 takes a free port."""
 
-    def __init__(self, refuse: bool = False, slow_s: float = 0.0, base: str = "base", models: bool = True) -> None:
+    def __init__(self, refuse: bool = False, slow_s: float = 0.0, base: str = "base", models: bool = True,
+                 port: int = 0) -> None:
         self.adapters: dict[str, str] = {}
         self.refuse, self.slow_s, self.base, self.models = refuse, slow_s, base, models
         fake = self
@@ -67,7 +69,7 @@ class FakeVLLM:
                 else:
                     self._send(404, {"error": {"message": "no route"}})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -239,13 +241,11 @@ def test_an_external_server_that_goes_away_leaves_rotation_and_rejoins_synced(st
         while ext.ready.is_set() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not ext.ready.is_set() and ext.restarts == 1
-        back = FakeVLLM()  # the same address, a server that lost its adapters
-        back.server.server_close()
-        back.server = type(back.server)(("127.0.0.1", port), back.server.RequestHandlerClass)
-        threading.Thread(target=back.server.serve_forever, daemon=True).start()
+        # the same address, a server that lost its adapters (closing a served socket without
+        # shutdown() left its accept loop spinning a core for the rest of the suite)
+        back = fakes(port=port)
         ext.wait_ready(10)
         assert router.routes.engine_names[v1] in back.adapters and router.routes.serving == v1
-        back.close()
     finally:
         ext.stop()
 
