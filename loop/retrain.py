@@ -204,6 +204,7 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
 
 SUMMARY = ("steps", "train_pairs", "eval_loss", "eval_rewards/accuracies", "reward_last", "kl_to_base",
            "resumed_from_step", "rollouts_on", "rollout_fallback")
+UNLESS_ZERO = ("resumed_from_step",)  # a fresh run: nothing to tell
 
 
 def trained_summary(metrics: dict[str, Any]) -> str:
@@ -211,10 +212,19 @@ def trained_summary(metrics: dict[str, Any]) -> str:
     `train_seconds` (the steps alone) beside the cycle's wall time, which adds starting the child
     process and loading the model."""
     parts = [f"{k} {metrics[k]:.3g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
-             for k in SUMMARY if metrics.get(k) is not None]
+             for k in SUMMARY if metrics.get(k) is not None and (metrics[k] or k not in UNLESS_ZERO)]
     if metrics.get("train_seconds") is not None:
         parts.insert(0, f"{metrics['train_seconds']:.0f} s of training steps")
     return ", ".join(parts)
+
+
+def held_out(accuracy: float | None, fitted: dict[str, Any]) -> str:
+    """A reward model's held-out accuracy for the log, with how many pairs it was measured on (1.0
+    on 4 pairs says little)."""
+    n = fitted.get("metrics", {}).get("heldout_pairs")
+    if accuracy is None:
+        return "no held-out pairs to measure its accuracy on"
+    return f"held-out accuracy {accuracy:.3f}" + (f" on {n} pairs" if n is not None else "")
 
 
 def training_data(manifest: dict[str, Any], method: str) -> tuple[str, int, str]:
@@ -292,14 +302,14 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     reward_model = None
     if trained.get("reward_model"):
         reward_model = register_reward_model(cfg, client, run_id, trained["reward_model"], pairs_hash, "reward")
-        log(f"run {run_id}: reward model {reward_model['id']}: held-out accuracy {reward_model['accuracy']}")
+        log(f"run {run_id}: reward model {reward_model['id']}: {held_out(reward_model['accuracy'], trained['reward_model'])}")
     if trained.get("judge_error"):
         log(f"run {run_id}: the gate's reward model could not be fitted: {trained['judge_error']}")
     if trained.get("judge_model"):
         trained["judge_model"]["metrics"]["fingerprint"] = fingerprint
         judge_model = register_reward_model(cfg, client, run_id, trained["judge_model"], pairs_hash, "judge")
         judge_model["metrics"] = trained["judge_model"]["metrics"]
-        log(f"run {run_id}: the gate's reward model {judge_model['id']}: held-out accuracy {judge_model['accuracy']}")
+        log(f"run {run_id}: the gate's reward model {judge_model['id']}: {held_out(judge_model['accuracy'], trained['judge_model'])}")
     candidate = client.call("POST", "/api/versions", json={
         "adapter_path": trained["adapter"], "method": method, "parent_id": serving_id,
         "snapshot_hash": snapshot_hash, "config": to_dict(cfg), "metrics": trained["metrics"]})

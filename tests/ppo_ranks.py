@@ -1,31 +1,37 @@
 """PPO on the toy reward of tests/test_ppo.py in however many processes it is launched in (run by
-tests/test_ppo.py under `accelerate launch`): every rank saves the weights it ends with, rank 0 the
-metrics, so the test can check that the processes stayed in step and compare with one process.
+tests/test_ppo.py and tests/test_serving.py under `accelerate launch`): every rank saves the weights it
+ends with, rank 0 the metrics, so the test can check that the processes stayed in step and compare
+with one process. With `--gateway URL` (the admin token in ALIGNLOOP_GATEWAY_TOKEN) the rollouts are
+sampled on that gateway's engine, as a PPO job of the scheduler's does.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/ppo_ranks.py MODEL OUT_DIR [STEPS [SEED]]
+    accelerate launch --multi_gpu --num_processes 2 tests/ppo_ranks.py MODEL OUT_DIR [--steps 48] [--seed 0] [--gateway URL]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main(model: str, out: Path, steps: int, seed: int) -> None:
+def main(model: str, out: Path, steps: int, seed: int, gateway: str | None) -> None:
     import torch
 
     from loop.config import PPOConfig, TrainConfig
     from loop.training import ppo
+    from loop.training.engine_sampler import EngineSampler
     from tests.test_ppo import PROMPTS, ShareOfE
 
     world, rank = ppo.processes()
     cfg = PPOConfig(steps=steps, rollout_batch=32, minibatch=8, max_new_tokens=16, learning_rate=1e-2,
                     kl_coef=0.05, missing_eos_penalty=0.0)
+    sampler = partial(EngineSampler.for_job, {"rollouts": {"gateway": gateway}}, out, 1) if gateway else None
     metrics, policy = ppo.run(PROMPTS, ShareOfE(), model, None, cfg, TrainConfig(seed=seed),
-                              metrics_path=out / "metrics.jsonl", log=lambda m: None)
+                              metrics_path=out / "metrics.jsonl", log=lambda m: None, sampler=sampler)
     weights = {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
     torch.save(weights, out / f"weights-{rank}.pt")
     if rank == 0:
@@ -33,4 +39,11 @@ def main(model: str, out: Path, steps: int, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), *(int(a) for a in (sys.argv[3:] + ['48', '0'][len(sys.argv) - 3:])))
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gateway")
+    a = p.parse_args()
+    main(a.model, a.out, a.steps, a.seed, a.gateway)

@@ -71,6 +71,16 @@ def test_ppo_with_no_engine_to_reach_falls_back_to_hf_generate_and_says_so(tiny_
     assert (tmp_path / "adapter" / "adapter_config.json").exists() and not (tmp_path / "ra").exists()
 
 
+def test_the_runs_rollout_numbers_count_every_process_and_a_fallback_on_any():
+    from loop.training.engine_sampler import summary
+
+    one_fell_back = summary([(6, 100, 2.0, None), (3, 50, 4.0, "sampling on the engine: timed out")])
+    assert one_fell_back == {"rollouts_on": "engine, then hf-generate", "rollout_engine_steps": 3,
+                             "rollout_engine_tokens": 150, "rollout_engine_tokens_per_s": 37.5,
+                             "rollout_fallback": "sampling on the engine: timed out"}
+    assert summary([(0, 0, 0.0, None)])["rollout_engine_tokens_per_s"] is None
+
+
 class Broken:
     """A reward model gone wrong: NaN for every answer."""
 
@@ -151,10 +161,10 @@ def test_reward_config_rejects_a_bad_extra_spec():
     assert RewardConfig(extra="x=0.5, y=-1").extra
 
 
-def ranks_run(model, out, processes: int) -> dict:
-    """tests/ppo_ranks.py (PPO on the toy reward, 48 steps) under `accelerate launch` in `processes` processes."""
+def ranks_run(model, out, processes: int, *args: str, env: dict[str, str] | None = None) -> dict:
+    """tests/ppo_ranks.py (PPO on the toy reward, 48 steps unless `args` say otherwise) under
+    `accelerate launch` in `processes` processes; rank 0's result."""
     import subprocess
-    import sys
 
     from loop.training import launch
 
@@ -162,8 +172,8 @@ def ranks_run(model, out, processes: int) -> dict:
     head = cmd[:-3]  # the launcher and its flags, as the scheduler runs them, less `-m loop.training.child DIR`
     assert cmd[-3:] == ["-m", "loop.training.child", str(out)]
     out.mkdir(parents=True)
-    done = subprocess.run([*head, str(REPO / "tests" / "ppo_ranks.py"), str(model), str(out)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    done = subprocess.run([*head, str(REPO / "tests" / "ppo_ranks.py"), str(model), str(out), *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 

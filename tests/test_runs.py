@@ -114,4 +114,12 @@ def test_the_log_tells_the_trainers_own_seconds_apart_from_the_cycles():
 
     line = trained_summary({"train_seconds": 10.03, "steps": 32, "kl_to_base": 1.2749, "eval_loss": None,
                             "eval_logits/chosen": -1.9, "resumed_from_step": 0})
-    assert line == "10 s of training steps, steps 32, kl_to_base 1.27, resumed_from_step 0"
+    assert line == "10 s of training steps, steps 32, kl_to_base 1.27"  # a fresh run: no resumed_from_step 0
+    assert trained_summary({"steps": 32, "resumed_from_step": 8}) == "steps 32, resumed_from_step 8"
+
+
+def test_the_log_says_how_many_pairs_a_reward_models_accuracy_was_measured_on():
+    from loop.retrain import held_out
+
+    assert held_out(1.0, {"metrics": {"heldout_pairs": 4}}) == "held-out accuracy 1.000 on 4 pairs"
+    assert held_out(None, {"metrics": {"heldout_pairs": 0}}) == "no held-out pairs to measure its accuracy on"

@@ -342,6 +342,32 @@ def test_ppo_through_the_engine_follows_the_policy_as_it_moves(server, tiny_mode
     assert rollout_adapters(server) == [[]]
 
 
+def test_ppo_in_two_processes_samples_every_rollout_on_the_engine_in_step(server, tiny_model, tmp_path):
+    """`accelerate launch` with 2 processes (gloo), as `train.num_processes = 2` runs a PPO job: rank 0
+    loads each step's adapter, both ranks sample their halves of the batch on the engine with it, and
+    they stay in step. (That 2 processes learn as 1 does is tests/test_ppo.py's, with HF generate.)"""
+    import torch
+
+    from loop.training.engine_sampler import TOKEN_ENV
+    from tests.test_ppo import ranks_run
+
+    steps = 6
+    result = ranks_run(tiny_model, tmp_path / "two", 2, "--steps", str(steps), "--gateway", server.url,
+                       env={TOKEN_ENV: server.admin_token})
+    assert result["world"] == 2 and result["rollouts_on"] == "engine", result
+    assert result["rollout_engine_steps"] == steps and result["rollout_fallback"] is None, result
+    a, b = torch.load(tmp_path / "two" / "weights-0.pt"), torch.load(tmp_path / "two" / "weights-1.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    # every answer of both ranks came from the engine: its tokens are all the tokens trained on
+    # (32 answers a step between the two, of the mean length the processes logged)
+    trained_on = sum(r["value"] for r in rows if r["name"] == "length") * 32
+    assert result["rollout_engine_tokens"] == pytest.approx(trained_on), (result, trained_on)
+    gaps = [r["value"] for r in rows if r["name"] == "engine_logprob_gap"]
+    assert len(gaps) == steps and max(gaps) < 0.05, gaps  # both ranks sampled with the policy of the step
+    assert rollout_adapters(server) == [[]] and not (tmp_path / "two" / "rollout-adapters").exists()
+
+
 def test_the_rollout_api_refuses_bad_input_clearly(server, tmp_path):
     with server.client() as c:
         r = c.post("/api/rollouts", json={"adapter": "rollout-none", "prompts": [[1, 2]]})

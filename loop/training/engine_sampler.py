@@ -104,7 +104,20 @@ class EngineSampler:
                 self.log(f"ppo: could not unload the rollout adapter {self.loaded}: {e}")
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def summary(self) -> dict[str, Any]:
-        return {"rollout_engine_steps": self.steps, "rollout_engine_tokens": self.tokens,
-                "rollout_engine_tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
-                "rollout_fallback": self.failed}
+    def state(self) -> tuple[int, int, float, str | None]:
+        """What `summary` needs from this process: (steps, tokens, seconds, failure)."""
+        return self.steps, self.tokens, self.seconds, self.failed
+
+
+def summary(states: list[tuple[int, int, float, str | None]]) -> dict[str, Any]:
+    """A run's rollout numbers from its processes' `EngineSampler.state()`s: the steps every process
+    sampled on the engine (the fewest), the answer tokens of all, tokens per second (all of them over
+    the slowest process's seconds: the processes sample at once), the first failure of any process
+    (it fell back to `generate` from there, and `rollouts_on` says so)."""
+    seconds = max(s[2] for s in states)
+    tokens = sum(s[1] for s in states)
+    failed = next((s[3] for s in states if s[3] is not None), None)
+    return {"rollouts_on": "engine" if failed is None else "engine, then hf-generate",
+            "rollout_engine_steps": min(s[0] for s in states), "rollout_engine_tokens": tokens,
+            "rollout_engine_tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "rollout_fallback": failed}

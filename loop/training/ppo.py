@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 from loop.config import PPOConfig, TrainConfig
 from loop.training import ppo_math as pm
-from loop.training import toolkit
+from loop.training import engine_sampler, toolkit
 from loop.training.engine_sampler import EngineSampler
 from loop.training.toolkit import (
     NonFiniteLoss,
@@ -210,11 +210,12 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
             advantages, returns = pm.gae(rewards, r["values"], mask, cfg.gamma, cfg.lam)
             advantages = pm.masked_whiten(advantages, mask)
             stats = optimise(model, head, optimizer, schedule, params, r, advantages, returns, cfg, world)
-            row = mean_over_processes({"reward": float(raw.mean()), "score": float(scores.mean()),
-                                       "kl": float(kl.sum(dim=1).mean()), "length": float(mask.sum(dim=1).mean()),
-                                       "eos_share": float(r["has_eos"].float().mean()), **stats}, world)
-            if r["engine_logprob_gap"] is not None and world == 1:
-                row["engine_logprob_gap"] = r["engine_logprob_gap"]
+            row = {"reward": float(raw.mean()), "score": float(scores.mean()), "kl": float(kl.sum(dim=1).mean()),
+                   "length": float(mask.sum(dim=1).mean()), "eos_share": float(r["has_eos"].float().mean()), **stats}
+            if engine is not None:  # on every process (the same keys to average); NaN, not logged, after a fallback
+                gap = r["engine_logprob_gap"]
+                row["engine_logprob_gap"] = gap if gap is not None else math.nan
+            row = mean_over_processes(row, world)
             kl_ctl.update(row["kl"], cfg.rollout_batch)  # the same on every process
             row = {**row, "kl_coef": kl_ctl.value}
             history.append(row)
@@ -246,8 +247,7 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         "kl_to_base": None,
         # policy (the reference is the same weights, adapter off) + value head + reward model(s)
         "weights_mb": weights_mb(model, head, *[m.model for m, _ in getattr(reward, "parts", [])]),
-        "rollouts_on": "hf-generate" if engine is None else ("engine" if engine.failed is None else "engine, then hf-generate"),
-        **(engine.summary() if engine is not None else {}),
+        **({"rollouts_on": "hf-generate"} if engine is None else engine_sampler.summary(gather(engine.state(), world))),
     }
     if heldout_prompts and rank == 0:
         metrics["kl_to_base"] = round(kl_to_base(model, tok, heldout_prompts[:64], seed=train_cfg.seed), 4)
@@ -274,6 +274,17 @@ def barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def gather(obj: Any, world: int) -> list[Any]:
+    """Every process's `obj`, in rank order, on every process."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def mean_over_processes(row: dict[str, float], world: int) -> dict[str, float]:
