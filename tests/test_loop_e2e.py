@@ -280,9 +280,17 @@ def test_a_worse_version_pushed_live_is_rolled_back_by_the_monitor(up, simulated
     name = register(up, flipped_adapter)
     up.cli("promote", name)
     vid = int(name[1:])
-    up.cli("simulate", "--labellers", "0", "--pairs", str(10**9), "--requests", "360", "--seed", "7")
-    deadline = time.monotonic() + 60
+    log = up.root / "monitor-users.log"
+    with log.open("w") as out:
+        users = subprocess.Popen([*up.cli_args(), "simulate", "--labellers", "0", "--pairs", str(10**9),
+                                  "--requests", "360", "--seed", "7"], stdout=out, stderr=subprocess.STDOUT)
     with up.client() as c:
+        deadline = time.monotonic() + 900
+        while users.poll() is None and c.get("/api/status").json()["serving"] == vid and time.monotonic() < deadline:
+            time.sleep(1)
+        users.terminate()  # once it rolled back, the rest of the 360 requests would go to the base
+        assert users.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
+        deadline = time.monotonic() + 60
         while c.get("/api/status").json()["serving"] == vid and time.monotonic() < deadline:
             time.sleep(1)  # the last batch of thumbs may still be on its way to the store
         status = c.get("/api/status").json()
