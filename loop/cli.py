@@ -184,6 +184,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                 print(f"{key:>12}: {'base' if value == 0 else f'v{value}'}")
             elif key == "counts":
                 print(f"{key:>12}: " + ", ".join(f"{n} {table.replace('_', ' ')}" for table, n in value.items()))
+            elif key == "config" and value is None:
+                print(f"{key:>12}: none (built-in defaults; `alignloop init` writes an alignloop.toml)")
             else:
                 print(f"{key:>12}: {_plain(value)}")
     return 0
@@ -197,7 +199,7 @@ def _plain(value: Any, nested: bool = False) -> str:
         return f"({text})" if nested else text
     if isinstance(value, list):
         return ", ".join(_plain(v, True) for v in value) or "none"
-    return str(value)
+    return "none" if value is None else str(value)
 
 
 def _private_dir(path: Path) -> None:

@@ -95,3 +95,14 @@ def test_init_for_a_real_model_writes_a_gate_that_is_not_the_demo_rule(tmp_path)
         text = (REPO / "ops" / "configs" / shipped).read_text()
         section = text[text.index("[gate]"):]
         assert "judge =" in section and "# " in section and "demo" not in tomllib.loads(text)["gate"]["judge"]
+
+
+def test_status_reads_plainly_with_no_config_file_and_no_gateway(tmp_path, capsys, monkeypatch):
+    from loop.cli import main
+    from tests.serving import free_port
+
+    monkeypatch.chdir(tmp_path)  # no alignloop.toml here: the built-in defaults
+    assert main(["--set", f"data.dir={tmp_path / 'data'}", "--set", f"gateway.port={free_port()}", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "previous: none" in out and "config: none (built-in defaults" in out, out
+    assert "None" not in out, out
