@@ -218,10 +218,10 @@ def trained_summary(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def held_out(accuracy: float | None, fitted: dict[str, Any]) -> str:
-    """A reward model's held-out accuracy for the log, with how many pairs it was measured on (1.0
-    on 4 pairs says little)."""
-    n = fitted.get("metrics", {}).get("heldout_pairs")
+def held_out(fitted: dict[str, Any]) -> str:
+    """A fitted reward model's held-out accuracy (the child's result) for the log, with how many pairs
+    it was measured on (1.0 on 4 pairs says little)."""
+    accuracy, n = fitted.get("accuracy"), fitted.get("metrics", {}).get("heldout_pairs")
     if accuracy is None:
         return "no held-out pairs to measure its accuracy on"
     return f"held-out accuracy {accuracy:.3f}" + (f" on {n} pairs" if n is not None else "")
@@ -302,14 +302,14 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     reward_model = None
     if trained.get("reward_model"):
         reward_model = register_reward_model(cfg, client, run_id, trained["reward_model"], pairs_hash, "reward")
-        log(f"run {run_id}: reward model {reward_model['id']}: {held_out(reward_model['accuracy'], trained['reward_model'])}")
+        log(f"run {run_id}: reward model {reward_model['id']}: {held_out(trained['reward_model'])}")
     if trained.get("judge_error"):
         log(f"run {run_id}: the gate's reward model could not be fitted: {trained['judge_error']}")
     if trained.get("judge_model"):
         trained["judge_model"]["metrics"]["fingerprint"] = fingerprint
         judge_model = register_reward_model(cfg, client, run_id, trained["judge_model"], pairs_hash, "judge")
         judge_model["metrics"] = trained["judge_model"]["metrics"]
-        log(f"run {run_id}: the gate's reward model {judge_model['id']}: {held_out(judge_model['accuracy'], trained['judge_model'])}")
+        log(f"run {run_id}: the gate's reward model {judge_model['id']}: {held_out(trained['judge_model'])}")
     candidate = client.call("POST", "/api/versions", json={
         "adapter_path": trained["adapter"], "method": method, "parent_id": serving_id,
         "snapshot_hash": snapshot_hash, "config": to_dict(cfg), "metrics": trained["metrics"]})

@@ -121,5 +121,5 @@ def test_the_log_tells_the_trainers_own_seconds_apart_from_the_cycles():
 def test_the_log_says_how_many_pairs_a_reward_models_accuracy_was_measured_on():
     from loop.retrain import held_out
 
-    assert held_out(1.0, {"metrics": {"heldout_pairs": 4}}) == "held-out accuracy 1.000 on 4 pairs"
-    assert held_out(None, {"metrics": {"heldout_pairs": 0}}) == "no held-out pairs to measure its accuracy on"
+    assert held_out({"accuracy": 1.0, "metrics": {"heldout_pairs": 4}}) == "held-out accuracy 1.000 on 4 pairs"
+    assert held_out({"accuracy": None, "metrics": {"heldout_pairs": 0}}) == "no held-out pairs to measure its accuracy on"
