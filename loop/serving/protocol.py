@@ -357,7 +357,6 @@ class RolloutRequest(ApiModel):
     max_tokens: int = Field(default=48, ge=1, le=100_000)
     min_tokens: int = Field(default=0, ge=0, le=100_000)
     temperature: float = Field(default=1.0, gt=0, le=10)
-    seed: Seed = 0
 
 
 class RetrainRequest(ApiModel):

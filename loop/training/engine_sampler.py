@@ -77,7 +77,7 @@ class EngineSampler:
             shutil.rmtree(self.folder / self.loaded, ignore_errors=True)
         self.loaded = name
 
-    def sample(self, step: int, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
+    def sample(self, step: int, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
                min_new_tokens: int = 0) -> list[dict[str, Any]] | None:
         """One answer per prompt: [{"token_ids", "finish_reason"}], or None once the engine failed."""
         if self.failed is not None:
@@ -86,7 +86,7 @@ class EngineSampler:
         try:
             data = self.client.call("POST", "/api/rollouts", json={
                 "adapter": self.adapter_at(step), "prompts": prompt_ids, "max_tokens": max_new_tokens, "min_tokens": min_new_tokens,
-                "temperature": temperature, "seed": seed})
+                "temperature": temperature})
         except GatewayError as e:
             self._fail("sampling on the engine", e)
             return None

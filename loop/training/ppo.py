@@ -109,7 +109,8 @@ def engine_answers(completions: list[dict[str, Any]], pad_id: int):
 def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator_seed: int,
             sampler: EngineSampler | None = None, step: int = 0, min_new_tokens: int = 0) -> dict[str, Any]:
     """Sample one answer per prompt (on the engine when `sampler` is given and works, else with HF
-    `generate`); the tensors PPO needs (no gradients)."""
+    `generate`, seeded by `generator_seed`; the engine samples unseeded); the tensors PPO needs (no
+    gradients)."""
     import torch
 
     tok.padding_side = "left"
@@ -120,7 +121,7 @@ def rollout(model, head, tok, prompts: list[Messages], cfg: PPOConfig, generator
     completions = None
     if sampler is not None:
         ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
-        completions = sampler.sample(step, ids, cfg.max_new_tokens, cfg.temperature, generator_seed, min_new_tokens)
+        completions = sampler.sample(step, ids, cfg.max_new_tokens, cfg.temperature, min_new_tokens)
     with torch.no_grad():  # not inference_mode: these tensors take part in the loss later
         if completions is not None:
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -81,11 +81,11 @@ def hf_tokens_per_s(model, tok, enc, tokens: int, seed: int) -> float:
     return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] / elapsed
 
 
-def engine_tokens_per_s(sampler: EngineSampler, enc, tokens: int, seed: int, step: int = 5) -> float:
+def engine_tokens_per_s(sampler: EngineSampler, enc, tokens: int, step: int = 5) -> float:
     """Through the gateway, on the adapter the sampler loaded last (at `step`)."""
     ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
     t = time.perf_counter()
-    out = sampler.sample(step, ids, tokens, 1.0, seed, min_new_tokens=tokens)
+    out = sampler.sample(step, ids, tokens, 1.0, min_new_tokens=tokens)
     elapsed = time.perf_counter() - t
     if out is None:
         raise RuntimeError(f"the engine failed: {sampler.failed}")
@@ -108,11 +108,11 @@ def throughput(server, model_dir: Path, batches: list[int], tokens: int, rounds:
     for n in batches:
         enc = encode(tok, n)
         hf_tokens_per_s(model, tok, enc, 4, 0)  # warm-up, both ways
-        engine_tokens_per_s(sampler, enc, 4, 0)
+        engine_tokens_per_s(sampler, enc, 4)
         hf, engine = [], []
         for r in range(rounds):
             hf.append(hf_tokens_per_s(model, tok, enc, tokens, r))
-            engine.append(engine_tokens_per_s(sampler, enc, tokens, r))
+            engine.append(engine_tokens_per_s(sampler, enc, tokens))
         rows.append({"prompts": n, "tokens": tokens, "hf": statistics.median(hf), "engine": statistics.median(engine),
                      "ratio": statistics.median(e / h for e, h in zip(engine, hf)), "hf_all": hf, "engine_all": engine})
         print(f"rollouts: {n} prompts x {tokens} tokens: HF {rows[-1]['hf']:.0f} tok/s, engine "
