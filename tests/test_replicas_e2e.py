@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import openai
 import pytest
 
-from loop.serving.engine import group_members
+from loop.vllm_server import group_members
 from tests.serving import free_port, free_ports, make_adapter, pid_alive, start
 
 pytestmark = pytest.mark.slow

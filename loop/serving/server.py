@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from loop.config import Config
-from loop.serving.engine import KEEP_ALIVE_S, Engine
+from loop.serving.engine import Engine
+from loop.vllm_server import KEEP_ALIVE_S
 
 
 def admin_token(store, path: Path) -> str:
