@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 import shutil
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from loop.config import Config, to_dict
 from loop.evaluation import judges
 from loop.evaluation.gate import Decision, decide, heldout_prompts, newest_prompt_id, shadow_prompts
 from loop.evaluation.judges import Judge, JudgeUnavailable
-from loop.training import engine_sampler, launch, memory
+from loop.training import engine_sampler, launch, memory, rollout_engine
 
 
 class RunFailed(RuntimeError):
@@ -46,7 +47,8 @@ def train(cfg: Config, client: GatewayClient, run_id: int, run_dir: Path, job: d
     except memory.DoesNotFit as e:
         raise RunFailed(f"not started: {e}") from None
     env = {"ALIGNLOOP_RUN_ID": str(run_id), **({"CUDA_VISIBLE_DEVICES": cfg.train.devices} if cfg.train.devices else {}),
-           **({engine_sampler.TOKEN_ENV: client.token} if job.get("rollouts") and client.token else {})}
+           **({engine_sampler.TOKEN_ENV: client.token} if job.get("rollouts") and client.token else {}),
+           **({rollout_engine.KEY_ENV: secrets.token_urlsafe(24)} if (job.get("rollouts") or {}).get("dedicated") else {})}
     done = launch.launch(job, run_dir, launch.command(cfg.train, cfg.root, run_dir), cfg.train.timeout_s,
                          on_metrics=heartbeat, env=env)
     if done.timed_out:
@@ -293,6 +295,8 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     job["checkpoint_dir"] = str(checkpoint_dir(cfg, job, f"{snapshot_hash}+{pairs_hash}"))
     if method == "ppo" and cfg.ppo.rollouts == "engine":  # where to sample, not what is learned: not in the hash
         job["rollouts"] = {"gateway": client.url}
+    elif method == "ppo" and cfg.ppo.rollouts == "dedicated":
+        job["rollouts"] = {"dedicated": rollout_engine.job_settings(cfg.engine, rollout_engine.free_port())}
     if any(Path(job["checkpoint_dir"]).rglob("checkpoint-*")):
         log(f"run {run_id}: a killed run of this job left checkpoints in {job['checkpoint_dir']}: it resumes from them")
     started = time.monotonic()

@@ -103,10 +103,11 @@ def test_one_cycle_raises_the_judged_win_rate(up, simulated):
 
 def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up, simulated):
     """The same labels, the other method: the reward model is fitted on them, PPO rolls out on the
-    logged prompts against it, and the candidate is gated against the base."""
+    logged prompts against it (on a vLLM engine of the run's own: `ppo.rollouts = "dedicated"`),
+    and the candidate is gated against the base."""
     up.cli("promote", "base")
     started = time.monotonic()
-    out = up.cli("retrain", "--method", "ppo")
+    out = up.cli("retrain", "--method", "ppo", "--set", "ppo.rollouts=dedicated")
     cycle = time.monotonic() - started
     with up.client() as c:
         run = c.get("/api/runs").json()[0]
@@ -115,13 +116,15 @@ def test_rlhf_cycle_refreshes_the_reward_model_and_ppo_beats_the_base(up, simula
     assert run["method"] == "ppo" and run["status"] == "promoted", out.stdout + out.stderr
     metrics = json.loads(run["metrics"])
     assert reward_models[0]["run_id"] == run["id"] and metrics["reward_model_id"] == reward_models[0]["id"]
-    # every rollout was sampled on the serving engine (ppo.rollouts = "engine", the default)
-    assert metrics["rollouts_on"] == "engine" and metrics["rollout_engine_steps"] == up.cfg.ppo.steps, metrics
+    # every rollout was sampled on the run's own engine, which the scheduler's job asked for (the
+    # default, the serving engine, is sampled through the gateway in tests/test_serving.py)
+    assert metrics["rollouts_on"] == "dedicated engine", metrics
+    assert metrics["rollout_engine_steps"] == up.cfg.ppo.steps, metrics
     rate = judged_win_rate(up, f"v{status['serving']}", "base")
     print(f"\nE2E PPO: reward model held-out accuracy {reward_models[0]['accuracy']:.3f} on "
           f"{metrics['reward_model_heldout_pairs']} pairs, reward {metrics['reward_first']:.2f} -> "
           f"{metrics['reward_last']:.2f}, gate win rate {metrics['win_rate']:.3f}, held-out judged win rate over "
-          f"base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; rollouts on the engine at "
+          f"base {rate:.3f}, KL {metrics['kl_to_base']:.2f}; rollouts on its own engine at "
           f"{metrics['rollout_engine_tokens_per_s']} tokens/s; whole cycle {cycle:.0f} s")
     # Offline (ops/bench/results/compare.md) the reward model scores 0.80-0.90 on the held-out pairs and
     # PPO reaches 0.63-0.66 over the base, 3 seeds. The held-out set here is ~23 pairs, so one pair is

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loop.config import Config, KTOConfig, PPOConfig, RewardConfig, TrainConfig
-from loop.training import launch
+from loop.training import launch, rollout_engine
 from loop.training.engine_sampler import TOKEN_ENV
 
 # What each method holds while it trains (by construction of loop.training.dpo, loop.training.ppo, loop.training.reward):
@@ -127,10 +127,12 @@ def grader(cfg: Config):
 
 
 def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_prompts: list, samples: int,
-          judge, log=print, init_adapter: str | None = None, gateway: tuple[str, str] | None = None) -> dict[str, Any]:
+          judge, log=print, init_adapter: str | None = None, gateway: tuple[str, str] | None = None,
+          dedicated: bool = False) -> dict[str, Any]:
     """Train `method` with `seed` on `snapshot` (from `init_adapter`, or a fresh adapter) in
     work/METHOD-seedSEED, and judge it against the base. `gateway`: (URL, admin token) of a running
-    gateway whose engine samples PPO's rollouts (else HF `generate`)."""
+    gateway whose engine samples PPO's rollouts; `dedicated`: PPO samples on an engine of its own
+    (`loop.training.rollout_engine`); neither: HF `generate`."""
     train = dataclasses.replace(cfg.train, seed=seed, num_processes=1)
     run_dir = work / f"{method}-seed{seed}"
     job = {"method": method, "snapshot": str(snapshot), "base_model": str(cfg.base_model_dir),
@@ -141,6 +143,8 @@ def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_
     env = None
     if gateway and method == "ppo":
         job["rollouts"], env = {"gateway": gateway[0]}, {TOKEN_ENV: gateway[1]}
+    elif dedicated and method == "ppo":
+        job["rollouts"] = {"dedicated": rollout_engine.job_settings(cfg.engine, rollout_engine.free_port())}
     log(f"compare: {method} seed {seed}: training ({run_dir})")
     done = run_trainer(job, run_dir, cfg.train.timeout_s, env)
     row: dict[str, Any] = {"method": method, "seed": seed, "wall_s": done["wall_s"], "peak_rss_mb": done["peak_rss_mb"]}

@@ -15,7 +15,9 @@ RUN_DIR/job.json:
      "judge": true | false (also refresh the gate's reward model on every labelled pair),
      "checkpoint_dir": null | "/abs/dir" (this job's own: checkpoint there, resume from what is there),
      "rollouts": {"gateway": URL} (PPO: sample the rollouts on the serving engine through this
-       gateway, signed in with $ALIGNLOOP_GATEWAY_TOKEN; absent: HF generate)}
+       gateway, signed in with $ALIGNLOOP_GATEWAY_TOKEN) or {"dedicated": {"port": P, ...}} (on an
+       engine of the run's own: loop.training.rollout_engine; API key $ALIGNLOOP_ROLLOUT_ENGINE_KEY);
+       absent: HF generate}
 
 What it writes (only the main process writes):
 
@@ -130,8 +132,7 @@ def rollout_prompts(snapshot: str | os.PathLike[str], exclude: list[Any]) -> lis
 def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Refresh the reward model on every labelled pair, then PPO against it (and [reward] extra)."""
     from loop.config import PPOConfig, RewardConfig, TrainConfig
-    from loop.training import dpo, ppo, reward
-    from loop.training.engine_sampler import EngineSampler
+    from loop.training import dpo, ppo, reward, rollout_engine
 
     train_cfg, reward_cfg = TrainConfig(**job["train"]), RewardConfig(**job["reward"])
     train_pairs, heldout_pairs = dpo.load_pairs(job["snapshot"])
@@ -148,7 +149,7 @@ def train_ppo(job: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                          train_cfg, init_adapter=job.get("init_adapter"), metrics_path=run_dir / "metrics.jsonl",
                          heldout_prompts=exclude or [p["prompt"] for p in heldout_pairs],
                          log=log, checkpoint_dir=job.get("checkpoint_dir"),
-                         sampler=partial(EngineSampler.for_job, job, run_dir, ppo_cfg.sync_steps, log=log))
+                         sampler=partial(rollout_engine.for_job, job, run_dir, ppo_cfg.sync_steps, log=log))
     metrics.update({f"reward_model_{k}": v for k, v in rm.items()})
     return {"adapter": str(job["output_adapter"]), "metrics": metrics,
             "reward_model": {"path": str(reward_dir), "accuracy": rm.get("accuracy"), "metrics": rm}}

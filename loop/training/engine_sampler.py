@@ -34,6 +34,8 @@ class EngineSampler:
     The adapter for a step is named by the step it was loaded at, on a schedule every process knows
     (every `sync_steps` steps from `first_step`), so the others need not be told."""
 
+    WHERE = "engine"  # what a run's `rollouts_on` says
+
     def __init__(self, client: GatewayClient, folder: Path, tag: str, sync_steps: int, first_step: int = 1,
                  log=print) -> None:
         self.client, self.folder, self.tag, self.log = client, folder, tag, log
@@ -109,15 +111,15 @@ class EngineSampler:
         return self.steps, self.tokens, self.seconds, self.failed
 
 
-def summary(states: list[tuple[int, int, float, str | None]]) -> dict[str, Any]:
+def summary(states: list[tuple[int, int, float, str | None]], where: str = "engine") -> dict[str, Any]:
     """A run's rollout numbers from its processes' `EngineSampler.state()`s: the steps every process
     sampled on the engine (the fewest), the answer tokens of all, tokens per second (all of them over
     the slowest process's seconds: the processes sample at once), the first failure of any process
-    (it fell back to `generate` from there, and `rollouts_on` says so)."""
+    (it fell back to `generate` from there, and `rollouts_on` says so). `where`: the sampler's WHERE."""
     seconds = max(s[2] for s in states)
     tokens = sum(s[1] for s in states)
     failed = next((s[3] for s in states if s[3] is not None), None)
-    return {"rollouts_on": "engine" if failed is None else "engine, then hf-generate",
+    return {"rollouts_on": where if failed is None else f"{where}, then hf-generate",
             "rollout_engine_steps": min(s[0] for s in states), "rollout_engine_tokens": tokens,
             "rollout_engine_tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "rollout_fallback": failed}

@@ -248,7 +248,7 @@ def run(prompts: list[Messages], reward, base_model: str | os.PathLike[str],
         "kl_to_base": None,
         # policy (the reference is the same weights, adapter off) + value head + reward model(s)
         "weights_mb": weights_mb(model, head, *[m.model for m, _ in getattr(reward, "parts", [])]),
-        **({"rollouts_on": "hf-generate"} if engine is None else engine_sampler.summary(gather(engine.state(), world))),
+        **({"rollouts_on": "hf-generate"} if engine is None else engine_sampler.summary(gather(engine.state(), world), engine.WHERE)),
     }
     if heldout_prompts and rank == 0:
         metrics["kl_to_base"] = round(kl_to_base(model, tok, heldout_prompts[:64], seed=train_cfg.seed), 4)

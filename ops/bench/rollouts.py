@@ -1,16 +1,20 @@
-"""PPO's rollouts on the serving vLLM engine against HF `generate`: tokens per second, and the win rate.
+"""PPO's rollouts on vLLM engines against HF `generate`: tokens per second, and the win rate.
 
-Part 1, throughput, measured in one run and interleaved (HF, engine, HF, engine, ... per round):
-the same policy (the demo model + a LoRA adapter of the PPO shape), the same prompts, every
-answer exactly `--tokens` long (min = max new tokens), sampled at temperature 1. "HF" is
-`model.generate` on one left-padded batch, as `loop.training.ppo.rollout` calls it; "engine" is the
-path PPO takes with `ppo.rollouts = "engine"`: `EngineSampler.sample`, i.e. `POST /api/rollouts`
-on a running `alignloop serve`, one request per prompt at the lowest priority. The adapter sync
-(save + load on the engine, once per `ppo.sync_steps` steps) is timed on its own.
+Part 1, throughput, measured in one run and interleaved (HF, serving engine, dedicated engine, ...
+per round): the same policy (the demo model + a LoRA adapter of the PPO shape), the same prompts,
+every answer exactly `--tokens` long (min = max new tokens), sampled at temperature 1. "HF" is
+`model.generate` on one left-padded batch, as `loop.training.ppo.rollout` calls it; "serving
+engine" is the path PPO takes with `ppo.rollouts = "engine"`: `EngineSampler.sample`, i.e.
+`POST /api/rollouts` on a running `alignloop serve` (the adapter on its LoRA-enabled engine, up to
+64 prompts per engine request, at the lowest priority); "dedicated" is `ppo.rollouts =
+"dedicated"`: `RolloutEngine.sample` on an engine of the run's own, no LoRA layers, the policy's
+merged weights reloaded into it. Each sync (save + load, once per `ppo.sync_steps` steps) is timed
+on its own.
 
 Part 2 (`--ppo-seeds`), the result: the trainer child runs PPO on the benchmark snapshot of
-`ops/bench/compare.py`, once with HF `generate` and once through the engine, for each seed, and
-the demo rule (the simulated people) judges each candidate against the base on the held-out prompts.
+`ops/bench/compare.py` with HF `generate`, through the serving engine and on a dedicated engine,
+for each seed, and the demo rule (the simulated people) judges each candidate against the base on
+the held-out prompts.
 
     .venv/bin/python ops/bench/rollouts.py [--model DIR] [--batches 32,128] [--tokens 48] [--rounds 3] \
         [--ppo-seeds 0,1,2] [--out ops/bench/results/rollouts.md]
@@ -37,6 +41,7 @@ sys.path.insert(0, str(REPO / "ops" / "bench"))
 from loop import config as configuration  # noqa: E402
 from loop.client import GatewayClient  # noqa: E402
 from loop.demo import corpus as demo_corpus  # noqa: E402
+from loop.training import rollout_engine  # noqa: E402
 from loop.training.engine_sampler import EngineSampler  # noqa: E402
 from tests.serving import free_port, start  # noqa: E402
 
@@ -93,32 +98,49 @@ def engine_tokens_per_s(sampler: EngineSampler, enc, tokens: int, step: int = 5)
     return sum(len(c["token_ids"]) for c in out) / elapsed
 
 
-def throughput(server, model_dir: Path, batches: list[int], tokens: int, rounds: int, work: Path) -> dict:
-    model, tok = policy(model_dir)
-    sampler = EngineSampler(GatewayClient(server.url, server.admin_token, timeout=600), work / "rollout-adapters",
-                            "bench", sync_steps=1)
+def synced(sampler: EngineSampler, model) -> float:
+    """Five syncs, once per step as with ppo.sync_steps = 1; the median seconds of one."""
     syncs = []
-    for step in range(1, 6):  # the sync once per step, as with ppo.sync_steps = 1
+    for step in range(1, 6):
         t = time.perf_counter()
         sampler.sync(model, step)
         syncs.append(time.perf_counter() - t)
         if sampler.failed:
             raise RuntimeError(sampler.failed)
+    return statistics.median(syncs)
+
+
+def throughput(server, model_dir: Path, batches: list[int], tokens: int, rounds: int, work: Path) -> dict:
+    model, tok = policy(model_dir)
+    cfg = configuration.load(server.root / "alignloop.toml")
+    work.joinpath("dedicated").mkdir(parents=True, exist_ok=True)
+    samplers = {
+        "engine": EngineSampler(GatewayClient(server.url, server.admin_token, timeout=600), work / "rollout-adapters",
+                                "bench", sync_steps=1),
+        "dedicated": rollout_engine.RolloutEngine.start(
+            rollout_engine.job_settings(cfg.engine, free_port()), str(model_dir), work / "dedicated", 1, 1)}
+    sync_ms = {name: synced(s, model) * 1000 for name, s in samplers.items()}
     rows = []
     for n in batches:
         enc = encode(tok, n)
-        hf_tokens_per_s(model, tok, enc, 4, 0)  # warm-up, both ways
-        engine_tokens_per_s(sampler, enc, 4)
-        hf, engine = [], []
+        hf_tokens_per_s(model, tok, enc, 4, 0)  # warm-up, every way
+        for s in samplers.values():
+            engine_tokens_per_s(s, enc, 4)
+        runs: dict[str, list[float]] = {"hf": [], **{name: [] for name in samplers}}
         for r in range(rounds):
-            hf.append(hf_tokens_per_s(model, tok, enc, tokens, r))
-            engine.append(engine_tokens_per_s(sampler, enc, tokens))
-        rows.append({"prompts": n, "tokens": tokens, "hf": statistics.median(hf), "engine": statistics.median(engine),
-                     "ratio": statistics.median(e / h for e, h in zip(engine, hf)), "hf_all": hf, "engine_all": engine})
-        print(f"rollouts: {n} prompts x {tokens} tokens: HF {rows[-1]['hf']:.0f} tok/s, engine "
-              f"{rows[-1]['engine']:.0f} tok/s, ratio {rows[-1]['ratio']:.2f}", flush=True)
-    sampler.close()
-    return {"rows": rows, "sync_ms": statistics.median(syncs) * 1000}
+            runs["hf"].append(hf_tokens_per_s(model, tok, enc, tokens, r))
+            for name, s in samplers.items():
+                runs[name].append(engine_tokens_per_s(s, enc, tokens))
+        row = {"prompts": n, "tokens": tokens, **{k: statistics.median(v) for k, v in runs.items()},
+               **{f"{name}_ratio": statistics.median(e / h for e, h in zip(runs[name], runs["hf"])) for name in samplers},
+               "all": runs}
+        rows.append(row)
+        print(f"rollouts: {n} prompts x {tokens} tokens: HF {row['hf']:.0f} tok/s, serving engine {row['engine']:.0f} "
+              f"({row['engine_ratio']:.2f}x), dedicated engine {row['dedicated']:.0f} ({row['dedicated_ratio']:.2f}x)",
+              flush=True)
+    for s in samplers.values():
+        s.close()
+    return {"rows": rows, "sync_ms": sync_ms}
 
 
 def ppo_win_rates(server, model_dir: Path, seeds: list[int], work: Path) -> list[dict]:
@@ -132,8 +154,9 @@ def ppo_win_rates(server, model_dir: Path, seeds: list[int], work: Path) -> list
     eval_prompts = heldout_prompts(snapshot, cfg.gate.eval_prompts)
     rows = []
     for seed in seeds:
-        for mode, gateway in (("generate", None), ("engine", (server.url, server.admin_token))):
-            row = trial(cfg, snapshot, "ppo", seed, work / mode, eval_prompts, 2, grader(cfg), gateway=gateway)
+        for mode, gateway in (("generate", None), ("engine", (server.url, server.admin_token)), ("dedicated", None)):
+            row = trial(cfg, snapshot, "ppo", seed, work / mode, eval_prompts, 2, grader(cfg), gateway=gateway,
+                        dedicated=mode == "dedicated")
             rows.append({"mode": mode, **row})
             print(f"ppo seed {seed} via {mode}: {json.dumps({k: row.get(k) for k in ('win_rate', 'train_seconds', 'rollouts_on', 'rollout_engine_tokens_per_s', 'kl_to_base', 'error')})}",
                   flush=True)
@@ -141,25 +164,28 @@ def ppo_win_rates(server, model_dir: Path, seeds: list[int], work: Path) -> list
 
 
 def report(tp: dict, ppo: list[dict], model_dir: Path, command: str) -> str:
-    lines = [f"# PPO rollouts: the serving vLLM engine vs HF `generate` (`ops/bench/rollouts.py`)\n",
+    lines = [f"# PPO rollouts: vLLM engines vs HF `generate` (`ops/bench/rollouts.py`)\n",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), no GPU. Model: `{model_dir}` with a LoRA "
              "adapter of [train]'s shape (the policy PPO trains).\n", f"    {command}\n",
              "## Rollout tokens per second (median of the rounds; every answer exactly as long)\n",
-             "| prompts | tokens each | HF generate tok/s | engine (through the gateway) tok/s | engine / HF |",
-             "| --- | --- | --- | --- | --- |"]
+             "| prompts | tokens each | HF generate tok/s | serving engine (through the gateway) tok/s | serving / HF "
+             "| dedicated engine tok/s | dedicated / HF |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in tp["rows"]:
-        lines.append(f"| {r['prompts']} | {r['tokens']} | {r['hf']:.0f} | {r['engine']:.0f} | **{r['ratio']:.2f}** |")
-    lines.append(f"\nLoading the policy on the engine (save the adapter, `POST /api/rollouts/adapters`): "
-                 f"{tp['sync_ms']:.0f} ms median, once per `ppo.sync_steps` rollout steps.\n")
+        lines.append(f"| {r['prompts']} | {r['tokens']} | {r['hf']:.0f} | {r['engine']:.0f} | **{r['engine_ratio']:.2f}** "
+                     f"| {r['dedicated']:.0f} | **{r['dedicated_ratio']:.2f}** |")
+    lines.append(f"\nLoading the policy (median, once per `ppo.sync_steps` rollout steps): on the serving engine (save "
+                 f"the adapter, `POST /api/rollouts/adapters`) {tp['sync_ms']['engine']:.0f} ms; on the dedicated one "
+                 f"(merge, save, reload the weights, empty the prefix cache) {tp['sync_ms']['dedicated']:.0f} ms.\n")
     if ppo:
-        lines += ["## PPO through the engine vs through HF generate (judged by the demo rule against the base)\n",
+        lines += ["## PPO with each sampler (judged by the demo rule against the base)\n",
                   "| seed | rollouts | win rate over base | KL to base | train s | rollout tok/s on the engine |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in ppo:
-            lines.append(f"| {r['seed']} | {r.get('rollouts_on', r['mode'])} | {r.get('win_rate', float('nan')):.3f} | "
+            lines.append(f"| {r['seed']} | {r['mode']} ({r.get('rollouts_on', '-')}) | {r.get('win_rate', float('nan')):.3f} | "
                          f"{r.get('kl_to_base') or float('nan'):.2f} | {r.get('train_seconds') or float('nan'):.0f} | "
                          f"{r.get('rollout_engine_tokens_per_s') or '-'} |")
-        for mode in ("generate", "engine"):
+        for mode in ("generate", "engine", "dedicated"):
             rates = [r["win_rate"] for r in ppo if r["mode"] == mode and "win_rate" in r]
             if rates:
                 lines.append(f"\n{mode}: mean win rate {statistics.mean(rates):.3f} "
