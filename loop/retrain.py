@@ -296,7 +296,8 @@ def _cycle(cfg: Config, client: GatewayClient, run: dict[str, Any], method: str,
     if method == "ppo" and cfg.ppo.rollouts == "engine":  # where to sample, not what is learned: not in the hash
         job["rollouts"] = {"gateway": client.url}
     elif method == "ppo" and cfg.ppo.rollouts == "dedicated":
-        job["rollouts"] = {"dedicated": rollout_engine.job_settings(cfg.engine, rollout_engine.free_port())}
+        job["rollouts"] = {"dedicated": rollout_engine.job_settings(cfg.engine, rollout_engine.free_port(),
+                                                                          cfg.ppo.rollout_engine_share)}
     if any(Path(job["checkpoint_dir"]).rglob("checkpoint-*")):
         log(f"run {run_id}: a killed run of this job left checkpoints in {job['checkpoint_dir']}: it resumes from them")
     started = time.monotonic()

@@ -262,10 +262,15 @@ class PPOConfig:
                                  "for ~30 s of start-up and a second engine's memory) or generate (HF generate)")
     sync_steps: int = _f(1, "engine rollouts: rollout steps between loading the policy's adapter on the engine "
                             "(1: every step, fully on-policy; K: samples from a policy up to K-1 steps old)")
+    rollout_engine_share: float = _f(0.3, "dedicated rollouts on a GPU: share of the trainer's first GPU the run's own "
+                                          "engine takes (vLLM --gpu-memory-utilization); the trainer gets what the "
+                                          "engines leave, checked before the run starts")
 
     def __post_init__(self) -> None:
         if min(self.steps, self.rollout_batch, self.ppo_epochs, self.minibatch, self.max_new_tokens, self.sync_steps) < 1:
             raise ValueError("steps, rollout_batch, ppo_epochs, minibatch, max_new_tokens and sync_steps must be at least 1")
+        if not 0 < self.rollout_engine_share < 1:
+            raise ValueError("rollout_engine_share must be between 0 and 1")
         if self.rollouts not in ("engine", "dedicated", "generate"):
             raise ValueError(f"rollouts must be engine, dedicated or generate, not {self.rollouts!r}")
         if self.minibatch > self.rollout_batch:

@@ -60,6 +60,28 @@ def test_a_trainer_that_cannot_fit_beside_the_engine_is_refused_with_the_numbers
         memory.check("dpo", half_b, TrainConfig(devices="3"), RewardConfig(), EngineConfig(), two_gpus)
 
 
+def test_a_ppo_run_with_its_own_rollout_engine_counts_that_engine_on_its_first_gpu():
+    half_b, one_gpu = 494_000_000, {"0": 16 * GiB}
+    # PPO needs 3.7 GiB: beside an engine at half the card it fits; with its own engine at 30% as well it does not
+    serving_half = EngineConfig(gpu_memory_share=0.5)
+    with pytest.raises(memory.DoesNotFit) as e:
+        memory.check("ppo", half_b, TrainConfig(), RewardConfig(), serving_half, one_gpu, rollout_share=0.3)
+    message = str(e.value)
+    for part in ("the engine takes 50% (engine.gpu_memory_share)", "the run's own rollout engine takes 30% "
+                 "(ppo.rollout_engine_share)", "leaving 3.2 GiB", "Lower engine.gpu_memory_share or "
+                 "ppo.rollout_engine_share"):
+        assert part in message, message
+    memory.check("ppo", half_b, TrainConfig(), RewardConfig(), serving_half, one_gpu)
+    memory.check("ppo", half_b, TrainConfig(), RewardConfig(), serving_half, one_gpu, rollout_share=0.1)
+    # the trainer on a GPU of its own shares it with its rollout engine alone
+    two_gpus = {"0": 16 * GiB, "1": 16 * GiB}
+    memory.check("ppo", half_b, TrainConfig(devices="1"), RewardConfig(), EngineConfig(devices="0"), two_gpus,
+                 rollout_share=0.7)
+    with pytest.raises(memory.DoesNotFit, match="the run's own rollout engine takes 90%"):
+        memory.check("ppo", half_b, TrainConfig(devices="1"), RewardConfig(), EngineConfig(devices="0"), two_gpus,
+                     rollout_share=0.9)
+
+
 def test_without_cuda_nothing_is_checked(tmp_path):
     from loop.config import Config, DataConfig
 

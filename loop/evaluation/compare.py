@@ -144,7 +144,8 @@ def trial(cfg: Config, snapshot: Path, method: str, seed: int, work: Path, eval_
     if gateway and method == "ppo":
         job["rollouts"], env = {"gateway": gateway[0]}, {TOKEN_ENV: gateway[1]}
     elif dedicated and method == "ppo":
-        job["rollouts"] = {"dedicated": rollout_engine.job_settings(cfg.engine, rollout_engine.free_port())}
+        job["rollouts"] = {"dedicated": rollout_engine.job_settings(cfg.engine, rollout_engine.free_port(),
+                                                                          cfg.ppo.rollout_engine_share)}
     log(f"compare: {method} seed {seed}: training ({run_dir})")
     done = run_trainer(job, run_dir, cfg.train.timeout_s, env)
     row: dict[str, Any] = {"method": method, "seed": seed, "wall_s": done["wall_s"], "peak_rss_mb": done["peak_rss_mb"]}

@@ -89,25 +89,28 @@ def engine_devices(engine: EngineConfig) -> set[str]:
 
 
 def check(method: str, params: int, train: TrainConfig, reward: RewardConfig, engine: EngineConfig,
-          totals: dict[str, int]) -> Need:
+          totals: dict[str, int], rollout_share: float = 0.0) -> Need:
     """Raise `DoesNotFit` when a run of `method` cannot fit on one of its GPUs (`totals`: each GPU's
-    memory in bytes, by the number CUDA_VISIBLE_DEVICES names it with); else return its need."""
+    memory in bytes, by the number CUDA_VISIBLE_DEVICES names it with); else return its need.
+    `rollout_share`: what a PPO run's own rollout engine takes of the trainer's first GPU."""
     n = need(method, params, reward)
     shared = engine_devices(engine)
-    for d in trainer_devices(train):
+    for i, d in enumerate(trainer_devices(train)):
         if d not in totals:
             raise DoesNotFit(f"train.devices names GPU {d}, but this machine has {len(totals)} "
                              f"({', '.join(sorted(totals)) or 'none'})")
-        share = engine.gpu_memory_share if d in shared else 0.0
-        left = totals[d] * (1 - share)
+        takers = [(engine.gpu_memory_share, "the engine", "engine.gpu_memory_share")] if d in shared else []
+        if i == 0 and rollout_share:
+            takers.append((rollout_share, "the run's own rollout engine", "ppo.rollout_engine_share"))
+        left = totals[d] * (1 - sum(share for share, _, _ in takers))
         if n.bytes > left:
-            beside = (f"of which the engine takes {share:.0%} (engine.gpu_memory_share), leaving {left / GiB:.1f} GiB"
-                      if share else "and nothing else on it")
+            beside = (f"of which {' and '.join(f'{who} takes {share:.0%} ({key})' for share, who, key in takers)}, "
+                      f"leaving {max(left, 0) / GiB:.1f} GiB" if takers else "and nothing else on it")
+            lower = " or ".join(key for _, _, key in takers) or "engine.gpu_memory_share"
             raise DoesNotFit(
                 f"a {method} run needs at least {n.bytes / GiB:.1f} GiB on GPU {d} ({n}; weights in fp32, "
                 f"{params / 1e9:.2f}B parameters), but GPU {d} has {totals[d] / GiB:.1f} GiB {beside}. "
-                "Lower engine.gpu_memory_share, give the trainer a GPU of its own (train.devices), or train "
-                "a smaller model")
+                f"Lower {lower}, give the trainer a GPU of its own (train.devices), or train a smaller model")
     return n
 
 
@@ -129,4 +132,6 @@ def preflight(cfg, methods: list[str]) -> list[Need]:
     if totals is None or not Path(cfg.base_model_dir).is_dir():
         return []
     params = parameters(cfg.base_model_dir)
-    return [check(m, params, cfg.train, cfg.reward, cfg.engine, totals) for m in methods]
+    return [check(m, params, cfg.train, cfg.reward, cfg.engine, totals,
+                  cfg.ppo.rollout_engine_share if m == "ppo" and cfg.ppo.rollouts == "dedicated" else 0.0)
+            for m in methods]

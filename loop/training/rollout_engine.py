@@ -10,7 +10,8 @@ prompts as token ids straight to the engine's `/v1/completions`, one request for
 Why: on the CPU build the LoRA layers of the serving engine halve its tokens/s even for requests
 that use no adapter, and with the adapter it is slower still (ops/bench/results/rollouts.md). The
 price: a second engine (its start-up, ~20-30 s here, and its memory) for the length of a run, and
-on a GPU a second share of the card (the trainer's start-up memory check does not count it). The
+on a GPU a share of the trainer's first GPU (`ppo.rollout_engine_share`, counted by
+`loop.training.memory.check` before the run starts). The
 engine runs with vLLM's development endpoints on (`VLLM_SERVER_DEV_MODE`), which vLLM does not
 guard with the API key: any local process could call them while the run lasts.
 
@@ -46,10 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def job_settings(engine: EngineConfig, port: int) -> dict[str, Any]:
-    """What a job's `"rollouts": {"dedicated": ...}` holds: the port and the [engine] sizes."""
+def job_settings(engine: EngineConfig, port: int, gpu_share: float = 0.3) -> dict[str, Any]:
+    """What a job's `"rollouts": {"dedicated": ...}` holds: the port, the [engine] sizes, and on a
+    GPU the share of it this engine takes (`ppo.rollout_engine_share`)."""
     return {"port": port, "max_model_len": engine.max_model_len, "kv_cache_gb": engine.kv_cache_gb,
-            "gpu_memory_share": engine.gpu_memory_share, "startup_timeout_s": engine.startup_timeout_s}
+            "gpu_memory_share": gpu_share, "startup_timeout_s": engine.startup_timeout_s}
 
 
 def merged_weights(model) -> dict[str, Any]:
@@ -99,7 +101,7 @@ class RolloutEngine(EngineSampler):
             return engine
         cfg = EngineConfig(port=port, max_model_len=settings.get("max_model_len", 512),
                            kv_cache_gb=settings.get("kv_cache_gb", 1),
-                           gpu_memory_share=settings.get("gpu_memory_share", 0.9))
+                           gpu_memory_share=settings.get("gpu_memory_share", 0.3))
         env = vllm_server.environment(cfg, key or "")
         if not key:  # a run started by hand, not by the scheduler: on loopback, without a key
             del env["VLLM_API_KEY"]
