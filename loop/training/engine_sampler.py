@@ -34,7 +34,8 @@ class EngineSampler:
     The adapter for a step is named by the step it was loaded at, on a schedule every process knows
     (every `sync_steps` steps from `first_step`), so the others need not be told."""
 
-    WHERE = "engine"  # what a run's `rollouts_on` says
+    WHERE = "engine"  # what a run's `rollouts_on` and its fallback message say
+    ERRORS: tuple[type[Exception], ...] = (GatewayError, OSError)  # a failure of the engine, not a bug
 
     def __init__(self, client: GatewayClient, folder: Path, tag: str, sync_steps: int, first_step: int = 1,
                  log=print) -> None:
@@ -68,34 +69,41 @@ class EngineSampler:
         name = self.adapter_at(step)
         if self.failed is not None or name == self.loaded:
             return
-        folder = self.folder / name
         try:
-            model.save_pretrained(folder)
-            self.client.call("POST", "/api/rollouts/adapters", json={"name": name, "path": str(folder.resolve())})
-        except (GatewayError, OSError) as e:
-            self._fail("loading the policy on the engine", e)
+            self._load(model, name, self.folder / name)
+        except self.ERRORS as e:
+            self._fail(f"loading the policy on the {self.WHERE}", e)
             return
-        if self.loaded:  # the gateway unloaded it when this one loaded
+        if self.loaded:  # the engine no longer holds it
             shutil.rmtree(self.folder / self.loaded, ignore_errors=True)
         self.loaded = name
 
     def sample(self, step: int, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
                min_new_tokens: int = 0) -> list[dict[str, Any]] | None:
-        """One answer per prompt: [{"token_ids", "finish_reason"}], or None once the engine failed."""
+        """One answer per prompt: [{"token_ids", "finish_reason", "logprobs"}], or None once the engine failed."""
         if self.failed is not None:
             return None
         started = time.perf_counter()
         try:
-            data = self.client.call("POST", "/api/rollouts", json={
-                "adapter": self.adapter_at(step), "prompts": prompt_ids, "max_tokens": max_new_tokens, "min_tokens": min_new_tokens,
-                "temperature": temperature})
-        except GatewayError as e:
-            self._fail("sampling on the engine", e)
+            completions = self._sample(step, prompt_ids, max_new_tokens, temperature, min_new_tokens)
+        except self.ERRORS as e:
+            self._fail(f"sampling on the {self.WHERE}", e)
             return None
         self.seconds += time.perf_counter() - started
         self.steps += 1
-        self.tokens += data["completion_tokens"]
-        return data["completions"]
+        self.tokens += sum(len(c["token_ids"]) for c in completions)
+        return completions
+
+    def _load(self, model, name: str, folder: Path) -> None:
+        """Save the adapter and load it on every ready replica (the gateway unloads the older one)."""
+        model.save_pretrained(folder)
+        self.client.call("POST", "/api/rollouts/adapters", json={"name": name, "path": str(folder.resolve())})
+
+    def _sample(self, step: int, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                min_new_tokens: int) -> list[dict[str, Any]]:
+        return self.client.call("POST", "/api/rollouts", json={
+            "adapter": self.adapter_at(step), "prompts": prompt_ids, "max_tokens": max_new_tokens,
+            "min_tokens": min_new_tokens, "temperature": temperature})["completions"]
 
     def close(self) -> None:
         """Unload the last rollout adapter and remove the saved ones (main process)."""

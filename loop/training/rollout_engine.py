@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from loop.config import EngineConfig
 from loop import vllm_server
 from loop.vllm_server import NEUTRAL_SAMPLING
@@ -79,11 +81,10 @@ class RolloutEngine(EngineSampler):
     names the policy a step samples from (the engine serves one at a time, under SERVED_NAME)."""
 
     WHERE = "dedicated engine"
+    ERRORS = (httpx.HTTPError, RuntimeError, OSError, KeyError, TypeError)
 
     def __init__(self, url: str, api_key: str | None, folder: Path, tag: str, sync_steps: int, first_step: int = 1,
                  log=print, proc: subprocess.Popen | None = None) -> None:
-        import httpx
-
         super().__init__(None, folder, tag, sync_steps, first_step, log)
         self.url, self.proc = url, proc
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -122,8 +123,6 @@ class RolloutEngine(EngineSampler):
         return engine
 
     def _wait_healthy(self, timeout: float) -> str | None:
-        import httpx
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -142,49 +141,23 @@ class RolloutEngine(EngineSampler):
             raise RuntimeError(f"{path}: HTTP {response.status_code}: {response.text[:300]}")
         return response.json() if response.content else None
 
-    def sync(self, model, step: int) -> None:
-        """Main process: the policy as it is now into the engine's weights, when it is due."""
-        import httpx
+    def _load(self, model, name: str, folder: Path) -> None:
+        """The policy as it is now into the engine's weights."""
         from safetensors.torch import save_file
 
-        name = self.adapter_at(step)
-        if self.failed is not None or name == self.loaded:
-            return
-        folder = self.folder / name
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(merged_weights(model), str(folder / "model.safetensors"))
-            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder.resolve())}})
-            self._post("/reset_prefix_cache", {})
-        except (httpx.HTTPError, RuntimeError, OSError) as e:
-            self._fail("loading the policy on the rollout engine", e)
-            return
-        if self.loaded:
-            shutil.rmtree(self.folder / self.loaded, ignore_errors=True)
-        self.loaded = name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(merged_weights(model), str(folder / "model.safetensors"))
+        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder.resolve())}})
+        self._post("/reset_prefix_cache", {})
 
-    def sample(self, step: int, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-               min_new_tokens: int = 0) -> list[dict[str, Any]] | None:
-        """One answer per prompt, as `EngineSampler.sample`; None once the engine failed."""
-        import httpx
-
-        if self.failed is not None:
-            return None
-        started = time.perf_counter()
-        try:
-            data = self._post("/v1/completions", {
-                "model": SERVED_NAME, "prompt": prompt_ids, "max_tokens": max_new_tokens, "min_tokens": min_new_tokens,
-                "temperature": temperature, **NEUTRAL_SAMPLING, "return_token_ids": True, "logprobs": 0})
-            completions = [{"token_ids": c["token_ids"], "finish_reason": c["finish_reason"],
-                            "logprobs": (c.get("logprobs") or {}).get("token_logprobs")}
-                           for c in sorted(data["choices"], key=lambda c: c["index"])]
-        except (httpx.HTTPError, RuntimeError, KeyError, TypeError) as e:
-            self._fail("sampling on the rollout engine", e)
-            return None
-        self.seconds += time.perf_counter() - started
-        self.steps += 1
-        self.tokens += sum(len(c["token_ids"]) for c in completions)
-        return completions
+    def _sample(self, step: int, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                min_new_tokens: int) -> list[dict[str, Any]]:
+        data = self._post("/v1/completions", {
+            "model": SERVED_NAME, "prompt": prompt_ids, "max_tokens": max_new_tokens, "min_tokens": min_new_tokens,
+            "temperature": temperature, **NEUTRAL_SAMPLING, "return_token_ids": True, "logprobs": 0})
+        return [{"token_ids": c["token_ids"], "finish_reason": c["finish_reason"],
+                 "logprobs": (c.get("logprobs") or {}).get("token_logprobs")}
+                for c in sorted(data["choices"], key=lambda c: c["index"])]
 
     def _stop_engine(self) -> None:
         if self.proc is None:
