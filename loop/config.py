@@ -146,14 +146,19 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None, mis
         path = Path(path).resolve()
         source = str(path)
         if missing_ok and not path.exists():
-            return from_dict(_overrides({}, overrides), source, path)
+            return from_dict(_overrides({}, overrides), _with_overrides(source, overrides), path)
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file (create one with `alignloop init`)") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(_overrides(raw, overrides), source, path)
+    return from_dict(_overrides(raw, overrides), _with_overrides(source, overrides), path)
+
+
+def _with_overrides(source: str, overrides: list[str] | None) -> str:
+    """Where a config's values came from, for its errors: a bad `--set` value is not the file's."""
+    return f"{source} with --set {' '.join(overrides)}" if overrides else source
 
 
 def _overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:

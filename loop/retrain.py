@@ -200,7 +200,8 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
     except Exception as e:  # the run fails; what serves is untouched
         finish = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
     result = client.call("POST", f"/api/runs/{run_id}/finish", json=finish)
-    log(f"run {run_id}: {result['status']}" + (f" ({result['reason']})" if result.get("reason") else ""))
+    gated = result["status"] in ("promoted", "rejected", "held")  # the gate's line above gave the reason
+    log(f"run {run_id}: {result['status']}" + (f" ({result['reason']})" if result.get("reason") and not gated else ""))
     return result
 
 
@@ -215,6 +216,9 @@ def trained_summary(metrics: dict[str, Any]) -> str:
     process and loading the model."""
     parts = [f"{k} {metrics[k]:.3g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
              for k in SUMMARY if metrics.get(k) is not None and (metrics[k] or k not in UNLESS_ZERO)]
+    if metrics.get("rollout_engine_tokens_per_s") and metrics.get("rollouts_on"):
+        where = f"rollouts_on {metrics['rollouts_on']}"
+        parts = [f"{p} at {metrics['rollout_engine_tokens_per_s']:.0f} tok/s" if p == where else p for p in parts]
     if metrics.get("train_seconds") is not None:
         parts.insert(0, f"{metrics['train_seconds']:.0f} s of training steps")
     return ", ".join(parts)

@@ -270,7 +270,7 @@ class PPOConfig:
         if min(self.steps, self.rollout_batch, self.ppo_epochs, self.minibatch, self.max_new_tokens, self.sync_steps) < 1:
             raise ValueError("steps, rollout_batch, ppo_epochs, minibatch, max_new_tokens and sync_steps must be at least 1")
         if not 0 < self.rollout_engine_share < 1:
-            raise ValueError("rollout_engine_share must be between 0 and 1")
+            raise ValueError(f"rollout_engine_share must be between 0 and 1, not {self.rollout_engine_share}")
         if self.rollouts not in ("engine", "dedicated", "generate"):
             raise ValueError(f"rollouts must be engine, dedicated or generate, not {self.rollouts!r}")
         if self.minibatch > self.rollout_batch:

@@ -71,6 +71,8 @@ def test_bad_files_name_the_file_and_field(tmp_path, text, message):
 def test_missing_file_and_bad_override_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         configuration.load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"defaults with --set ppo.rollouts=bogus: \[ppo\]: rollouts must be"):
+        configuration.load(None, ["ppo.rollouts=bogus"])  # the error names the --set, not a file, as the culprit
     with pytest.raises(ConfigError, match="expected section.key=value"):
         configuration.load(None, ["port=1"])
 

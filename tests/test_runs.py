@@ -116,6 +116,8 @@ def test_the_log_tells_the_trainers_own_seconds_apart_from_the_cycles():
                             "eval_logits/chosen": -1.9, "resumed_from_step": 0})
     assert line == "10 s of training steps, steps 32, kl_to_base 1.27"  # a fresh run: no resumed_from_step 0
     assert trained_summary({"steps": 32, "resumed_from_step": 8}) == "steps 32, resumed_from_step 8"
+    ppo = trained_summary({"steps": 16, "rollouts_on": "dedicated engine", "rollout_engine_tokens_per_s": 3696.2})
+    assert ppo == "steps 16, rollouts_on dedicated engine at 3696 tok/s"
 
 
 def test_the_log_says_how_many_pairs_a_reward_models_accuracy_was_measured_on():

@@ -384,6 +384,19 @@ def test_the_rollout_api_refuses_bad_input_clearly(server, tmp_path):
             assert r.status_code in (400, 422), (bad, r.text)
 
 
+def test_a_candidate_that_is_not_loaded_is_refused_as_such_not_as_unknown(server, oai, adapters):
+    """A new user asked for a held candidate by its name and read only 'does not exist'."""
+    with server.client() as admin:
+        candidate = admin.post("/api/versions", json={"adapter_path": str(adapters[0]), "method": "test"}).json()
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model=candidate["name"], messages=HELLO, max_tokens=4)
+    assert e.value.code == "model_not_found"
+    assert f"the version '{candidate['name']}' does not exist or is not loaded" in str(e.value), str(e.value)
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=4)
+    assert "the model 'gpt-4o' does not exist;" in str(e.value)
+
+
 def test_promote_and_rollback_under_load_lose_no_request(server, oai, adapters):
     with server.client() as admin:
         v1 = admin.post("/api/versions", json={"adapter_path": str(adapters[0]), "method": "test"}).json()

@@ -14,6 +14,7 @@ Logging and pair making happen off the request path (loop.serving.log_writer, pa
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import uuid
@@ -43,6 +44,8 @@ from store.database import Exchange, Store
 from store.labelling import LabelQueue
 from store.reward_models import RewardModels
 from store.runs import Runs
+
+VERSION_NAME = re.compile(r"v[0-9]+")  # the store's names for versions ("v3")
 
 
 @dataclass
@@ -160,7 +163,10 @@ class Gateway:
         try:
             version, engine_model = self.router.resolve(model)
         except UnknownModel:
-            raise HTTPProblem(404, f"the model {model!r} does not exist; available: {', '.join(self.router.names())}",
+            what = (f"the version {model!r} does not exist or is not loaded (a version answers while it serves, "
+                    "is the previous one or a canary)" if VERSION_NAME.fullmatch(model) else
+                    f"the model {model!r} does not exist")
+            raise HTTPProblem(404, f"{what}; available: {', '.join(self.router.names())}",
                               param="model", code="model_not_found") from None
         if not self.engine_ready():
             raise self.unavailable("starting or restarting")
