@@ -11,9 +11,9 @@ Why: on the CPU build the LoRA layers of the serving engine halve its tokens/s e
 that use no adapter, and with the adapter it is slower still (ops/bench/results/rollouts.md). The
 price: a second engine (its start-up, ~20-30 s here, and its memory) for the length of a run, and
 on a GPU a share of the trainer's first GPU (`ppo.rollout_engine_share`, counted by
-`loop.training.memory.check` before the run starts). The
-engine runs with vLLM's development endpoints on (`VLLM_SERVER_DEV_MODE`), which vLLM does not
-guard with the API key: any local process could call them while the run lasts.
+`loop.training.memory.check` before the run starts). The engine runs with vLLM's development
+endpoints on (`VLLM_SERVER_DEV_MODE`), which vLLM does not guard with the API key: any local
+process could call them while the run lasts.
 
 As with the serving engine, the first failure (the engine does not start, a reload or a request
 fails) is logged and the rest of the run samples with HF `generate`.
@@ -33,10 +33,10 @@ from typing import Any
 
 import httpx
 
-from loop.config import EngineConfig
 from loop import vllm_server
-from loop.vllm_server import NEUTRAL_SAMPLING
+from loop.config import EngineConfig
 from loop.training.engine_sampler import TIMEOUT_S, EngineSampler
+from loop.vllm_server import NEUTRAL_SAMPLING
 
 KEY_ENV = "ALIGNLOOP_ROLLOUT_ENGINE_KEY"  # the engine's API key, the same in every process (set by the scheduler)
 SERVED_NAME = "policy"
@@ -84,9 +84,10 @@ class RolloutEngine(EngineSampler):
     ERRORS = (httpx.HTTPError, RuntimeError, OSError, KeyError, TypeError)
 
     def __init__(self, url: str, api_key: str | None, folder: Path, tag: str, sync_steps: int, first_step: int = 1,
-                 log=print, proc: subprocess.Popen | None = None) -> None:
+                 log=print) -> None:
         super().__init__(None, folder, tag, sync_steps, first_step, log)
-        self.url, self.proc = url, proc
+        self.url = url
+        self.proc: subprocess.Popen | None = None  # the engine, on the main process
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url, timeout=TIMEOUT_S, headers=headers)
 
@@ -110,8 +111,8 @@ class RolloutEngine(EngineSampler):
         log_path = run_dir / "rollout-engine.log"
         with log_path.open("ab") as out:
             engine.proc = subprocess.Popen(vllm_server.command(Path(base_model), cfg, SERVED_NAME, port, lora=False),
-                                         env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=vllm_server.die_with_parent)
+                                           env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True, preexec_fn=vllm_server.die_with_parent)
         problem = engine._wait_healthy(float(settings.get("startup_timeout_s", 300.0)))
         if problem:
             said = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
