@@ -43,7 +43,7 @@ def knobs(method: str) -> int:
     """Config fields that belong to the method alone (LoRA, max_length and seed are shared by all)."""
     if method == "ppo":
         rm = [f for f in dataclasses.fields(RewardConfig) if f.name not in ("lora", "weight", "extra")]
-        operations = ("checkpoint_steps", "rollouts", "sync_steps")  # where and how safely, not what is learned
+        operations = ("checkpoint_steps", "rollouts", "sync_steps", "rollout_engine_share")  # where and how safely, not what is learned
         ppo = [f for f in dataclasses.fields(PPOConfig) if f.name not in operations]
         return len(rm) + len(ppo)
     if method == "kto":
