@@ -25,7 +25,6 @@ field. Heavy imports live inside the subcommands, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -244,8 +243,13 @@ def cmd_versions(cfg: Config, args: argparse.Namespace) -> int:
                                                        "method": args.method})
         print(f"registered {v['name']} (candidate) from {v['adapter_path']}")
         return 0
-    for v in client.call("GET", "/api/versions"):
-        print(f"{v['name']:>6}  {v['status']:<9} {v['method']:<5} parent={v['parent_id']}  {v['adapter_path'] or ''}")
+    versions = client.call("GET", "/api/versions")
+    names = {v["id"]: v["name"] for v in versions}
+    print(f"{'name':>6}  {'status':<9} {'method':<6} {'parent':<6} {'created':<19}  adapter")
+    for v in versions:
+        parent = names.get(v["parent_id"], "-" if v["parent_id"] is None else f"#{v['parent_id']}")
+        print(f"{v['name']:>6}  {v['status']:<9} {v['method']:<6} {parent:<6} {(v['created_at'] or '')[:19]:<19}  "
+              f"{v['adapter_path'] or '-'}")
     return 0
 
 
@@ -345,6 +349,18 @@ def _simulate_nights(cfg: Config, client, args: argparse.Namespace) -> int:
     return 0
 
 
+RETRAIN_HELP = """One retrain cycle now, through the running gateway (`alignloop up` or `serve`):
+  1. snapshot the store (labels, pairs, prompts, feedback) to Parquet, held-out pairs apart;
+  2. in a child process, train the candidate (train.method, or --method) with LoRA on the base
+     model, and refresh the gate's reward model on every label so far;
+  3. register the candidate, load it on the engine, and gate it against what serves (judge, win rate
+     with its interval, KL budget: the [gate] section);
+  4. promote it (hot-swap, no failed request), reject it, or hold it as a candidate.
+Every step is logged here and kept in the store (`alignloop status`, the admin page).
+Exit status: 0 when the run ended in a decision (promoted, rejected, held) or was skipped (no new
+labels; a run already going), 1 when it failed (what serves is untouched)."""
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
     common.add_argument("--config", default=argparse.SUPPRESS,
@@ -356,7 +372,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set gateway.port=8001 (repeatable)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
+    add_parser = sub.add_parser
+
+    def add(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """A command with the common options; `COMMAND --help` opens with its help, or with the
+        `description` given, laid out as written."""
+        if "description" in kwargs:
+            kwargs["formatter_class"] = argparse.RawDescriptionHelpFormatter
+        return add_parser(name, help=help, parents=[common], **{"description": help, **kwargs})
+
+    sub.add_parser = add  # type: ignore[method-assign]
 
     s = sub.add_parser("init", help="write ./alignloop.toml with every field and its help")
     s.add_argument("--demo", action="store_true", help="also build the demo base model")
@@ -416,7 +441,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="manual", help="how the adapter was made (with --add)")
     s.set_defaults(run=cmd_versions)
 
-    s = sub.add_parser("retrain", help="one retrain cycle now: snapshot, train, evaluate, gate, promote")
+    s = sub.add_parser("retrain", help="one retrain cycle now: snapshot, train, evaluate, gate, promote",
+                       description=RETRAIN_HELP)
     s.add_argument("--method", choices=configuration.METHODS, help="default: train.method")
     s.add_argument("--force", action="store_true", help="train even if no new labels came since the last promotion")
     s.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)

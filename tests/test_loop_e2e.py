@@ -98,6 +98,9 @@ def test_one_cycle_raises_the_judged_win_rate(up, simulated):
     assert status_json["serving"] == status["serving"] and status_json["last_runs"][0]["id"] == run["id"]
     text = up.cli("status").stdout
     assert f"run: {run['id']} dpo (manual) promoted: " in text
+    # one row a version: the candidate serves, and its parent (what served when it was trained) by name
+    rows = {line.split()[0]: line.split()[1:] for line in up.cli("versions").stdout.splitlines()[1:]}
+    assert rows[f"v{status['serving']}"][:3] == ["serving", "dpo", "base"] and rows["base"][:3] == ["base", "base", "-"]
     assert "errors: pair maker " in text and "{" not in text  # no dict printed raw
 
 
