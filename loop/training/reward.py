@@ -53,12 +53,25 @@ def trainer_config(cfg: RewardConfig, train: TrainConfig, output_dir: str | os.P
     )
 
 
-def load_classifier(base_model: str | os.PathLike[str]):
-    """(model, tokenizer): the base with a one-output "score" head, pad token known to the model."""
+def load_classifier(base_model: str | os.PathLike[str], new_head: bool = True):
+    """(model, tokenizer): the base with a one-output "score" head, pad token known to the model.
+    `new_head`: `base_model` is a language model, so the head is missing from it by design, and
+    transformers' report that says so (a table in the middle of a retrain's log) and its progress
+    bar are not printed; loading a saved classifier (`new_head=False`) keeps both."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tok = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=1, dtype="float32")
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    if new_head:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=1, dtype="float32")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
@@ -149,7 +162,7 @@ class RewardModel:
             model, tok = load_classifier(meta["base_model"])
             model = PeftModel.from_pretrained(model, str(path))
         else:
-            model, tok = load_classifier(path)
+            model, tok = load_classifier(path, new_head=False)
         model.eval()
         return cls(model, tok)
 
