@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,19 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def _listening(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
+    """Wait until something accepts connections on the loopback `port` (False: `proc` exited, or
+    `timeout_s` passed), so the URL printed next opens at once."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 def up(cfg: Config, overrides: list[str]) -> int:
@@ -77,6 +91,8 @@ def up(cfg: Config, overrides: list[str]) -> int:
                  "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
                 stdout=app_log, stderr=subprocess.STDOUT, env={**os.environ, "ALIGNLOOP_GATEWAY_URL": client.url}))
             app_url = f"http://127.0.0.1:{cfg.labeling.app_port}"
+            if not _listening(procs[-1], cfg.labeling.app_port, 60):
+                app_url += f" (not answering yet; see {logs / 'labeling_ui.log'})"
         admin, labeller = client.user_token("demo-admin", "admin"), client.user_token("demo-labeller", "labeller")
         if cfg.schedule.enabled:
             from loop.scheduler import Scheduler
@@ -99,7 +115,13 @@ Ctrl-C stops everything.
     except KeyboardInterrupt:
         return 0
     finally:
+        # a second Ctrl-C (or SIGTERM) must not cut the stop short and leave a child behind: it is
+        # bounded anyway (the scheduler stops at once; each child has 30 s, then SIGKILL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if scheduler:
             scheduler.stop()
         _stop(procs)
+        print(f"alignloop up: stopped, and all it started; the data stays in {cfg.data_dir}",
+              flush=True)
 
