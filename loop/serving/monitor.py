@@ -180,7 +180,7 @@ class Monitor:
         if not w.tests:
             w.outcome, w.reason = "kept", f"not watched: no signal has a baseline ({'; '.join(w.unwatched.values())})"
         self.log(f"watching {'canary ' if kind == 'canary' else ''}version {version} against {previous}: "
-                 f"{sorted(w.tests)}" + (f" ({w.reason})" if w.reason else ""))
+                 f"{', '.join(sorted(w.tests)) or 'nothing'}" + (f" ({w.reason})" if w.reason else ""))
         return w
 
     def _count(self, w: Watch) -> None:
