@@ -5,6 +5,7 @@ The gateway process owns the store and starts vLLM as its child; Ctrl-C or SIGTE
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -50,6 +51,19 @@ def build(cfg: Config, engines: bool = True):
     return create_app(gw), gw
 
 
+def _exit_unless_serving(*_) -> None:
+    """SIGTERM outside uvicorn (before it takes the signals, after it gives them back): exit through
+    `serve`'s finally, which stops the engines. uvicorn shuts down on SIGTERM and then raises it
+    again under the handler it found, inside its event loop: with the default one the process would
+    die there, before the engine is stopped and the store closed; with an exit, the exit would cut
+    the app's shutdown short if a second signal had hurried it. So there it returns, and
+    `uvicorn.run` returns to the same finally."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        sys.exit(0)
+
+
 def serve(cfg: Config) -> int:
     import uvicorn
 
@@ -62,15 +76,16 @@ def serve(cfg: Config) -> int:
     url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     print(f"gateway: {url}/v1 (model '{cfg.model.served_name}'); it answers 503 until the engine is ready", flush=True)
     print(f"admin token: {cfg.admin_token_path}", flush=True)
-    # uvicorn shuts down on SIGTERM and then raises it again under the handler it found: with the
-    # default one the process would die there, before the engine is stopped and the store closed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_unless_serving)
     try:
         # keep idle client connections longer than uvicorn's 5 s, so a client that pauses between
         # bursts does not send on a connection the gateway is just closing ("Server disconnected")
         uvicorn.run(app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
                     timeout_keep_alive=KEEP_ALIVE_S)
     finally:
+        # the app's shutdown writes the log queue, but a second Ctrl-C makes uvicorn skip it: the
+        # answers already given must reach the store all the same (a second stop is a no-op)
+        gw.writer.stop()
         gw.replicas.stop()
         gw.store.close()
         print("alignloop serve: the engines are stopped and the store closed", flush=True)
