@@ -22,13 +22,16 @@ NEUTRAL_SAMPLING = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty"
 
 
 PR_SET_PDEATHSIG = 1
+try:  # looked up here, in the parent: a dlopen between fork and exec of a threaded process can deadlock
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except OSError:  # not glibc: children are ended by their process group only
+    _prctl = None
 
 
-def die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+def die_with_parent() -> None:
+    """For `preexec_fn` (runs in the child between fork and exec): SIGTERM when the parent thread dies."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 KEEP_ALIVE_S = 75  # idle HTTP keep-alive on the engine and the gateway (as nginx and load balancers do)
