@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -260,9 +261,14 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     return up(cfg, args.set)
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_retrain(cfg: Config, args: argparse.Namespace) -> int:
     from loop.retrain import run_cycle
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop ends the run as Ctrl-C does, recorded
     result = run_cycle(cfg, method=args.method, trigger=args.trigger, force=args.force)
     return 0 if result["status"] in ("promoted", "rejected", "held", "skipped", "busy") else 1
 
@@ -504,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # StoreError and the like: a clear sentence, no traceback
         print(f"alignloop: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("alignloop: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

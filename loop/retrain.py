@@ -177,6 +177,10 @@ def settle(client: GatewayClient, candidate: dict[str, Any], decision: Decision,
         client.call("POST", f"/api/versions/{candidate['id']}/status", json={"status": "rejected"})
 
 
+INTERRUPTED = ("interrupted: the retrain process was stopped (Ctrl-C or SIGTERM); what serves is untouched, and "
+               "a next cycle on the same data resumes from the trainer's last checkpoint, if it wrote one")
+
+
 def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", force: bool = False,
               log=print) -> dict[str, Any]:
     """One whole cycle; returns the finished run (or {"status": "busy"} when a run is going)."""
@@ -199,6 +203,10 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
         finish = _cycle(cfg, client, run, method, force, log)
     except Exception as e:  # the run fails; what serves is untouched
         finish = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM to `alignloop retrain`: the trainer is ended by now
+        client.call("POST", f"/api/runs/{run_id}/finish", json={"status": "failed", "reason": INTERRUPTED})
+        log(f"run {run_id}: failed ({INTERRUPTED})")
+        raise
     result = client.call("POST", f"/api/runs/{run_id}/finish", json=finish)
     gated = result["status"] in ("promoted", "rejected", "held")  # the gate's line above gave the reason
     log(f"run {run_id}: {result['status']}" + (f" ({result['reason']})" if result.get("reason") and not gated else ""))

@@ -33,9 +33,11 @@ class Runs:
                               reason = 'no heartbeat since ' || strftime(heartbeat_at, '%Y-%m-%d %H:%M:%S')
                                        || ': its process died (crash, kill or reboot)'
                           WHERE status = 'running' AND heartbeat_at < ?""", [now, stale_before])
-            running = db.execute("SELECT id FROM runs WHERE status = 'running'").fetchone()
+            running = db.execute("SELECT id, heartbeat_at FROM runs WHERE status = 'running'").fetchone()
             if running:
-                raise RunBusy(f"run {running[0]} is going; one run at a time")
+                raise RunBusy(f"run {running[0]} is going (its last heartbeat {(now - running[1]).total_seconds():.0f} s "
+                              f"ago); one run at a time. A run whose process died is taken for dead after "
+                              f"{self.stale_s:.0f} s without a heartbeat")
             labels = db.execute("""SELECT count(*) FROM labels l JOIN users u ON u.id = l.user_id
                                    WHERE u.role <> 'system'""").fetchone()[0]
             run_id = db.execute("""INSERT INTO runs (method, trigger, status, config, labels_at_start)

@@ -26,7 +26,7 @@ import pytest
 from loop.client import GatewayClient
 from loop.demo import continual
 
-from tests.serving import free_port, start
+from tests.serving import free_port, pid_alive, start
 
 pytestmark = pytest.mark.slow
 
@@ -311,6 +311,35 @@ def test_a_worse_version_pushed_live_is_rolled_back_by_the_monitor(up, simulated
     assert served <= 360
     out = up.cli("status", "--json").stdout
     assert json.loads(out)["monitor"]["last_rollback"]["version"] == vid
+
+
+def test_a_stopped_retrain_ends_its_trainer_and_fails_its_run_so_the_next_one_starts(flipped, flipped_labels):
+    """SIGTERM to `alignloop retrain` while its trainer runs (as a supervisor stops it; Ctrl-C takes
+    the same path, but a shell that starts the suite in the background makes children ignore SIGINT)."""
+    with flipped.client() as c:
+        known = {r["id"] for r in c.get("/api/runs").json()}
+        retrain = subprocess.Popen([*flipped.cli_args(), "retrain", "--force"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        pid_file, deadline = None, time.monotonic() + 600
+        while pid_file is None and time.monotonic() < deadline:
+            new = [r["id"] for r in c.get("/api/runs").json() if r["id"] not in known]
+            if new and (flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid").exists():
+                pid_file = flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid"
+            time.sleep(0.2)
+        assert pid_file is not None, "the trainer never started"
+        trainer = int(pid_file.read_text())
+        retrain.send_signal(signal.SIGTERM)
+        out, _ = retrain.communicate(timeout=60)
+        run = c.get("/api/runs").json()[0]
+    assert retrain.returncode == 130 and "Traceback" not in out and "alignloop: interrupted" in out, out
+    assert f"run {new[0]}: failed (interrupted" in out, out
+    assert run["id"] == new[0] and run["status"] == "failed" and run["reason"].startswith("interrupted"), run
+    assert not pid_alive(trainer), "the trainer outlived its retrain"
+    # the run is over, not left `running` for the next one to wait on until its heartbeat is stale
+    with flipped.client() as c:
+        assert c.post("/api/runs", json={"method": "dpo", "trigger": "manual"}).status_code == 200
+        latest = c.get("/api/runs").json()[0]
+        assert c.post(f"/api/runs/{latest['id']}/finish", json={"status": "failed", "reason": "test"}).status_code == 200
 
 
 def test_a_killed_trainer_fails_the_run_and_the_next_run_resumes_it(flipped, flipped_labels):

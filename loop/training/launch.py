@@ -5,7 +5,8 @@ The child runs in its own process group under `accelerate launch` (so the same c
 with an accelerate/DeepSpeed config, `train.accelerate_config`), or as plain Python when measuring
 one process's memory. While it runs, `on_metrics` gets each batch of new lines of its
 `metrics.jsonl` (the retrain cycle forwards them to the store as heartbeats). A child that runs past
-its time is killed with its whole group.
+its time is killed with its whole group, and so is one whose parent is interrupted; one whose parent
+dies unannounced (SIGKILL, OOM) gets SIGTERM from the kernel, so no trainer outlives its cycle.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loop.sections import TrainConfig
+from loop.vllm_server import die_with_parent
 
 
 @dataclass
@@ -72,7 +74,7 @@ def launch(job: dict[str, Any], run_dir: Path, cmd: list[str], timeout_s: float,
     started = time.perf_counter()
     with (run_dir / "train.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+                                start_new_session=True, preexec_fn=die_with_parent, env={**os.environ, **(env or {})})
     (run_dir / "train.pid").write_text(str(proc.pid))
     metrics, timed_out, pid, status, usage = _MetricsTail(run_dir / "metrics.jsonl"), False, 0, 0, None
     try:
