@@ -2,7 +2,7 @@
 
 A run is `running` from `start` to `finish`. Its process sends heartbeats (with its metrics); a
 run whose heartbeat is older than `stale_s` is taken for dead (a crash, a reboot, a killed
-process): the next `start` marks it failed, with that reason, and proceeds. While a live run is
+process): the next `start`, or listing the runs, marks it failed, with that reason. While a live run is
 `running`, `start` refuses a second one, so two triggers at once make one run.
 """
 
@@ -25,14 +25,22 @@ class Runs:
     def __init__(self, store: Store, stale_s: float = 300.0) -> None:
         self.store, self.stale_s = store, stale_s
 
+    def _expire(self, db, now: datetime) -> None:
+        db.execute("""UPDATE runs SET status = 'failed', finished_at = ?,
+                          reason = 'no heartbeat since ' || strftime(heartbeat_at, '%Y-%m-%d %H:%M:%S')
+                                   || ': its process died (crash, kill or reboot)'
+                      WHERE status = 'running' AND heartbeat_at < ?""", [now, now - timedelta(seconds=self.stale_s)])
+
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest runs, newest first; a dead run is shown failed, not `running` until the next start."""
+        with self.store.transaction() as db:
+            self._expire(db, datetime.now())
+        return self.store.runs(limit)
+
     def start(self, method: str, trigger: str, config: dict | None = None) -> dict[str, Any]:
         now = datetime.now()
         with self.store.transaction() as db:
-            stale_before = now - timedelta(seconds=self.stale_s)
-            db.execute("""UPDATE runs SET status = 'failed', finished_at = ?,
-                              reason = 'no heartbeat since ' || strftime(heartbeat_at, '%Y-%m-%d %H:%M:%S')
-                                       || ': its process died (crash, kill or reboot)'
-                          WHERE status = 'running' AND heartbeat_at < ?""", [now, stale_before])
+            self._expire(db, now)
             running = db.execute("SELECT id, heartbeat_at FROM runs WHERE status = 'running'").fetchone()
             if running:
                 raise RunBusy(f"run {running[0]} is going (its last heartbeat {(now - running[1]).total_seconds():.0f} s "

@@ -28,6 +28,17 @@ def test_one_run_at_a_time_and_a_dead_one_is_marked_failed(store):
         runs.finish(runs.start("dpo", "x")["id"], "great")
 
 
+def test_a_dead_run_is_listed_failed_without_waiting_for_the_next_start(store):
+    runs = Runs(store, stale_s=0.3)
+    alive = runs.start("dpo", "cron")
+    with pytest.raises(RunBusy, match=r"its last heartbeat \d+ s ago\); one run at a time.* 0 s without a heartbeat"):
+        runs.start("dpo", "labels")
+    assert runs.recent()[0]["status"] == "running"  # heartbeat fresh: alive
+    time.sleep(0.4)
+    listed = runs.recent()[0]
+    assert listed["id"] == alive["id"] and listed["status"] == "failed" and "no heartbeat since" in listed["reason"]
+
+
 def test_two_triggers_at_once_make_one_run(store):
     runs = Runs(store)
     results, barrier = [], threading.Barrier(8)

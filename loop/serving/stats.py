@@ -14,9 +14,10 @@ from store.reward_models import RewardModels
 RUN_FIELDS_ADMIN_ONLY = ("config", "snapshot_hash")  # what a run was configured with (paths, settings)
 
 
-def stats(store: Store, queue: LabelQueue, admin: bool = True, min_accuracy: float = 0.7) -> dict[str, Any]:
-    """Everything the dashboard shows; a labeller's copy leaves out what runs were configured with
-    and how reliable each labeller is (admin-only data)."""
+def stats(store: Store, queue: LabelQueue, runs: list[dict[str, Any]], admin: bool = True,
+          min_accuracy: float = 0.7) -> dict[str, Any]:
+    """Everything the dashboard shows, with the newest `runs` (`Runs.recent`); a labeller's copy
+    leaves out what runs were configured with and how reliable each labeller is (admin-only data)."""
     by_pair: dict[int, list[str]] = defaultdict(list)
     labels = store.human_labels()
     for pair_id, _, choice in labels:
@@ -37,7 +38,6 @@ def stats(store: Store, queue: LabelQueue, admin: bool = True, min_accuracy: flo
                                 "win_rate": rate if vid > parent else 1 - rate, "comparisons": n})
     strengths = ranking.bradley_terry(results)
     elo = ranking.elo(results)
-    runs = store.runs()
     for run in runs:
         run["curve"] = store.run_metrics(run["id"])
     if not admin:

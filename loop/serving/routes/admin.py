@@ -248,7 +248,7 @@ async def start_run(body: RunStart, request: Request) -> dict[str, Any]:
 
 @router.get("/runs")
 async def list_runs(request: Request) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(_gw(request).store.runs)
+    return await asyncio.to_thread(_gw(request).runs.recent)
 
 
 @router.post("/runs/{run_id}/heartbeat")

@@ -86,8 +86,8 @@ async def arena(body: ArenaRequest, request: Request, who=Depends(signed_in)) ->
 @router.get("/stats")
 async def stats(request: Request, who=Depends(signed_in)) -> dict[str, Any]:
     gw = request.app.state.gateway
-    return await asyncio.to_thread(dashboard.stats, gw.store, gw.queue, who["role"] == "admin",
-                                   gw.cfg.labeling.min_accuracy)
+    return await asyncio.to_thread(lambda: dashboard.stats(gw.store, gw.queue, gw.runs.recent(), who["role"] == "admin",
+                                                           gw.cfg.labeling.min_accuracy))
 
 
 @router.get("/guidelines")
