@@ -160,6 +160,18 @@ def test_an_admin_adds_a_user_sees_the_token_once_and_sees_why_an_action_failed(
     assert not at.code  # shown once
     assert app(token).session_state["user"]["name"] == "newbie"
 
+    # promoting by hand: nothing is chosen at first; one the gate did not promote needs a second yes
+    assert at.button(key="promote").disabled
+    vid = gateway.gw.store.add_version("/nowhere/adapter", "dpo", parent_id=0)["id"]
+    gateway.gw.store.set_version_status(vid, "rejected")
+    at.switch_page("views/admin.py").run()
+    at.selectbox(key="promote_version").select(f"v{vid}").run()
+    assert "is rejected: the gate did not promote it" in at.warning[0].value and at.button(key="promote").disabled
+    at.checkbox(key="promote_override").check().run()
+    assert not at.button(key="promote").disabled
+    at.selectbox(key="promote_version").select("base").run()
+    assert not at.button(key="promote").disabled and not at.warning
+
     at.button(key="rollback").click().run()
     assert at.error[0].value.startswith("roll back: nothing to roll back to")
     at.text_input(key="token_for").input("nobody")

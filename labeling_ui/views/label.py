@@ -50,8 +50,8 @@ if "pair" not in ss:
 top = st.columns([5, 1], vertical_alignment="center")
 if "progress" in ss:
     last = f" · last: {ss.last}" if ss.get("last") else ""
-    top[0].markdown(f"**{ss.progress['done_today']}** labelled today · **{ss.progress['queue']}** pairs in the "
-                    f"queue{last}")
+    top[0].markdown(f"**{ss.progress['done_today']}** labelled today · **{ss.progress['queue']}** pairs still "
+                    f"need labels (from you or others){last}")
 with top[1].popover("Guidelines", icon=":material/menu_book:", width="stretch"):
     try:
         st.markdown(pair.guidelines(ss.token))
@@ -63,7 +63,8 @@ if ss.get("pair"):
     pair.show(ss.pair)
     pair.buttons("label", ss.pair["pair_id"], submit, undo)
 elif "pair" in ss:
-    st.success("Nothing to label right now: every pair in the queue has its labels.")
+    st.success("Nothing to label for you right now: every pair still open has your label, or is with other "
+               "labellers.")
     c1, c2 = st.columns(2)
     c1.button("Check again", key="label-again", on_click=fetch, icon=":material/refresh:")
     c2.button("Undo", key="label-undo", shortcut="U", on_click=undo, icon=":material/undo:")
