@@ -320,14 +320,14 @@ def test_a_stopped_retrain_ends_its_trainer_and_fails_its_run_so_the_next_one_st
         known = {r["id"] for r in c.get("/api/runs").json()}
         retrain = subprocess.Popen([*flipped.cli_args(), "retrain", "--force"], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
-        pid_file, deadline = None, time.monotonic() + 600
-        while pid_file is None and time.monotonic() < deadline:
+        trainer, deadline = "", time.monotonic() + 600
+        while not trainer and time.monotonic() < deadline:
             new = [r["id"] for r in c.get("/api/runs").json() if r["id"] not in known]
-            if new and (flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid").exists():
-                pid_file = flipped.cfg.data_dir / "runs" / f"run-{new[0]}" / "train.pid"
+            pid_file = flipped.cfg.data_dir / "runs" / f"run-{new[0] if new else 0}" / "train.pid"
+            trainer = pid_file.read_text().strip() if pid_file.exists() else ""  # written just after it appears
             time.sleep(0.2)
-        assert pid_file is not None, "the trainer never started"
-        trainer = int(pid_file.read_text())
+        assert trainer, "the trainer never started"
+        trainer = int(trainer)
         retrain.send_signal(signal.SIGTERM)
         out, _ = retrain.communicate(timeout=60)
         run = c.get("/api/runs").json()[0]
