@@ -18,6 +18,7 @@ import json
 import math
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -177,6 +178,36 @@ def settle(client: GatewayClient, candidate: dict[str, Any], decision: Decision,
         client.call("POST", f"/api/versions/{candidate['id']}/status", json={"status": "rejected"})
 
 
+class Pulse:
+    """Heartbeats for the whole cycle, from a thread of its own, every `every_s` seconds: the
+    snapshot and the gate send none of their own (only the trainer's metrics do), and a run silent
+    for 300 s (`Runs.stale_s`) is taken for dead by the next start or listing of the runs."""
+
+    def __init__(self, cfg: Config, run_id: int, every_s: float = 60.0) -> None:
+        self.cfg, self.run_id, self.every_s = cfg, run_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"run-{run_id}-pulse", daemon=True)
+
+    def __enter__(self) -> Pulse:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        client = GatewayClient.for_config(self.cfg, timeout=10)
+        try:
+            while not self._stop.wait(self.every_s):
+                try:
+                    client.call("POST", f"/api/runs/{self.run_id}/heartbeat", json={"metrics": []})
+                except GatewayError:  # the gateway restarting: the cycle's own calls say so
+                    pass
+        finally:
+            client.close()
+
+
 INTERRUPTED = ("interrupted: the retrain process was stopped (Ctrl-C or SIGTERM); what serves is untouched, and "
                "a next cycle on the same data resumes from the trainer's last checkpoint, if it wrote one")
 
@@ -200,7 +231,8 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
     log(f"run {run_id}: {method}, trigger {trigger}")
     finish: dict[str, Any] = {}
     try:
-        finish = _cycle(cfg, client, run, method, force, log)
+        with Pulse(cfg, run_id):
+            finish = _cycle(cfg, client, run, method, force, log)
     except Exception as e:  # the run fails; what serves is untouched
         finish = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM to `alignloop retrain`: the trainer is ended by now

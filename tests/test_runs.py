@@ -7,6 +7,7 @@ import pytest
 
 from loop import config as configuration
 from store.runs import RunBusy, Runs
+from tests.ui_gateway import running
 
 
 def test_one_run_at_a_time_and_a_dead_one_is_marked_failed(store):
@@ -37,6 +38,20 @@ def test_a_dead_run_is_listed_failed_without_waiting_for_the_next_start(store):
     time.sleep(0.4)
     listed = runs.recent()[0]
     assert listed["id"] == alive["id"] and listed["status"] == "failed" and "no heartbeat since" in listed["reason"]
+
+
+def test_a_cycle_beats_by_itself_while_nothing_trains(tmp_path):
+    """Between the trainer's metrics (snapshot, gate) the cycle's own pulse keeps the run alive."""
+    from loop.retrain import Pulse
+
+    with running(tmp_path, pairs=1) as gateway:
+        run = gateway.gw.runs.start("dpo", "manual")
+        with Pulse(gateway.gw.cfg, run["id"], every_s=0.05):
+            deadline = time.monotonic() + 10
+            while gateway.gw.runs.get(run["id"])["heartbeat_at"] == run["heartbeat_at"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert gateway.gw.runs.get(run["id"])["heartbeat_at"] > run["heartbeat_at"]
+        assert gateway.gw.runs.get(run["id"])["status"] == "running"
 
 
 def test_two_triggers_at_once_make_one_run(store):
