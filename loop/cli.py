@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -261,14 +260,11 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     return up(cfg, args.set)
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_retrain(cfg: Config, args: argparse.Namespace) -> int:
     from loop.retrain import run_cycle
+    from loop.up import sigterm_as_ctrl_c
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop ends the run as Ctrl-C does, recorded
+    sigterm_as_ctrl_c()  # a supervisor's stop ends the run as Ctrl-C does, recorded
     result = run_cycle(cfg, method=args.method, trigger=args.trigger, force=args.force)
     return 0 if result["status"] in ("promoted", "rejected", "held", "skipped", "busy") else 1
 

@@ -230,18 +230,19 @@ def run_cycle(cfg: Config, method: str | None = None, trigger: str = "manual", f
     run_id = run["id"]
     log(f"run {run_id}: {method}, trigger {trigger}")
     finish: dict[str, Any] = {}
+    interrupted = False
     try:
         with Pulse(cfg, run_id):
             finish = _cycle(cfg, client, run, method, force, log)
     except Exception as e:  # the run fails; what serves is untouched
         finish = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM to `alignloop retrain`: the trainer is ended by now
-        client.call("POST", f"/api/runs/{run_id}/finish", json={"status": "failed", "reason": INTERRUPTED})
-        log(f"run {run_id}: failed ({INTERRUPTED})")
-        raise
+        finish, interrupted = {"status": "failed", "reason": INTERRUPTED}, True
     result = client.call("POST", f"/api/runs/{run_id}/finish", json=finish)
     gated = result["status"] in ("promoted", "rejected", "held")  # the gate's line above gave the reason
     log(f"run {run_id}: {result['status']}" + (f" ({result['reason']})" if result.get("reason") and not gated else ""))
+    if interrupted:
+        raise KeyboardInterrupt
     return result
 
 

@@ -43,6 +43,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM (a supervisor's stop, `timeout`, `kill`) raises KeyboardInterrupt in the main thread,
+    as Ctrl-C does, so the same clean-up runs for both."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _listening(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
     """Wait until something accepts connections on the loopback `port` (False: `proc` exited, or
     `timeout_s` passed), so the URL printed next opens at once."""
@@ -60,7 +70,7 @@ def up(cfg: Config, overrides: list[str]) -> int:
     logs = cfg.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    sigterm_as_ctrl_c()
     scheduler = None
     if cfg.schedule.enabled:  # it will train beside the engine: refuse now what cannot fit, not at night
         try:

@@ -110,13 +110,13 @@ with versions:
         status = {v["name"]: v["status"] for v in rows}
         chosen = st.selectbox("Version", list(status), index=None, placeholder="choose a version to promote",
                               key="promote_version")
-        overrides = status.get(chosen) in ("candidate", "rejected", "failed")  # never promoted by the gate
-        if overrides:
+        unconfirmed = status.get(chosen) in ("candidate", "rejected", "failed")  # never promoted by the gate
+        if unconfirmed:
             st.warning(f"{chosen} is {status[chosen]}: the gate did not promote it. Promoting it by hand overrides "
                        "the gate (the monitor still watches it after promotion).")
-            overrides = not st.checkbox(f"Promote {chosen} anyway", key="promote_override")
+            unconfirmed = not st.checkbox(f"Promote {chosen} anyway", key="promote_override")
         c = st.columns([2, 2, 2, 2, 1], vertical_alignment="bottom")
-        c[0].button("Promote", key="promote", type="primary", disabled=chosen is None or overrides, width="stretch",
+        c[0].button("Promote", key="promote", type="primary", disabled=chosen is None or unconfirmed, width="stretch",
                     on_click=act, args=(f"promote {chosen}", api.promote, chosen), kwargs={"done": swapped})
         c[1].button("Roll back", key="rollback", width="stretch", on_click=act, args=("roll back", api.rollback),
                     kwargs={"done": swapped})
