@@ -48,7 +48,8 @@ class GatewayConfig:
     port: int = _f(8000, "port the gateway listens on")
     require_api_key: bool = _f(False, "answer /v1 requests only with a user's token as API key; else unknown keys are anonymous")
     pair_share: float = _f(0.25, "share of chat exchanges that get a second answer in the background, making a pair to label (with labeling.order = 'active': divided by 1 + the pairs its prompt already has)")
-    log_flush_ms: int = _f(200, "live traffic is written to the store in batches this often; a crash loses at most this window")
+    log_flush_ms: int = _f(1000, "live traffic is written to the store in batches this often (at once when an answer still "
+                                 "queued is asked for, as feedback on it); a crash loses at most this window")
     log_max_queue: int = _f(10000, "records waiting to be written at most; beyond it new records are dropped and counted")
     request_timeout_s: float = _f(120.0, "longest wait for the engine on one request before answering 504")
     retry_after_s: int = _f(5, "Retry-After seconds sent with a 503 while the engine is down or restarting")

@@ -105,6 +105,18 @@ def test_writer_stop_writes_everything_queued(store):
     assert store.counts()["exchanges"] == 10
 
 
+def test_a_flush_writes_at_once_without_waiting_out_the_window(store):
+    """Feedback on an answer still queued asks for it: it must not wait for the next batch."""
+    writer = LogWriter(store, flush_ms=60_000)
+    writer.put(_exchange(1))
+    assert writer.flush(timeout=5)  # the window is a minute: only the wake-up can write it in time
+    assert store.response_id("req-1", 0) is not None and writer.depth == 0
+    writer.put(_exchange(2))  # and the writer goes on waiting out its window after
+    assert store.response_id("req-2", 0) is None
+    writer.stop()
+    assert store.response_id("req-2", 0) is not None
+
+
 def test_a_full_queue_drops_and_counts_instead_of_blocking(store):
     writer = LogWriter(store, flush_ms=60_000, max_queue=5)
     accepted = [writer.put(_exchange(i)) for i in range(8)]

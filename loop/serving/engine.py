@@ -69,11 +69,22 @@ class Replica:
         self.ready.clear()
         self.problem = why
 
+    def healthy(self) -> str | None:
+        """Why it fails its health check now, or None: the check while it takes traffic. What it
+        serves was checked when it joined, and a server restarted here misses checks while it loads."""
+        try:
+            status = self.http.get("/health", timeout=HEALTH_TIMEOUT_S).status_code
+        except httpx.TimeoutException:
+            return f"health check took longer than {HEALTH_TIMEOUT_S:.0f} s"
+        except httpx.HTTPError as e:
+            return f"not answering ({type(e).__name__})"
+        return None if status == 200 else f"not healthy (/health answered {status})"
+
     def probe(self) -> str | None:
         """Why this server cannot take traffic now, or None: it answers health checks and serves the base."""
+        if problem := self.healthy():
+            return problem
         try:
-            if self.http.get("/health", timeout=HEALTH_TIMEOUT_S).status_code != 200:
-                return "not healthy (/health did not answer 200)"
             r = self.http.get("/v1/models", timeout=HEALTH_TIMEOUT_S)
         except httpx.TimeoutException:
             return f"health check took longer than {HEALTH_TIMEOUT_S:.0f} s"
@@ -241,7 +252,7 @@ class ExternalEngine(Replica):
         misses = 0
         while not self._stopping.is_set():
             if self.ready.is_set():
-                problem = self.probe()
+                problem = self.healthy()
                 misses = misses + 1 if problem else 0
                 if misses >= self.DOWN_AFTER:
                     self.mark_down(problem)

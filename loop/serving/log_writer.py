@@ -1,10 +1,15 @@
 """The batched background writer that logs live traffic without slowing it.
 
 Handlers put records on a queue and return at once; one thread writes whatever has gathered,
-every `flush_ms` milliseconds, in one transaction. What a crash (SIGKILL, power loss) can lose
-is bounded: the records answered in the last `flush_ms` milliseconds before it, and never more
-than `max_queue` records. A clean stop writes everything first. A full queue drops the newest
-record (counted in `dropped`): serving never waits on logging.
+every `flush_ms` milliseconds, in one transaction, or at once when someone needs it written
+(`flush`: feedback on an answer still queued). What a crash (SIGKILL, power loss) can lose is
+bounded: the records answered in the last `flush_ms` milliseconds before it, and never more than
+`max_queue` records. A clean stop writes everything first. A full queue drops the newest record
+(counted in `dropped`): serving never waits on logging.
+
+A batch costs a few ms of DuckDB work whatever its size (six statements in one transaction), so at
+the few tens of requests a second one small engine serves, the window decides the writer's CPU per
+request (docs/design.md, the hot path's step 7, has the figures).
 """
 
 from __future__ import annotations
@@ -12,15 +17,17 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 
 from store.database import Exchange, SecondResponse, Store
 
 
 class LogWriter:
-    def __init__(self, store: Store, flush_ms: int = 200, max_queue: int = 10_000) -> None:
+    def __init__(self, store: Store, flush_ms: int = 1000, max_queue: int = 10_000) -> None:
         self.store, self.flush_s = store, flush_ms / 1000
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # write now, without waiting out the window
         self._idle = threading.Condition()
         self.written = self.dropped = self.pairs_made = self.failures = 0
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
@@ -40,9 +47,16 @@ class LogWriter:
         return self._queue.unfinished_tasks
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued so far is written."""
+        """Have everything queued so far written now, and wait until it is."""
+        deadline = time.monotonic() + timeout
         with self._idle:
-            return self._idle.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout)
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()  # again each turn: the writer may have been writing when asked
+                self._idle.wait(min(left, 0.05))
+            return True
 
     def _drain(self) -> list:
         items = []
@@ -76,7 +90,8 @@ class LogWriter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._stop.wait(self.flush_s)
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
             items = self._drain()
             if items:
                 self._write(items)
@@ -84,6 +99,7 @@ class LogWriter:
     def stop(self) -> None:
         """Write what is queued, then stop."""
         self._stop.set()
+        self._wake.set()
         self._thread.join()
         items = self._drain()
         if items:

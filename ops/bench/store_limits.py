@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {b} | {rate:,.0f} | {rate / rates[1]:.1f} | {paths[b]['unnest']:,.0f} | {paths[b]['arrow']:,.0f} |")
     lines += ["", f"The store unnests lists below `ARROW_FROM_ROWS` = {database.ARROW_FROM_ROWS} rows a table and "
               "goes through Arrow from there (the first column is what it does)."]
-    lines += ["", "The gateway writes a batch every `gateway.log_flush_ms` (200 ms), so under load its batches are "
-              "what arrived in 200 ms.", "",
+    lines += ["", "The gateway writes a batch every `gateway.log_flush_ms` (1 s), so under load its batches are "
+              "what arrived in a second.", "",
               "## Labels", "",
               "| path | labels/s |", "|---|---:|",
               f"| the API's path: `LabelQueue.submit_and_next` (the label and the next pair, one transaction) | {queued:,.0f} |",
