@@ -79,8 +79,16 @@ def versions(token: str) -> list[dict[str, Any]]:
     return call("GET", "/api/versions", token)
 
 
+def users(token: str) -> list[dict[str, Any]]:
+    return call("GET", "/api/users", token)
+
+
 def add_user(token: str, name: str, role: str) -> dict[str, Any]:
     return call("POST", "/api/users", token, json={"name": name, "role": role})
+
+
+def exclude(token: str, name: str, excluded: bool = True) -> dict[str, Any]:
+    return call("POST", f"/api/users/{name}/exclude", token, json={"excluded": excluded})
 
 
 def set_guidelines(token: str, text: str) -> str:

@@ -118,6 +118,11 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     client = _gateway(cfg)
+    if args.user_command == "list":
+        if client.running():
+            return _list_users(client.call("GET", "/api/users"))
+        with _store(cfg) as store:
+            return _list_users(store.user_activity())
     if client.running():  # the gateway owns the store while it runs
         token = client.call("POST", "/api/users", json={"name": args.name, "role": args.role})["token"]
     else:
@@ -126,6 +131,19 @@ def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     what = "API key" if args.role == "app" else "sign-in token"
     print(f"added {args.role} {args.name!r}; {what} (shown once): {token}")
     return 0
+
+
+def _list_users(users: list[dict]) -> int:
+    print(f"{'name':<16} {'role':<8} {'labels':>6} {'skips':>5} {'feedback':>8}  {'last label':<19}  excluded")
+    for u in users:
+        print(f"{u['name']:<16} {u['role']:<8} {u['labels']:>6} {u['skips']:>5} {u['feedback']:>8}  "
+              f"{_when(u['last_label_at']):<19}  {_when(u['excluded_at'])}")
+    return 0
+
+
+def _when(t) -> str:
+    """A time from the API (ISO text) or the store (a datetime), to the second, as one text."""
+    return str(t).replace("T", " ")[:19] if t else "-"
 
 
 def cmd_exclude(cfg: Config, args: argparse.Namespace) -> int:
@@ -416,6 +434,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--role", required=True, choices=["labeller", "admin", "app"],
                    help="app: an application's API key, for /v1 only")
+    a.set_defaults(run=cmd_user)
+    a = user_sub.add_parser("list", help="every user, with the labels, skips and feedback each gave")
     a.set_defaults(run=cmd_user)
 
     s = sub.add_parser("exclude", help="leave a user's labels, feedback and traffic out of every future snapshot")

@@ -203,6 +203,19 @@ class Store:
     def users(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT id, name, role, excluded_at, created_at FROM users ORDER BY id")
 
+    def user_activity(self) -> list[dict[str, Any]]:
+        """Every user with what they gave: labels (skips apart), skips, the last label's time, feedback."""
+        return self._dicts("""
+            SELECT u.id, u.name, u.role, u.created_at, u.excluded_at,
+                   coalesce(l.labels, 0) AS labels, coalesce(l.skips, 0) AS skips, l.last_label_at,
+                   coalesce(f.feedback, 0) AS feedback
+            FROM users u
+            LEFT JOIN (SELECT user_id, count(*) FILTER (WHERE choice <> 'skip') AS labels,
+                              count(*) FILTER (WHERE choice = 'skip') AS skips, max(created_at) AS last_label_at
+                       FROM labels GROUP BY user_id) l ON l.user_id = u.id
+            LEFT JOIN (SELECT user_id, count(*) AS feedback FROM feedback GROUP BY user_id) f ON f.user_id = u.id
+            ORDER BY u.id""")
+
     def exclude_user(self, name: str, by: str | None, excluded: bool = True) -> dict[str, Any]:
         """Leave everything `name` gave (labels, feedback, traffic, arena pairs) out of every future
         snapshot, or take them back in; nothing is deleted."""

@@ -402,9 +402,9 @@ class LabelQueue:
         """A taken label in the index: the lease released, the pair done for its labeller, counted."""
         self._release(a.user_id)
         self._done[a.user_id].add(a.pair_id)
-        if stored != "skip":
+        if stored != "skip":  # a skip is no label: it neither fills the pair nor counts as labelled today
             self._count(a.pair_id, +1)
-        self._labelled_today(a.user_id, +1, now.date())
+            self._labelled_today(a.user_id, +1, now.date())
 
     @staticmethod
     def _insert_labels(db, taken: list[tuple[Answer, str]]) -> list[int]:
@@ -424,10 +424,10 @@ class LabelQueue:
                 return None
             label_id, pair_id, choice, created = row
             db.execute("DELETE FROM labels WHERE id = ?", [label_id])
-            self._labelled_today(user_id, -1, created.date())
             self._done[user_id].discard(pair_id)
             if choice != "skip":
                 self._count(pair_id, -1)
+                self._labelled_today(user_id, -1, created.date())
             self._take(user_id, pair_id, datetime.now())
             self._write_leases(db, [user_id])
         return self.pair_view(pair_id)
@@ -448,7 +448,7 @@ class LabelQueue:
         today = date.today()
         counted = self._today.get(user_id)
         if counted is None or counted[0] != today:
-            n = db.execute("SELECT count(*) FROM labels WHERE user_id = ? AND created_at >= ?",
+            n = db.execute("SELECT count(*) FROM labels WHERE user_id = ? AND created_at >= ? AND choice <> 'skip'",
                            [user_id, datetime.combine(today, datetime.min.time())]).fetchone()[0]
             counted = self._today[user_id] = (today, n)
         return {"done_today": counted[1], "queue": len(self._open)}

@@ -178,6 +178,14 @@ def test_exclude_a_user_through_the_api(tmp_path):
         r = admin.post("/api/users/spammer/exclude", json={"excluded": True})
         assert r.status_code == 200 and r.json()["excluded_at"]
         assert admin.post("/api/users/nobody/exclude", json={}).status_code == 404
+        ann = _client(gateway.url, gateway.add_user("ann"))
+        pair = ann.get("/api/label/next").json()["pair"]["pair_id"]
+        assert ann.post("/api/label", json={"pair_id": pair, "choice": "skip"}).status_code == 200
+        assert ann.get("/api/users").status_code == 403  # admins only
+        users = {u["name"]: u for u in admin.get("/api/users").json()}
+        assert users["spammer"]["excluded_at"] and users["spammer"]["role"] == "app"
+        assert (users["ann"]["labels"], users["ann"]["skips"], users["ann"]["excluded_at"]) == (0, 1, None)
+        assert users["ann"]["last_label_at"]
 
 
 def test_the_data_folder_and_the_store_are_the_owners_alone(tmp_path):
@@ -196,6 +204,10 @@ def test_the_data_folder_and_the_store_are_the_owners_alone(tmp_path):
     os.chmod(data, 0o755)  # as an older version left it: the next start closes it again
     subprocess.run([sys.executable, "-m", "loop.cli", "--config", str(config), "exclude", "--user", "shop"],
                    check=True, capture_output=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "loop.cli", "--config", str(config), "user", "list"],
+                         check=True, capture_output=True, text=True, cwd=tmp_path)
+    shop = next(line.split() for line in out.stdout.splitlines() if line.startswith("shop "))
+    assert shop[:5] == ["shop", "app", "0", "0", "0"] and shop[-1] != "-"  # no labels, skips or feedback; excluded
     subprocess.run([sys.executable, "-m", "loop.cli", "--config", str(config), "init"], check=True,
                    capture_output=True, cwd=tmp_path)
     assert stat.S_IMODE(data.stat().st_mode) == 0o700

@@ -80,8 +80,8 @@ def test_each_choice_is_stored_and_the_next_pair_comes_at_once(app, gateway):
     labels = gateway.labels(name)
     assert [(p, c, r) for p, c, r, _ in labels] == expected
     assert all(s is not None and s >= 0 for *_, s in labels)
-    assert at.session_state["progress"]["done_today"] == 5
-    assert "**5** labelled today" in at.markdown[0].value
+    assert at.session_state["progress"]["done_today"] == 4  # the skip is no label
+    assert "**4** labelled today" in at.markdown[0].value
 
 
 def test_undo_hands_the_last_pair_back_and_says_when_there_is_nothing_left(app, gateway):
@@ -159,6 +159,17 @@ def test_an_admin_adds_a_user_sees_the_token_once_and_sees_why_an_action_failed(
     at.run()
     assert not at.code  # shown once
     assert app(token).session_state["user"]["name"] == "newbie"
+    people = next(d.value for d in at.dataframe if "skips" in d.value.columns)  # the Users tab lists them
+    assert people.set_index("name").loc["newbie", ["role", "labels", "excluded"]].tolist() == ["labeller", 0, ""]
+    assert at.button(key="exclude").disabled  # nobody chosen yet
+    at.selectbox(key="exclude_who").select("newbie").run()
+    at.button(key="exclude").click().run()
+    assert at.success[0].value.startswith("exclude: newbie's labels, feedback and traffic are left out")
+    people = next(d.value for d in at.dataframe if "skips" in d.value.columns)
+    assert people.set_index("name").loc["newbie", "excluded"] != ""
+    at.selectbox(key="exclude_who").select("newbie").run()
+    at.button(key="include").click().run()
+    assert at.success[0].value == "include: newbie is included again"
 
     # promoting by hand: nothing is chosen at first; one the gate did not promote needs a second yes
     assert at.button(key="promote").disabled

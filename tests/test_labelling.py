@@ -219,9 +219,17 @@ def test_a_label_and_the_next_pair_in_one_call_and_progress_counted_in_memory(st
     assert q.progress(u) == {"done_today": 1, "queue": 2}
     assert q.undo(u)["pair_id"] == first["pair_id"]  # handed back
     assert q.progress(u) == {"done_today": 0, "queue": 3}
-    q.submit_and_next(u, first["pair_id"], "first")
+    _, third = q.submit_and_next(u, first["pair_id"], "first")
     with pytest.raises(LabelConflict):  # a refusal changes nothing
         q.submit_and_next(u, first["pair_id"], "first")
+    assert q.progress(u)["done_today"] == 1
+    q.submit_and_next(u, third["pair_id"], "skip")  # a skip is no label, and undoing one takes none away
+    assert q.progress(u) == {"done_today": 1, "queue": 2}
+    q.undo(u)
+    assert q.progress(u)["done_today"] == 1
+    q._today.clear()  # tomorrow's first look counts in the store: the skips are left out there too
+    q.submit_and_next(u, third["pair_id"], "skip")
+    q._today.clear()
     assert q.progress(u)["done_today"] == 1
 
 

@@ -43,6 +43,13 @@ def new_token() -> None:
     ss.new_token = (f"New token for {u['name']}; their old one no longer works.", u["token"])
 
 
+def exclude(excluded: bool) -> None:
+    name = ss.exclude_who
+    act("exclude" if excluded else "include", api.exclude, name, excluded,
+        done=lambda u: f"{u['name']}'s labels, feedback and traffic are left out of every snapshot from now on "
+                       "(nothing is deleted)" if excluded else f"{u['name']} is included again")
+
+
 def metrics_text(m) -> str | None:
     """A run's metrics, which the API may send as a JSON string or as an object."""
     return m if m is None or isinstance(m, str) else json.dumps(m)
@@ -130,6 +137,23 @@ with versions:
         st.error(e.message)
 
 with users:
+    try:
+        people = api.users(ss.token)
+    except api.ApiError as e:
+        st.error(e.message)
+        people = []
+    st.dataframe([{"name": u["name"], "role": u["role"], "labels": u["labels"], "skips": u["skips"],
+                   "feedback": u["feedback"], "last label": (u["last_label_at"] or "")[:19],
+                   "excluded": (u["excluded_at"] or "")[:19]} for u in people], hide_index=True, width="stretch")
+    st.caption("Skips are not labels. An excluded user's labels, feedback and traffic are left out of every "
+               "snapshot from then on; nothing is deleted, and including them again takes it all back in.")
+    c = st.columns([3, 1, 1], vertical_alignment="bottom")
+    c[0].selectbox("Exclude or include", [u["name"] for u in people], index=None,
+                   key="exclude_who", placeholder="user name")
+    c[1].button("Exclude", key="exclude", width="stretch", disabled=not ss.get("exclude_who"),
+                on_click=exclude, args=(True,))
+    c[2].button("Include", key="include", width="stretch", disabled=not ss.get("exclude_who"),
+                on_click=exclude, args=(False,))
     with st.form("add-user", clear_on_submit=True, border=False):
         c = st.columns([3, 2, 1], vertical_alignment="bottom")
         c[0].text_input("Name", key="new_name")

@@ -55,7 +55,7 @@ if "labellers" in s:  # admins only
     st.caption("How often each labeller picks the better reply, estimated from how they agree with the others "
                "and from gold pairs, whose answer is known (Dawid-Skene; only first/second votes count), with a "
                "90% interval. Gold: right of first/second votes on gold pairs (`alignloop gold FILE` adds them). "
-               "Flagged: the whole interval is below `labeling.min_accuracy`. Exclude a labeller on the admin page.")
+               "Flagged: the whole interval is below `labeling.min_accuracy`. Exclude a labeller on the admin page's Users tab.")
     if s["labellers"]:
         st.dataframe([{"labeller": r["name"], "votes compared": r["votes"], "accuracy": round(r["accuracy"], 2),
                        "interval": f"{r['low']:.2f}-{r['high']:.2f}",

@@ -75,6 +75,12 @@ async def schema(request: Request) -> dict[str, Any]:
 
 # --- people and guidelines ---------------------------------------------------------------------
 
+@router.get("/users")
+async def users(request: Request) -> list[dict[str, Any]]:
+    """Every user (labellers, admins, apps' keys, the system's own) with what each has given."""
+    return await asyncio.to_thread(_gw(request).store.user_activity)
+
+
 @router.post("/users")
 async def add_user(body: UserRequest, request: Request) -> dict[str, Any]:
     token = await _call(partial(_gw(request).store.add_user, body.name, body.role), status=409, code="user_exists")
