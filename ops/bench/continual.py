@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "alignloop-data" / "bench-continual")
     ap.add_argument("--set", action="append", default=[], help="section.field=value for every seed's server")
     args = ap.parse_args(argv)
+    args.out = args.out.resolve()  # each server runs in its own folder: a relative path would be read from there
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
