@@ -8,7 +8,7 @@ from `alignloop user add NAME --role labeller|admin`.
 
 import streamlit as st
 
-from labeling_ui import api
+from labeling_ui import api, session
 
 st.set_page_config(page_title="alignloop labelling", page_icon=":material/thumbs_up_down:", layout="wide")
 st.set_option("client.toolbarMode", "viewer")  # no "Deploy" or "Rerun" in the labellers' toolbar
@@ -30,20 +30,24 @@ def sign_in() -> None:
                 st.error(f"Sign-in failed: {e.message}")
                 return
             ss.token = token
+            session.remember(token)
             st.rerun()
     st.caption(f"Gateway: {api.gateway_url()}")
 
 
 def sign_out() -> None:
+    session.forget()
     ss.clear()
 
 
+session.resume()  # a reload keeps its sign-in
 if "user" not in ss:
     pages = [st.Page(sign_in, title="Sign in", icon=":material/login:")]
 else:
     pages = [st.Page("views/label.py", title="Label", icon=":material/thumbs_up_down:", default=True),
              st.Page("views/arena.py", title="Arena", icon=":material/swords:"),
              st.Page("views/dashboard.py", title="Dashboard", icon=":material/monitoring:")]
+    session.keep()
     if ss.user["role"] == "admin":
         pages.append(st.Page("views/admin.py", title="Admin", icon=":material/admin_panel_settings:"))
     with st.sidebar:

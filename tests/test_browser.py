@@ -1,6 +1,6 @@
 """The labelling app in a real headless Chromium: sign in, label with the keyboard only (undo too),
-see that keys typed into the rationale field label nothing, open the dashboard's plots, and find
-every label in the store. Saves label.png and dashboard.png in the test's temporary folder, or in
+see that keys typed into the rationale field label nothing, open the dashboard's plots, reload and
+stay signed in, and find every label in the store. Saves label.png and dashboard.png in the test's temporary folder, or in
 the folder ALIGNLOOP_SCREENSHOTS names (`ALIGNLOOP_SCREENSHOTS=docs/screenshots` refreshes the
 README's pictures).
 
@@ -121,20 +121,21 @@ def test_label_with_the_keyboard_then_see_the_dashboard(stack, tmp_path):
         expect(page.locator("code").filter(has_text="backwards = items[::-1]").first).to_be_visible()
         small_png(page.screenshot(), shots / "label.png")
 
-        def press(key: str, expected: int) -> None:
-            """Press a key as a person does: once the pair on screen is fully drawn."""
+        def press(key: str, expected: int, today: int | None = None) -> None:
+            """Press a key as a person does: once the pair on screen is fully drawn. `expected`: rows in
+            the store after it; `today`: what the page counts as labelled today (skips are no labels)."""
             page.keyboard.press(key)
             wait_for(lambda: done() == expected, f"label {expected} after pressing {key!r}")
             shown = httpx.get(f"{gateway.url}/api/label/next", headers={"Authorization": f"Bearer {token}"})
             expect(page.locator(f".st-key-label-first-{shown.json()['pair']['pair_id']}")).to_be_visible()
             expect(page.locator("[data-test-script-state='notRunning']")).to_have_count(1)
-            expect(page.get_by_text(re.compile(rf"^{expected} labelled today"))).to_be_visible()
+            expect(page.get_by_text(re.compile(rf"^{expected if today is None else today} labelled today"))).to_be_visible()
 
         for n, key in enumerate("1234", start=1):  # A better, B better, tie, both bad
             press(key, n)
         undone = gateway.labels("dana")[-1][0]
         press("u", 3)  # undo "both bad": that pair comes back
-        press("5", 4)  # and is skipped
+        press("5", 4, today=3)  # and is skipped
         assert gateway.labels("dana")[-1][0] == undone
 
         field = page.get_by_placeholder(re.compile("^Rationale"))
@@ -144,7 +145,7 @@ def test_label_with_the_keyboard_then_see_the_dashboard(stack, tmp_path):
         assert done() == 4
         page.keyboard.press("Tab")
         time.sleep(0.5)
-        press("2", 5)
+        press("2", 5, today=4)
 
         labels = gateway.labels("dana")
         assert [c for _, c, _, _ in labels][2:4] == ["tie", "skip"]  # "both bad" was undone
@@ -167,6 +168,15 @@ def test_label_with_the_keyboard_then_see_the_dashboard(stack, tmp_path):
         page.set_viewport_size({"width": 1280, "height": 1300})  # Streamlit scrolls inside its own container
         page.wait_for_timeout(500)
         small_png(page.screenshot(), shots / "dashboard.png")
+        page.reload()  # a reload, on another page than the first: still signed in, on the same page
+        expect(page.get_by_text("Signed in as dana")).to_be_visible()
+        expect(page.locator("[data-testid='stVegaLiteChart']").first).to_be_visible()
+        expect(page.get_by_label("Token", exact=True)).to_have_count(0)
+        assert "session=" in page.url and token not in page.url
+        elsewhere = browser.new_context().new_page()  # the same address in another browser: nobody
+        elsewhere.goto(page.url)
+        expect(elsewhere.get_by_label("Token", exact=True)).to_be_visible()
+        expect(elsewhere.get_by_text("Signed in as dana")).to_have_count(0)
         browser.close()
 
 

@@ -53,6 +53,31 @@ def test_a_bad_token_shows_the_gateways_message_and_nothing_else(app):
         at.switch_page("views/label.py")
 
 
+def reload(session: str) -> AppTest:
+    """The page loaded again with `?session=...` in its address, as a browser's reload does."""
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["session"] = session
+    return at.run()
+
+
+def test_a_reload_keeps_the_sign_in_until_sign_out_or_a_new_token(app, gateway):
+    """Streamlit forgets a tab when it reloads: the id in the address brings its user back, not the token."""
+    name, token = labeller(gateway)
+    sid = app(token).query_params["session"]
+    assert token not in sid
+    at = reload(sid)
+    assert at.session_state["user"]["name"] == name and "pair" in at.session_state  # on the Label page
+    next(b for b in at.button if b.label == "Sign out").click().run()
+    assert "session" not in at.query_params
+    assert "user" not in reload(sid).session_state  # signed out: the id signs nobody in
+    assert "user" not in reload("made-up").session_state
+    sid = app(token).query_params["session"]
+    httpx.post(f"{gateway.url}/api/users/{name}/token",
+               headers={"Authorization": f"Bearer {gateway.admin_token}"}).raise_for_status()
+    at = reload(sid)  # the old token no longer works: neither does its id
+    assert "user" not in at.session_state and "session" not in at.query_params
+
+
 def test_an_unreachable_gateway_is_said_plainly(app, monkeypatch):
     monkeypatch.setenv("ALIGNLOOP_GATEWAY_URL", f"http://127.0.0.1:{free_port()}")
     at = app("whatever")

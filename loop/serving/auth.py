@@ -25,7 +25,7 @@ from loop.serving.protocol import HTTPProblem
 from loop.serving.rate_limit import RateLimiter, retry_after
 from store.database import Store
 
-TOKEN_CACHE_S = 5.0  # a new or rotated token works at once; an old one stops within this
+TOKEN_CACHE_S = 5.0  # a new token works at once; a replaced one stops at once too (`TokenCache.clear`)
 TOKEN_CACHE_MAX = 10_000
 PEOPLE = ("labeller", "admin")  # the roles that may sign in to the labelling app and its API
 
@@ -47,6 +47,10 @@ class TokenCache:
         if hit and hit[0] > time.monotonic():
             return hit[1]
         return self._remember(token, await asyncio.to_thread(self.store.user_by_token, token))
+
+    def clear(self) -> None:
+        """Forget every lookup: after a token is replaced, the old one must stop now, not in seconds."""
+        self._cache.clear()
 
     def _remember(self, token: str, found: dict[str, Any] | None) -> dict[str, Any] | None:
         if len(self._cache) > TOKEN_CACHE_MAX:

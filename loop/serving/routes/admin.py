@@ -90,6 +90,7 @@ async def add_user(body: UserRequest, request: Request) -> dict[str, Any]:
 @router.post("/users/{name}/token")
 async def new_token(name: str, request: Request) -> dict[str, Any]:
     token = await _call(partial(_gw(request).store.new_token, name), status=404, code="not_found")
+    request.app.state.tokens.clear()  # the old token stops now ("their old one no longer works")
     return {"name": name, "token": token}
 
 
