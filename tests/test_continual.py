@@ -1,6 +1,7 @@
 """The continual run's table (the run itself is end to end in tests/test_loop_e2e.py and measured in
 ops/bench/continual.py)."""
 
+from loop.demo import continual
 from loop.demo.continual import table
 
 
@@ -17,3 +18,17 @@ def test_the_table_has_a_row_a_night_with_what_is_unknown_as_a_dash():
     assert len(rows) == 4
     assert rows[2] == "| 0 | 0 (0) | - | - | base | 0.300 | 0.500 (0.500-0.500) | - |"
     assert rows[3] == "| 1 | 200 (200) | promoted | 1.23 | v1 | 0.610 | 0.700 (0.650-0.750) | 0.700 (0.650-0.750) |"
+
+
+def test_each_night_gets_the_label_budget_it_was_given(monkeypatch):
+    """The budget reached each night as the store's label count at the start (a shadowed name), so a
+    fresh store's run labelled nothing at all, night after night: `simulate --nights` and the bench."""
+    budgets = []
+    monkeypatch.setattr(continual, "standing", lambda client: ("base", 17, 40))  # 17 labels in the store
+    monkeypatch.setattr(continual, "grades", lambda *a: {})
+    monkeypatch.setattr(continual, "night", lambda *a: budgets.append(a[-1]) or {"serving": "base"})
+    records = continual.nights(None, None, 2, pairs=10, labels=None)
+    assert budgets == [None, None] and records[0]["labels_total"] == 17  # None: label the queue empty
+    budgets.clear()
+    continual.nights(None, None, 1, pairs=10, labels=25)
+    assert budgets == [25]

@@ -111,8 +111,8 @@ def nights(cfg: Config, client: GatewayClient, count: int, pairs: int, labellers
     """Night 0 (what serves before the first night, graded) and `count` nights (`labels`: a nightly
     label budget; None: the queue is labelled empty)."""
     cache: Answers = {}
-    serving, labels, _ = standing(client)
-    start = {"night": 0, "requests": 0, "labels": 0, "labels_total": labels, "run": None,
+    serving, given, _ = standing(client)
+    start = {"night": 0, "requests": 0, "labels": 0, "labels_total": given, "run": None,
              "method": None, "decision": None, "reason": None, "kl_to_base": None, "gate_win_rate": None,
              "serving": serving, "replaced": None, **grades(client, serving, None, cache)}
     records = [start]
