@@ -19,6 +19,7 @@ CHOICES = (
     ("skip", "Skip", "5"),
 )
 NAMES = {choice: text for choice, text, _ in CHOICES}
+CUT_OFF = "Cut off: this reply reached its length limit before it ended."
 KEYS_HELP = "Keys: **1** A better · **2** B better · **3** tie · **4** both bad · **5** skip"
 
 
@@ -31,10 +32,12 @@ def show(pair: dict[str, Any]) -> None:
     for message in pair["messages"]:
         with st.chat_message(message["role"]):
             st.markdown(message["content"])
-    for column, name, reply in zip(st.columns(2, gap="medium"), "AB", (pair["first"], pair["second"])):
+    for column, name, side in zip(st.columns(2, gap="medium"), "AB", ("first", "second")):
         with column.container(border=True):
             st.markdown(f"**{name}**")
-            st.markdown(reply or "_(empty reply)_")
+            st.markdown(pair[side] or "_(empty reply)_")
+            if pair.get(f"{side}_cut_off"):
+                st.caption(CUT_OFF)
 
 
 def buttons(key: str, pair_id: int, on_choice: Callable[[str, str | None], None],

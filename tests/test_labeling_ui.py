@@ -274,3 +274,19 @@ def test_the_seconds_chart_has_a_readable_axis_when_every_median_is_zero():
     assert x["scale"]["domain"] == [0, 1.0] and x["axis"]["format"] == ".1~f"
     slow = charts.seconds_per_label([{"name": "ann", "median_seconds": 7.5}]).to_dict()["encoding"]["x"]
     assert slow["scale"]["domain"] == [0, 7.5]
+
+
+def test_a_reply_cut_off_at_its_length_limit_is_marked_under_it():
+    def page():
+        from labeling_ui import pair
+
+        pair.show({"pair_id": 1, "messages": [{"role": "user", "content": "Hi"}], "first": "Whole.",
+                   "second": "Runs on and", "first_cut_off": False, "second_cut_off": True})
+
+    at = AppTest.from_function(page).run()
+    assert not at.exception
+    from labeling_ui.pair import CUT_OFF
+
+    assert [c.value for c in at.caption] == [CUT_OFF]
+    second = at.columns[1]
+    assert [c.value for c in second.caption] == [CUT_OFF] and not at.columns[0].caption

@@ -321,3 +321,20 @@ def test_labels_sent_at_once_share_one_commit_and_each_sender_gets_its_own_answe
     assert isinstance(got[5], LabelConflict)  # users[1] labelled that pair just before, in the same batch
     assert len({r.label_id for r in got[:5]}) == 5
     assert store._all("SELECT count(*) FROM labels WHERE user_id IN (SELECT unnest(?))", [users]) == [(5,)]
+
+
+def test_a_labeller_is_told_which_reply_was_cut_off_at_its_length_limit(store):
+    """A reply that ran out of tokens reads as a worse one: the pair says so, on the side it is shown."""
+    from store.database import Exchange, SecondResponse
+
+    (imported,) = _pairs(store, 1)
+    store.log_batch([Exchange("chatcmpl-9", "chat.completions", "alignloop", 0, [{"role": "user", "content": "live"}],
+                              [("a whole answer.", "stop")], {})],
+                    [SecondResponse("chatcmpl-9", "an answer that runs on and", 0, {}, finish_reason="length")])
+    q = LabelQueue(store, overlap=1, lease_s=60)
+    live = store._all("SELECT id FROM pairs WHERE source = 'live'")[0][0]
+    view = q.pair_view(live)
+    cut = {view["first"]: view["first_cut_off"], view["second"]: view["second_cut_off"]}
+    assert cut == {"a whole answer.": False, "an answer that runs on and": True}
+    plain = q.pair_view(imported)  # imported pairs have no finish reason: nothing is said
+    assert plain["first_cut_off"] is False and plain["second_cut_off"] is False
