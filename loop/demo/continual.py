@@ -11,11 +11,13 @@ Each night, on a running gateway:
 3. the scheduler's nightly trigger runs one retrain (`Scheduler.trigger`: snapshot, train, the gate
    with its own judge, promotion or not);
 4. the simulated people grade what serves then: the demo rule, on the demo corpus's held-out
-   prompts, with sampling seeds no gate uses. It grades only; the gate never sees it.
+   prompts, with sampling seeds no gate uses, and the night's candidate too, whatever the gate
+   decided (so a rejection the truth disagrees with shows). It grades only; the gate never sees it.
 
 A night's record: the labels people gave (that night and in all), the gate's decision and KL, and
 the grades: the share of good answers, the win rate over the base and over the version it replaced
-(each with a two-sided 95% interval; ties count half). Night 0 is the base before any training.
+(each with a two-sided 95% interval; ties count half), and the candidate's good share and win over
+what served before the night. Night 0 is the base before any training.
 """
 
 from __future__ import annotations
@@ -92,9 +94,21 @@ def night(cfg: Config, client: GatewayClient, number: int, pairs: int, labellers
               "decision": run["status"], "reason": run.get("reason"), "kl_to_base": metrics.get("kl_to_base"),
               "gate_win_rate": metrics.get("win_rate"), "serving": after, "replaced": replaced}
     record.update(grades(client, after, replaced, cache))
+    record.update(candidate_grades(client, run.get("candidate_version_id"), before, cache))
     log(f"night {number}: {record['labels']} labels ({record['labels_total']} in all), {record['decision']}, "
         f"{after} serves: good {record['good']:.3f}, over base {record['win_over_base'][0]:.3f}")
     return record
+
+
+def candidate_grades(client: GatewayClient, candidate_id: int | None, before: str, cache: Answers) -> dict[str, Any]:
+    """The simulated people's grades of the night's candidate, whatever the gate decided: its good
+    share and its win over what served before the night (what the gate compared it with). A rejected
+    candidate that wins here is one the gate held back; a promoted one that loses, one it let through."""
+    if not candidate_id:
+        return {"candidate": None, "candidate_good": None, "candidate_over_before": None}
+    name = f"v{candidate_id}"
+    return {"candidate": name, "candidate_good": good_share(client, name, cache),
+            "candidate_over_before": win_rate(client, name, before, cache)}
 
 
 def grades(client: GatewayClient, serving: str, replaced: str | None, cache: Answers) -> dict[str, Any]:
@@ -132,9 +146,11 @@ def table(records: list[dict[str, Any]]) -> str:
         return "-" if v is None else format(v, fmt)
 
     rows = ["| night | labels (in all) | decision | KL | serves | good share | win over base | "
-            "win over the one it replaced |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "win over the one it replaced | candidate's good share | candidate's win over what served |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         rows.append(f"| {r['night']} | {r['labels']} ({r['labels_total']}) | {r['decision'] or '-'} | "
                     f"{number(r['kl_to_base'])} | {r['serving']} | {r['good']:.3f} | {interval(r['win_over_base'])} | "
-                    f"{interval(r['win_over_previous'])} |")
+                    f"{interval(r['win_over_previous'])} | {number(r.get('candidate_good'), '.3f')} | "
+                    f"{interval(r.get('candidate_over_before'))} |")
     return "\n".join(rows)
