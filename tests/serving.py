@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from loop import config as configuration
+from loop.vllm_server import die_with_parent
 
 
 @dataclass
@@ -64,7 +65,8 @@ def start(root: Path, model_dir: Path | None, port: int, engine_port: int, extra
     subprocess.run(args + ["init"], check=True, capture_output=True)
     log = (root / "serve.log").open("wb")
     proc = subprocess.Popen(args + [command], stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=new_session)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=new_session,
+                            preexec_fn=die_with_parent)  # a killed test run or bench leaves no server behind
     server = Server(root, proc, f"http://127.0.0.1:{port}", configuration.load(root / "alignloop.toml"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
