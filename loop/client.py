@@ -86,6 +86,15 @@ class GatewayClient:
                 raise
         return self.call("POST", f"/api/users/{name}/token")["token"]
 
+    def signs_in(self, token: str, name: str) -> bool:
+        """True when `token` is `name`'s working token (False for any other answer, a 401 included)."""
+        try:
+            return self.call("GET", "/api/me", token=token).get("name") == name
+        except GatewayError as e:
+            if e.status is None or e.status >= 500:
+                raise
+            return False
+
     def close(self) -> None:
         self.http.close()
 

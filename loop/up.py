@@ -7,6 +7,7 @@ or a child dying) stops everything.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,26 @@ from loop.config import Config
 from loop.training import memory
 
 APP = Path(__file__).resolve().parents[1] / "labeling_ui" / "app.py"
+DEMO_TOKENS = "demo-tokens.json"  # in the data folder, mode 600: the tokens `up` printed last time
+DEMO_USERS = (("demo-admin", "admin"), ("demo-labeller", "labeller"))
+
+
+def demo_tokens(client: GatewayClient, path: Path) -> tuple[str, str]:
+    """The demo admin's and labeller's sign-in tokens: those `up` printed last time while they still
+    work (a restart signs nobody out), else new ones, kept in `path` for the next start."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    tokens = {}
+    for name, role in DEMO_USERS:
+        token = kept.get(name) if isinstance(kept, dict) else None
+        tokens[name] = token if isinstance(token, str) and client.signs_in(token, name) else client.user_token(name, role)
+    if tokens != kept:
+        path.touch(mode=0o600)
+        os.chmod(path, 0o600)
+        path.write_text(json.dumps(tokens) + "\n")
+    return tokens["demo-admin"], tokens["demo-labeller"]
 
 
 def _cli(cfg: Config, overrides: list[str]) -> list[str]:
@@ -103,7 +124,7 @@ def up(cfg: Config, overrides: list[str]) -> int:
             app_url = f"http://127.0.0.1:{cfg.labeling.app_port}"
             if not _listening(procs[-1], cfg.labeling.app_port, 60):
                 app_url += f" (not answering yet; see {logs / 'labeling_ui.log'})"
-        admin, labeller = client.user_token("demo-admin", "admin"), client.user_token("demo-labeller", "labeller")
+        admin, labeller = demo_tokens(client, cfg.data_dir / DEMO_TOKENS)
         if cfg.schedule.enabled:
             from loop.scheduler import Scheduler
 

@@ -86,6 +86,29 @@ def test_an_existing_user_is_a_409_and_user_token_rotates_it(tmp_path):
         assert old.value.status == 401
 
 
+def test_up_prints_the_same_demo_tokens_after_a_restart_while_they_work(tmp_path):
+    """Every `up` used to issue the demo users new tokens, signing out everyone who used the old ones."""
+    import stat
+
+    from loop.up import demo_tokens
+
+    kept = tmp_path / "demo-tokens.json"
+    with running(tmp_path / "store", pairs=1) as gateway:
+        admin = GatewayClient(gateway.url, gateway.admin_token)
+        first = demo_tokens(admin, kept)
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert demo_tokens(admin, kept) == first  # a restart: the same tokens, still working
+        assert GatewayClient(gateway.url, first[1]).call("GET", "/api/me")["name"] == "demo-labeller"
+        admin.call("POST", "/api/users/demo-labeller/token")  # an admin replaced it: a new one, kept
+        again = demo_tokens(admin, kept)
+        assert again[0] == first[0] and again[1] != first[1]
+        assert GatewayClient(gateway.url, again[1]).signs_in(again[1], "demo-labeller")
+        kept.write_text("{not json")  # a broken file: new tokens, nothing raised
+        fresh = demo_tokens(admin, kept)
+        assert fresh[0] != first[0] and admin.signs_in(fresh[0], "demo-admin")
+        assert not admin.signs_in("not-a-token", "demo-admin")
+
+
 def test_an_engine_refusal_keeps_its_message_in_the_gateways_shape():
     from loop.serving.protocol import ErrorBody, engine_refusal
 
