@@ -104,6 +104,27 @@ def test_references_that_are_no_version_are_404_not_500(tmp_path):
         assert admin.post("/api/runs/99999999999999999999999/heartbeat", json={"metrics": []}).status_code in (400, 404, 409)
 
 
+def test_a_version_whose_adapter_is_not_there_is_refused_and_registers_nothing(tmp_path):
+    """`versions --add` of a folder that does not exist, or holds no adapter, made a candidate that
+    could only fail later, in the engine's log."""
+    empty, config_only, adapter = (tmp_path / name for name in ("empty", "config-only", "adapter"))
+    for folder in (empty, config_only, adapter):
+        folder.mkdir()
+    (config_only / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with running(tmp_path / "store", pairs=1) as gateway:
+        admin = _client(gateway.url, gateway.admin_token)
+        for path, why in ((tmp_path / "nowhere", "not a directory"), (empty, "no adapter_config.json"),
+                          (config_only, "no adapter_model.safetensors"), ("\x00", "not a directory")):
+            r = admin.post("/api/versions", json={"adapter_path": str(path), "method": "dpo"})
+            assert r.status_code == 400 and why in r.json()["error"]["message"], (path, r.text)
+            assert r.json()["error"]["param"] == "adapter_path"
+        assert [v["name"] for v in admin.get("/api/versions").json()] == ["base"]
+        r = admin.post("/api/versions", json={"adapter_path": str(adapter), "method": "dpo"})
+        assert r.status_code == 200 and r.json()["name"] == "v1"
+
+
 def test_an_internal_error_tells_the_caller_nothing_of_the_code(tmp_path, capsys):
     with running(tmp_path, pairs=1) as gateway:
         def boom():

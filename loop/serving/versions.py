@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,6 +41,19 @@ ROLLOUT_NAME = re.compile(ROLLOUT_NAME_PATTERN)  # the PPO trainer's policy, for
 
 
 RETIRE_GRACE_S = 1.0
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT saves, and vLLM loads
+
+
+def adapter_problem(path: str) -> str | None:
+    """Why `path` is not a LoRA adapter the engine could load (as the gateway sees it), or None."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"no adapter at {path}: not a directory the gateway can read"
+    if not (folder / "adapter_config.json").is_file():
+        return f"no adapter at {path}: it has no adapter_config.json (PEFT's save_pretrained writes one)"
+    if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
+        return f"no adapter at {path}: it has no {' or '.join(ADAPTER_WEIGHTS)}"
+    return None
 
 
 class ReplicaGone(VersionError):

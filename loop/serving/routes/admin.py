@@ -45,7 +45,7 @@ from loop.serving.protocol import (
     VersionRequest,
     errors,
 )
-from loop.serving.versions import VersionError
+from loop.serving.versions import VersionError, adapter_problem
 from store import export
 from store.database import StoreError
 from store.runs import RunBusy
@@ -144,6 +144,8 @@ async def versions(request: Request) -> list[dict[str, Any]]:
 
 @router.post("/versions")
 async def add_version(body: VersionRequest, request: Request) -> dict[str, Any]:
+    if problem := await asyncio.to_thread(adapter_problem, body.adapter_path):
+        raise HTTPProblem(400, problem, param="adapter_path", code="invalid_adapter")
     return await asyncio.to_thread(_gw(request).store.add_version, **body.model_dump())
 
 
