@@ -240,17 +240,23 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.client import version_name
+
     result = _gateway(cfg).call("POST", "/api/promote", json={"version": args.version, "reason": args.reason})
     if result["changed"]:
-        print(f"serving version {result['serving']} (was {result['previous']}); took {result['seconds']} s")
+        print(f"serving {version_name(result['serving'])} (was {version_name(result['previous'])}); "
+              f"took {result['seconds']} s")
     else:
-        print(f"version {result['serving']} is serving already")
+        print(f"{version_name(result['serving'])} is serving already")
     return 0
 
 
 def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
+    from loop.client import version_name
+
     result = _gateway(cfg).call("POST", "/api/rollback")
-    print(f"rolled back: serving version {result['serving']} (was {result['previous']})")
+    print(f"rolled back: serving {version_name(result['serving'])} (was {version_name(result['previous'])}); "
+          f"`alignloop rollback` again would serve {version_name(result['previous'])} again")
     return 0
 
 

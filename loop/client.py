@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 TIMEOUT_S = 120.0
 
 
+def version_name(version_id: int) -> str:
+    """A version as the gateway names it (and people read it): base, v1, v2."""
+    return "base" if version_id == 0 else f"v{version_id}"
+
+
 class GatewayError(RuntimeError):
     def __init__(self, status: int | None, message: str, where: str = "") -> None:
         super().__init__(f"{where}: {status}: {message}" if where else message)

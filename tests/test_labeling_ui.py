@@ -207,6 +207,8 @@ def test_an_admin_adds_a_user_sees_the_token_once_and_sees_why_an_action_failed(
     assert not at.button(key="promote").disabled
     at.selectbox(key="promote_version").select("base").run()
     assert not at.button(key="promote").disabled and not at.warning
+    at.button(key="promote").click().run()
+    assert at.success[0].value.endswith(": base was serving already")  # by name, as everywhere, not "0"
 
     at.button(key="rollback").click().run()
     assert at.error[0].value.startswith("roll back: nothing to roll back to")

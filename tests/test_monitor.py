@@ -100,7 +100,7 @@ def test_a_version_worse_on_thumbs_is_rolled_back_with_its_reason(system):
     assert router.routes.serving == 0 and served <= 300
     version, actor, reason = promoter.calls[-1]
     assert (version, actor) == (0, "monitor") and "thumbs_down" in reason
-    assert re.search(r"against 5\d%|against 6\d% for version 0", reason)  # the base's rate, ~60%
+    assert re.search(r"against 5\d%|against 6\d% for base", reason)  # the base's rate, ~60%
     status = monitor.status()
     assert status["rollbacks"] == 1 and status["last_rollback"]["version"] == 2
     assert status["watch"]["outcome"] == "rolled back"
@@ -160,6 +160,8 @@ def test_an_unreadable_store_or_no_baseline_decides_nothing(system, monkeypatch)
     promoter.promote(1)  # the base has no history: nothing to compare with
     monitor.check()
     assert monitor.watch.outcome == "kept" and "no signal has a baseline" in monitor.watch.reason
+    # each signal named once, with its count, and the version by its name
+    assert "observations of base: errors 0, cut_off 0, empty 0, thumbs_down 0; each needs" in monitor.watch.reason
     traffic(store, 1, 400, down=0.6, rng=rng)
     promoter.promote(2)
     monitor.check()

@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from labeling_ui import api, pair
+from loop.client import version_name
 
 ss = st.session_state
 
@@ -21,8 +22,9 @@ def act(what: str, fn, *args, done=lambda r: "done") -> None:
 
 def swapped(r: dict) -> str:
     if not r.get("changed", True):
-        return f"{r['serving']} was serving already"
-    return f"now serving {r['serving']} (was {r['previous']}), switched in {r.get('seconds', 0):.1f} s"
+        return f"{version_name(r['serving'])} was serving already"
+    return (f"now serving {version_name(r['serving'])} (was {version_name(r['previous'])}), "
+            f"switched in {r.get('seconds', 0):.1f} s")
 
 
 def add_user() -> None:
@@ -88,18 +90,19 @@ with status:
         monitor = s.get("monitor") or {}
         watch, last = monitor.get("watch"), monitor.get("last_rollback")
         if last and last.get("canary"):
-            st.warning(f"Canary version {last['version']} was stopped automatically; all traffic goes to "
-                       f"{last['to']}: {last['reason']}. Setting the canary again overrides the monitor.")
+            st.warning(f"Canary {version_name(last['version'])} was stopped automatically; all traffic goes to "
+                       f"{version_name(last['to'])}: {last['reason']}. Setting the canary again overrides the monitor.")
         elif last:
-            st.warning(f"Version {last['version']} was rolled back automatically to {last['to']}: {last['reason']}. "
+            st.warning(f"{version_name(last['version'])} was rolled back automatically to {version_name(last['to'])}: "
+                       f"{last['reason']}. "
                        f"Promoting it again overrides the monitor.")
         canary_watch = monitor.get("canary")
         if canary_watch:
-            st.caption(f"Canary: version {canary_watch['version']} against {canary_watch['against']}: "
+            st.caption(f"Canary: {version_name(canary_watch['version'])} against {version_name(canary_watch['against'])}: "
                        f"{canary_watch['outcome']} after {canary_watch['requests']} live requests"
                        + (f" ({canary_watch['reason']})" if canary_watch["reason"] else ""))
         if watch:
-            st.caption(f"After promotion: version {watch['version']} against {watch['against']}: {watch['outcome']}"
+            st.caption(f"After promotion: {version_name(watch['version'])} against {version_name(watch['against'])}: {watch['outcome']}"
                        f" after {watch['requests']} live requests" + (f" ({watch['reason']})" if watch["reason"] else ""))
             rows = [{"signal": name, **test} for name, test in watch["signals"].items()]
             if rows:

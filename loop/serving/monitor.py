@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loop.client import version_name as name
 from loop.evaluation.sequential import FINE, REGRESSION, SPRT, baseline_rate
 from loop.sections import MonitorConfig
 from loop.serving.router import Router
@@ -130,7 +131,7 @@ class Monitor:
             if live == c.version:  # set again by a person: theirs, unwatched
                 if c.outcome == "canary stopped":
                     c.outcome = "overridden"
-                    self.log(f"canary version {c.version} set again after the monitor stopped it: an override")
+                    self.log(f"canary {name(c.version)} set again after the monitor stopped it: an override")
                 return
         elif c is not None and (live, routes.serving) != (c.version, c.previous) and c.outcome in ("watching", REGRESSION):
             c.outcome = "ended"  # stopped, promoted, or what serves changed under it
@@ -152,13 +153,13 @@ class Monitor:
         self.rollbacks += 1
         self.last_rollback = {"version": c.version, "to": c.previous, "reason": c.reason, "at": time.time(),
                               "canary": True}
-        self.log(f"stopped canary version {c.version}; all traffic to version {c.previous}: {c.reason}")
+        self.log(f"stopped canary {name(c.version)}; all traffic to {name(c.previous)}: {c.reason}")
 
     def _start(self, version: int, previous: int | None, kind: str = "promotion") -> Watch | None:
         if previous is None or previous == version:
             return None
         if kind == "promotion" and self.store.rolled_back_automatically(version):
-            self.log(f"version {version} serves again after an automatic rollback: a person's override, not watched")
+            self.log(f"{name(version)} serves again after an automatic rollback: a person's override, not watched")
             return None
         exchange_after, feedback_after = self.store.newest_ids()
         w = Watch(version, previous, exchange_after, feedback_after)
@@ -173,13 +174,15 @@ class Monitor:
         watched = [s for s in SIGNALS if len(baseline[s]) >= c.min_baseline]
         for s in SIGNALS:
             if s not in watched:
-                w.unwatched[s] = f"{len(baseline[s])} baseline observations of version {previous}, fewer than {c.min_baseline}"
+                w.unwatched[s] = f"{len(baseline[s])} baseline observations of {name(previous)}, fewer than {c.min_baseline}"
                 continue
             p0 = baseline_rate(sum(baseline[s]), len(baseline[s]), c.rate_floor)
             w.tests[s] = SPRT.for_baseline(p0, c.min_regression, c.alpha / len(watched), c.beta)
         if not w.tests:
-            w.outcome, w.reason = "kept", f"not watched: no signal has a baseline ({'; '.join(w.unwatched.values())})"
-        self.log(f"watching {'canary ' if kind == 'canary' else ''}version {version} against {previous}: "
+            counts = ", ".join(f"{s} {len(baseline[s])}" for s in SIGNALS)
+            w.outcome, w.reason = "kept", (f"not watched: no signal has a baseline (observations of {name(previous)}: "
+                                           f"{counts}; each needs {c.min_baseline})")
+        self.log(f"watching {'canary ' if kind == 'canary' else ''}{name(version)} against {name(previous)}: "
                  f"{', '.join(sorted(w.tests)) or 'nothing'}" + (f" ({w.reason})" if w.reason else ""))
         return w
 
@@ -199,20 +202,20 @@ class Monitor:
         if found:
             s, t = found[0], w.tests[found[0]]
             w.outcome = REGRESSION
-            w.reason = (f"{s}: {t.bad} of {t.n} ({t.bad / t.n:.0%}) against {t.p0:.0%} for version {w.previous}; "
+            w.reason = (f"{s}: {t.bad} of {t.n} ({t.bad / t.n:.0%}) against {t.p0:.0%} for {name(w.previous)}; "
                         f"sequential test at alpha {t.alpha:.4f}, after {w.requests} live requests")
         elif all(t.state == FINE for t in w.tests.values()):
-            w.outcome, w.reason = "kept", f"every signal as good as version {w.previous}'s after {w.requests} requests"
+            w.outcome, w.reason = "kept", f"every signal as good as {name(w.previous)}'s after {w.requests} requests"
         elif w.requests >= self.cfg.watch_requests:
             w.outcome, w.reason = "kept", f"no regression found in {w.requests} requests (monitor.watch_requests)"
 
     def _roll_back(self, w: Watch) -> None:
         try:
-            self.versions.promote(w.previous, actor="monitor", reason=f"automatic rollback of version {w.version}: {w.reason}",
+            self.versions.promote(w.previous, actor="monitor", reason=f"automatic rollback of {name(w.version)}: {w.reason}",
                                   expect_serving=w.version)
         except StaleServing as e:  # a person promoted something else meanwhile: theirs to watch
             w.outcome = "superseded"
-            self.log(f"not rolling back version {w.version}: {e}")
+            self.log(f"not rolling back {name(w.version)}: {e}")
             return
         except VersionError as e:
             self.failures += 1
@@ -220,12 +223,12 @@ class Monitor:
             if w.rollback_failures >= ROLLBACK_TRIES:
                 w.outcome = "rollback failed"
                 w.reason += f"; rolling back failed {ROLLBACK_TRIES} times: {e}"
-            self.log(f"rollback of version {w.version} failed ({w.rollback_failures}/{ROLLBACK_TRIES}): {e}")
+            self.log(f"rollback of {name(w.version)} failed ({w.rollback_failures}/{ROLLBACK_TRIES}): {e}")
             return
         w.outcome = "rolled back"
         self.rollbacks += 1
         self.last_rollback = {"version": w.version, "to": w.previous, "reason": w.reason, "at": time.time()}
-        self.log(f"rolled back version {w.version} to {w.previous}: {w.reason}")
+        self.log(f"rolled back {name(w.version)} to {name(w.previous)}: {w.reason}")
 
     # --- for the gateway ----------------------------------------------------------------------------
 
