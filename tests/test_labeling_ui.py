@@ -145,6 +145,24 @@ def test_the_arena_without_an_engine_shows_the_gateways_message(app, gateway):
     assert "engine is unavailable" in at.error[0].value
 
 
+def test_after_asking_the_arena_leaves_the_question_box_so_the_vote_keys_work(app, gateway, monkeypatch):
+    """The question box kept the focus after sending, so the 1-5 keys shown under the answers were
+    typed into it (seen in a real browser on a real engine: no vote was recorded)."""
+    from labeling_ui import api
+
+    name, token = labeller(gateway)
+    handed = httpx.get(f"{gateway.url}/api/label/next", headers={"Authorization": f"Bearer {token}"}).json()["pair"]
+    monkeypatch.setattr(api, "arena", lambda *a: {"pair": handed})  # the engine's two answers, as a pair
+    at = app(token)
+    at.switch_page("views/arena.py").run()
+    at.chat_input[0].set_value("Tell me a joke").run()
+    assert not at.exception and at.session_state["arena_pair"]["pair_id"] == handed["pair_id"]
+    blur = [e for e in at.get("html") if "activeElement?.blur()" in e.proto.body]
+    assert len(blur) == 1 and f"pair {handed['pair_id']}" in blur[0].proto.body  # once per new pair
+    at.button(key=f"arena-first-{handed['pair_id']}").click().run()
+    assert "Vote recorded" in at.success[0].value and [p for p, *_ in gateway.labels(name)] == [handed["pair_id"]]
+
+
 def test_the_dashboard_plots_what_the_store_holds(app, gateway):
     at = app(labeller(gateway)[1])
     at.button(key=f"label-first-{shown(at)['pair_id']}").click().run()

@@ -37,3 +37,6 @@ pair.notice("arena_notice")
 if ss.get("arena_pair"):
     pair.show(ss.arena_pair)
     pair.buttons("arena", ss.arena_pair["pair_id"], vote)
+    if prompt:  # the question box keeps the focus after sending, and keys typed there are text, not votes
+        st.html(f"<script>/* pair {ss.arena_pair['pair_id']} */ document.activeElement?.blur();</script>",
+                unsafe_allow_javascript=True, width="content")
