@@ -134,6 +134,28 @@ def test_an_internal_error_tells_the_caller_nothing_of_the_code(tmp_path, capsys
         assert r.status_code == 500 and "secret" not in r.text and "internal error" in r.json()["error"]["message"]
 
 
+def test_requests_the_gateway_refuses_are_counted_in_metrics_by_status(tmp_path):
+    """Only the requests the engine answered were counted, so a client sending nothing but bad
+    requests looked like no traffic at all."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    hello = {"model": "alignloop", "messages": [{"role": "user", "content": "hi"}]}
+    with running(tmp_path, pairs=1, settings=["gateway.max_body_kb=64"]) as gateway:
+        c = _client(gateway.url)
+        sent = [c.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+                c.post("/v1/chat/completions", json={**hello, "max_tokens": "many"}),
+                c.post("/v1/chat/completions", json={**hello, "model": "nope"}),
+                c.post("/v1/completions", content=b"x", headers={"Content-Type": "text/plain"}),
+                c.post("/v1/completions", json={"model": "alignloop", "prompt": "x" * 70_000}),
+                c.post("/v1/chat/completions", json=hello)]  # no engine here: 503
+        assert [r.status_code for r in sent] == [400, 400, 404, 415, 413, 503]
+        counted = {(s.labels["endpoint"], s.labels["status"]): s.value
+                   for family in text_string_to_metric_families(c.get("/metrics").text)
+                   for s in family.samples if s.name == "alignloop_requests_total"}
+        assert counted == {("chat.completions", "400"): 2, ("chat.completions", "404"): 1,
+                           ("completions", "415"): 1, ("completions", "413"): 1, ("chat.completions", "503"): 1}
+
+
 def test_roles_apps_call_v1_only_and_labellers_no_admin_data(tmp_path):
     with running(tmp_path, pairs=2) as gateway:
         app = _client(gateway.url, gateway.add_user("shop", "app"))

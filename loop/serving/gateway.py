@@ -206,7 +206,6 @@ class Gateway:
             self.in_flight -= 1
             text = await r.read()
             self._done(replica, r, engine_model)
-            self.metrics.requests.labels(endpoint, str(r.status)).inc()
             if r.status >= 500:
                 raise self.unavailable(f"engine answered {r.status}: {text[:300]!r}")
             raise engine_refusal(r.status, text)

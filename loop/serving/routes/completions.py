@@ -34,10 +34,12 @@ class Completions:
             return
         try:
             response = await self._answer(scope, receive, *route)
-        except HTTPProblem as e:
+        except HTTPProblem as e:  # refused here or by the engine, or no engine: counted as the caller got it
             response = e.response()
+            self.gw.metrics.requests.labels(route[0], str(e.status)).inc()
         except Exception as e:  # a bug: logged under an id, never shown to the caller
             response = internal_error(scope["method"], scope["path"], e)
+            self.gw.metrics.requests.labels(route[0], "500").inc()
         if response is not None:
             await response(scope, receive, send)
 
