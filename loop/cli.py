@@ -525,7 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init = args.command == "init"
         cfg = configuration.load(args.config or (configuration.CONFIG_FILE if init else None), args.set, missing_ok=init)
-        return args.run(cfg, args)
+        code = args.run(cfg, args)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
+        return code
+    except BrokenPipeError:  # `alignloop status | head`: the reader has had enough; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        return 141  # as a tool ended by SIGPIPE
     except (ConfigError, ValueError, OSError) as e:
         print(f"alignloop: error: {e}", file=sys.stderr)
         return 2

@@ -108,3 +108,15 @@ def test_status_reads_plainly_with_no_config_file_and_no_gateway(tmp_path, capsy
     out = capsys.readouterr().out
     assert "previous: none" in out and "config: none (built-in defaults" in out, out
     assert "None" not in out, out
+
+
+def test_status_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """`alignloop status | head -3` ended with 'alignloop: error: [Errno 32] Broken pipe'."""
+    from tests.serving import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "--set", f"data.dir={tmp_path / 'data'}", "--set",
+                             f"gateway.port={free_port()}", "status"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

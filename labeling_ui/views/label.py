@@ -40,7 +40,7 @@ def undo() -> None:
     except api.ApiError as e:
         ss.label_notice = ("info" if e.status == 404 else "error", e.message)
         return
-    ss.last = f"undid your label on pair {result['pair']['pair_id']}"
+    ss.last = f"took back your last answer, on pair {result['pair']['pair_id']}"  # a label or a skip
     show_next(result)
 
 
