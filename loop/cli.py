@@ -50,14 +50,14 @@ def _gateway(cfg: Config):
 
 def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     path = Path(args.config or configuration.CONFIG_FILE)
-    if path.exists() and not args.force:
-        print(f"{path} exists already; keeping it (use --force to overwrite)")
-    else:
-        path.write_text(configuration.render(cfg))
-        print(f"wrote {path}")
-    cfg = configuration.load(path, args.set)  # what was written must load
     _private_dir(cfg.data_dir)
-    with _store(cfg) as store:
+    with _store(cfg) as store:  # first: a store that a running gateway holds fails here, before any file is written
+        if path.exists() and not args.force:
+            print(f"{path} exists already; keeping it (use --force to overwrite)")
+        else:
+            path.write_text(configuration.render(cfg))
+            print(f"wrote {path}")
+        cfg = configuration.load(path, args.set)  # what was written must load
         print(f"store ready at {store.path}")
     if args.demo:
         ensure_demo_model(cfg, rebuild=args.force)

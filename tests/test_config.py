@@ -120,3 +120,23 @@ def test_status_into_a_pipe_closed_early_ends_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_init_while_the_store_is_in_use_writes_no_config(tmp_path):
+    """It wrote alignloop.toml, then failed on the store's lock, and every later command read the
+    half-made config."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "loop.cli", "--set", f"data.dir={data}", "init",
+                    "--config", str(tmp_path / "first.toml")], check=True, capture_output=True, cwd=tmp_path, timeout=120)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from store import Store; "
+                               f"s = Store({str(data / 'alignloop.duckdb')!r}); print('open', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        done = subprocess.run([sys.executable, "-m", "loop.cli", "--set", f"data.dir={data}", "init"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "alignloop.toml").exists(), done.stdout
