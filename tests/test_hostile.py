@@ -35,6 +35,19 @@ def test_too_deep_counts_nesting_outside_strings():
     assert not too_deep(b"[1]" * 1000, 1)  # many brackets, shallow
 
 
+def test_a_wrong_number_is_named_once_by_its_field():
+    """A number field typed float-or-int answered 'temperature.float: ...; temperature.int: ...' with
+    param 'temperature.float'."""
+    from loop.serving.protocol import ChatRequest, HTTPProblem, parse
+
+    chat = {"model": "alignloop", "messages": [{"role": "user", "content": "hi"}]}
+    for field, bad in (("temperature", "hot"), ("top_p", True), ("temperature", [1])):
+        with pytest.raises(HTTPProblem) as refused:
+            parse(ChatRequest, {**chat, field: bad})
+        assert (refused.value.message, refused.value.param) == (f"{field}: Input should be a valid number", field)
+    assert parse(ChatRequest, {**chat, "temperature": 1, "top_p": 0.5}).temperature == 1  # an int is a number
+
+
 def test_rate_limiter_allows_a_burst_then_the_average_rate():
     now = [0.0]
     limiter = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])

@@ -110,8 +110,8 @@ class SamplingFields(BaseModel):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     stream: StrictBool = False
-    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
-    top_p: StrictFloat | StrictInt | None = Field(default=None, gt=0, le=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = None
     user: StrictStr | None = None
     stream_options: StreamOptions | None = None
@@ -147,7 +147,7 @@ class FeedbackRequest(BaseModel):
     id: StrictStr = Field(min_length=1, description="the response id the gateway returned")
     choice: StrictInt = Field(default=0, ge=0)
     thumbs: Literal["up", "down"] | None = None
-    score: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=1)
+    score: StrictFloat | None = Field(default=None, ge=0, le=1)
     comment: StrictStr | None = Field(default=None, max_length=4000)
 
 
