@@ -74,7 +74,8 @@ def test_gold_pairs_are_handed_out_beyond_the_overlap_and_look_like_any_other(st
         assert set(handed[u][:3]) == gold  # gold first at a share of 1, to both: beyond overlap 1
     regular = [p for u in (a, b) for p in handed[u] if p not in gold]
     assert len(regular) == len(set(regular)) == 4  # then the four regular pairs, once each
-    assert {frozenset(v) for v in views} == {frozenset({"pair_id", "messages", "first", "second"})}
+    assert {frozenset(v) for v in views} == {frozenset({"pair_id", "messages", "first", "second", "first_cut_off",
+                                                        "second_cut_off"})}
     assert q.next_pair(a) is None and q.progress(a)["queue"] == 0
 
 
