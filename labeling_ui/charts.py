@@ -45,13 +45,16 @@ def seconds_per_label(rows: list[dict[str, Any]]) -> alt.Chart:
 def win_rate_over_parent(rows: list[dict[str, Any]]) -> alt.LayerChart:
     data = pd.DataFrame(rows)
     data["matchup"] = data["version"] + " vs " + data["parent"]
+    data["votes"] = "n=" + data["comparisons"].astype(str)  # one vote reads as 1.0: the count says how sure
     bars = alt.Chart(data).mark_bar(**thick(len(data))).encode(
         x=alt.X("matchup:N", title=None, sort=None, axis=alt.Axis(labelAngle=0)),
         y=alt.Y("win_rate:Q", title="win rate over parent", scale=alt.Scale(domain=[0, 1])),
         color=alt.condition("datum.win_rate >= 0.5", alt.value("#54a24b"), alt.value("#e45756")),
         tooltip=["version:N", "parent:N", alt.Tooltip("win_rate:Q", format=".2f"), "comparisons:Q"])
+    counts = bars.mark_text(dy=-8).encode(text="votes:N", color=alt.value("black"))
     even = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
-    return alt.layer(bars, even).properties(height=HEIGHT, title="Each version against its parent (human labels)")
+    return alt.layer(bars, counts, even).properties(height=HEIGHT, title=alt.Title(
+        "Versions vs their parents", subtitle=["people's votes", "n: how many"]))
 
 
 def ranking(rows: list[dict[str, Any]]) -> alt.Chart:
@@ -107,8 +110,7 @@ def run_win_rates(rows: list[dict[str, Any]]) -> alt.LayerChart:
     interval = alt.Chart(data).mark_rule(color="black").encode(x=x, y="lower:Q", y2="upper:Q")
     even = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
     return alt.layer(bars, interval, even).properties(height=HEIGHT, title=alt.Title(
-        "Candidates against what served", subtitle="green: promoted, red: rejected, amber: held; "
-                                                    "black: the gate's interval"))
+        "Candidates vs what served", subtitle=["green promoted, red rejected", "amber held; black: the interval"]))
 
 
 def reward_model_accuracy(rows: list[dict[str, Any]]) -> alt.LayerChart:
@@ -122,4 +124,4 @@ def reward_model_accuracy(rows: list[dict[str, Any]]) -> alt.LayerChart:
         tooltip=["id:O", "run_id:O", "purpose:N", alt.Tooltip("accuracy:Q", format=".2f")])
     coin = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
     return alt.layer(bars, coin).properties(height=HEIGHT, title=alt.Title(
-        "Reward models", subtitle="judge: the gate's, refreshed every cycle; reward: what PPO optimised"))
+        "Reward models", subtitle=["judge: the gate's, each cycle", "reward: what PPO optimised"]))

@@ -296,6 +296,22 @@ def test_the_seconds_chart_has_a_readable_axis_when_every_median_is_zero():
     assert slow["scale"]["domain"] == [0, 7.5]
 
 
+def test_a_win_rate_over_a_parent_shows_how_many_votes_it_rests_on():
+    """One arena vote drew a bar at 1.0 that looked as sure as a thousand."""
+    from labeling_ui import charts
+
+    spec = charts.win_rate_over_parent([{"version": "v1", "parent": "base", "win_rate": 1.0, "comparisons": 1},
+                                        {"version": "v2", "parent": "v1", "win_rate": 0.4, "comparisons": 120}]).to_dict()
+    texts = [layer for layer in spec["layer"] if layer["mark"]["type"] == "text"]
+    assert len(texts) == 1 and texts[0]["encoding"]["text"]["field"] == "votes"
+    rows = next(iter(spec["datasets"].values()))
+    assert [r["votes"] for r in rows] == ["n=1", "n=120"]
+    # titles fit a third of the page without being cut (~25 characters; subtitles ~32, a line each)
+    for chart in (spec, charts.reward_model_accuracy([{"id": 1, "run_id": 1, "purpose": "judge", "accuracy": 0.8}]).to_dict(),
+                  charts.run_win_rates([{"run": 1, "status": "held", "win_rate": 0.6, "lower": 0.5, "upper": 0.7}]).to_dict()):
+        assert len(chart["title"]["text"]) <= 25 and max(map(len, chart["title"]["subtitle"])) <= 32, chart["title"]
+
+
 def test_a_reply_cut_off_at_its_length_limit_is_marked_under_it():
     def page():
         from labeling_ui import pair

@@ -75,7 +75,8 @@ columns = st.columns(3)
 plot(columns[0], s["win_rate_over_parent"], charts.win_rate_over_parent,
      "No version has been compared with its parent by people yet (arena votes and live pairs do that).")
 plot(columns[1], s["ranking"], charts.ranking, "No ranking yet: it needs labels on pairs from two versions.")
-plot(columns[2], judged, charts.run_win_rates, "No run has judged a candidate yet.")
+plot(columns[2], judged, charts.run_win_rates, "No run has judged a candidate yet." if not runs else
+     f"None of the {len(runs)} runs so far judged a candidate: each one's reason is under Retrain runs.")
 reward_models = [r for r in reversed(s.get("reward_models", [])) if r["accuracy"] is not None]
 if reward_models:
     plot(st.columns(3)[0], reward_models, charts.reward_model_accuracy, "")
@@ -90,9 +91,10 @@ else:
         st.caption(run["reason"])
     numbers = {k: v for k, v in metrics(run).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     first = [k for k in FIRST_NUMBERS if k in numbers] + [k for k in numbers if k not in FIRST_NUMBERS]
-    for column, name in zip(st.columns(6), first[:6]):
-        value = numbers[name]
-        column.metric(name, f"{value:.3g}" if isinstance(value, float) else value)
+    for row in (first[:3], first[3:6]):  # three a row: names like eval_rewards/accuracies fit
+        for column, name in zip(st.columns(3), row):
+            value = numbers[name]
+            column.metric(name, f"{value:.3g}" if isinstance(value, float) else value)
     if run["curve"]:
         st.altair_chart(charts.run_curves(run["curve"], f"Run {run['id']} ({run['method']})"))
     else:
