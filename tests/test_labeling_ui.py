@@ -219,6 +219,9 @@ def test_an_admin_adds_a_user_sees_the_token_once_and_sees_why_an_action_failed(
     vid = gateway.gw.store.add_version("/nowhere/adapter", "dpo", parent_id=0)["id"]
     gateway.gw.store.set_version_status(vid, "rejected")
     at.switch_page("views/admin.py").run()
+    table = next(d.value for d in at.dataframe if "version" in d.value.columns)  # names, not raw columns
+    row = table[table["version"] == f"v{vid}"].iloc[0]
+    assert (row["parent"], row["status"], len(row["created"])) == ("base", "rejected", 19)
     at.selectbox(key="promote_version").select(f"v{vid}").run()
     assert "is rejected: the gate did not promote it" in at.warning[0].value and at.button(key="promote").disabled
     at.checkbox(key="promote_override").check().run()

@@ -71,7 +71,7 @@ with status:
     try:
         s = api.status(ss.token)
         c = st.columns(4)
-        name = lambda v: "none" if v is None else "base" if v == 0 else f"v{v}"  # noqa: E731 (versions are v<id>)
+        name = lambda v: "none" if v is None else version_name(v)  # noqa: E731
         c[0].metric(f"Serving as '{s['alias']}'", name(s["serving"]))
         c[1].metric("Previous", name(s["previous"]))
         c[2].metric("Canary", name(s["canary"]))
@@ -115,8 +115,10 @@ with status:
 with versions:
     try:
         rows = api.versions(ss.token)
-        st.dataframe(rows, width="stretch", hide_index=True, column_order=[
-            "id", "name", "parent_id", "method", "status", "created_at", "adapter_path"])
+        st.dataframe([{"version": v["name"], "status": v["status"], "method": v["method"],
+                       "parent": "-" if v["parent_id"] is None else version_name(v["parent_id"]),
+                       "created": (v["created_at"] or "")[:19].replace("T", " "), "adapter": v["adapter_path"] or "-"}
+                      for v in rows], width="stretch", hide_index=True)
         status = {v["name"]: v["status"] for v in rows}
         chosen = st.selectbox("Version", list(status), index=None, placeholder="choose a version to promote",
                               key="promote_version")
