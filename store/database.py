@@ -383,10 +383,10 @@ class Store:
         self.pair_writes += 1
         return 1
 
-    def add_generated_pair(self, messages: list[dict[str, str]], a: tuple[str, int], b: tuple[str, int],
+    def add_generated_pair(self, messages: list[dict[str, str]], a: tuple, b: tuple,
                            source: str, priority: int = 2) -> int | None:
-        """A pair of two fresh answers (text, version id) to one prompt, e.g. from the arena.
-        Returns its id, or None when the two answers are the same text."""
+        """A pair of two fresh answers (text, version id[, finish reason]) to one prompt, e.g. from
+        the arena. Returns its id, or None when the two answers are the same text."""
         if a[0] == b[0]:
             return None
         uid = pair_uid(messages, a[0], b[0])
@@ -396,9 +396,10 @@ class Store:
                 return found[0]
             prompt_id = db.execute("INSERT INTO prompts (messages, source) VALUES (?, ?) RETURNING id",
                                    [json.dumps(messages, ensure_ascii=False), source]).fetchone()[0]
-            ids = [db.execute("""INSERT INTO responses (prompt_id, text, version_id, source)
-                                 VALUES (?, ?, ?, ?) RETURNING id""", [prompt_id, text, version, source]).fetchone()[0]
-                   for text, version in (a, b)]
+            ids = [db.execute("""INSERT INTO responses (prompt_id, text, version_id, source, finish_reason)
+                                 VALUES (?, ?, ?, ?, ?) RETURNING id""",
+                              [prompt_id, answer[0], answer[1], source, answer[2] if len(answer) > 2 else None]).fetchone()[0]
+                   for answer in (a, b)]
             self.pair_writes += 1
             return db.execute("""INSERT INTO pairs (uid, prompt_id, response_a_id, response_b_id, source, priority)
                                  VALUES (?, ?, ?, ?, ?, ?) RETURNING id""",

@@ -384,6 +384,20 @@ def test_the_rollout_api_refuses_bad_input_clearly(server, tmp_path):
             assert r.status_code in (400, 422), (bad, r.text)
 
 
+def test_the_arena_answers_within_the_engines_context_and_marks_a_reply_cut_off(server):
+    """The arena offered 1,024 tokens to a 256-token engine, which refused with vLLM's own text; and
+    its pairs kept no finish reason, so a reply cut off at its limit was shown as a whole one."""
+    with server.client() as admin:
+        token = admin.post("/api/users", json={"name": "arena-ann", "role": "labeller"}).json()["token"]
+    with server.client(token=token) as labeller:
+        long = labeller.post("/api/arena", json={"prompt": "Tell me all about basil.", "max_tokens": 1024})
+        assert long.status_code == 200, long.text
+        short = labeller.post("/api/arena", json={"prompt": "And about mint?", "max_tokens": 4})
+        assert short.status_code == 200, short.text
+    pair = short.json()["pair"]  # answers of a sentence or more, stopped at 4 tokens: cut off (both ending by then: never seen)
+    assert pair["first_cut_off"] or pair["second_cut_off"], pair
+
+
 def test_a_candidate_that_is_not_loaded_is_refused_as_such_not_as_unknown(server, oai, adapters):
     """A new user asked for a held candidate by its name and read only 'does not exist'."""
     with server.client() as admin:

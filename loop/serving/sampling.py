@@ -25,16 +25,17 @@ async def arena(gw: Gateway, messages: list[dict[str, str]], max_tokens: int, us
         raise gw.unavailable("starting or restarting")
     r = gw.router.routes
     other = r.canary if r.canary is not None else (r.previous if r.previous in r.engine_names else r.serving)
+    max_tokens = min(max_tokens, gw.cfg.engine.max_model_len // 2)  # the rest is the prompt's: no length error
 
-    async def answer(version: int, seed: int) -> str:
+    async def answer(version: int, seed: int) -> tuple[str, int, str | None]:
         body = {"model": r.engine_name(version), "messages": messages, "max_tokens": max_tokens,
                 "temperature": 1.0, "seed": seed}
-        data = await gw.engine_json("/v1/chat/completions", body)
-        return data["choices"][0]["message"]["content"] or ""
+        choice = (await gw.engine_json("/v1/chat/completions", body))["choices"][0]
+        return choice["message"]["content"] or "", version, choice.get("finish_reason")
 
     for attempt in range(3):  # two samples can come out the same; try again with other seeds
         a, b = await asyncio.gather(answer(r.serving, 2 * attempt), answer(other, 2 * attempt + 1))
-        pair_id = await asyncio.to_thread(gw.store.add_generated_pair, messages, (a, r.serving), (b, other), "arena", 2)
+        pair_id = await asyncio.to_thread(gw.store.add_generated_pair, messages, a, b, "arena", 2)
         if pair_id is not None:
             return await asyncio.to_thread(gw.queue.lease, user_id, pair_id)
     raise HTTPProblem(409, "both answers came out the same three times; try another prompt")
