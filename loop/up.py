@@ -35,7 +35,8 @@ def demo_tokens(client: GatewayClient, path: Path) -> tuple[str, str]:
     tokens = {}
     for name, role in DEMO_USERS:
         token = kept.get(name) if isinstance(kept, dict) else None
-        tokens[name] = token if isinstance(token, str) and client.signs_in(token, name) else client.user_token(name, role)
+        works = isinstance(token, str) and client.signs_in(token, name)
+        tokens[name] = token if works else client.user_token(name, role)
     if tokens != kept:
         path.touch(mode=0o600)
         os.chmod(path, 0o600)

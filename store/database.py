@@ -398,8 +398,8 @@ class Store:
                                    [json.dumps(messages, ensure_ascii=False), source]).fetchone()[0]
             ids = [db.execute("""INSERT INTO responses (prompt_id, text, version_id, source, finish_reason)
                                  VALUES (?, ?, ?, ?, ?) RETURNING id""",
-                              [prompt_id, answer[0], answer[1], source, answer[2] if len(answer) > 2 else None]).fetchone()[0]
-                   for answer in (a, b)]
+                              [prompt_id, text, version, source, finish[0] if finish else None]).fetchone()[0]
+                   for text, version, *finish in (a, b)]
             self.pair_writes += 1
             return db.execute("""INSERT INTO pairs (uid, prompt_id, response_a_id, response_b_id, source, priority)
                                  VALUES (?, ?, ?, ?, ?, ?) RETURNING id""",

@@ -330,9 +330,9 @@ class LabelQueue:
             WHERE {"p.id = ?" if one else "p.id IN (SELECT unnest(?))"}""", [pair_ids[0] if one else pair_ids]).fetchall()
         views = {}
         for pair_id, uid, messages, a, b, a_cut, b_cut in rows:
-            (first, first_cut), (second, second_cut) = ((b, b_cut), (a, a_cut)) if swapped(uid) else ((a, a_cut), (b, b_cut))
-            views[pair_id] = {"pair_id": pair_id, "messages": json.loads(messages), "first": first, "second": second,
-                              "first_cut_off": bool(first_cut), "second_cut_off": bool(second_cut)}
+            first, second = ((b, b_cut), (a, a_cut)) if swapped(uid) else ((a, a_cut), (b, b_cut))
+            views[pair_id] = {"pair_id": pair_id, "messages": json.loads(messages), "first": first[0],
+                              "second": second[0], "first_cut_off": bool(first[1]), "second_cut_off": bool(second[1])}
         return views
 
     def submit(self, user_id: int, pair_id: int, choice: str, rationale: str | None = None,

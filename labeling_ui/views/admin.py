@@ -98,11 +98,13 @@ with status:
                        f"Promoting it again overrides the monitor.")
         canary_watch = monitor.get("canary")
         if canary_watch:
-            st.caption(f"Canary: {version_name(canary_watch['version'])} against {version_name(canary_watch['against'])}: "
+            st.caption(f"Canary: {version_name(canary_watch['version'])} against "
+                       f"{version_name(canary_watch['against'])}: "
                        f"{canary_watch['outcome']} after {canary_watch['requests']} live requests"
                        + (f" ({canary_watch['reason']})" if canary_watch["reason"] else ""))
         if watch:
-            st.caption(f"After promotion: {version_name(watch['version'])} against {version_name(watch['against'])}: {watch['outcome']}"
+            st.caption(f"After promotion: {version_name(watch['version'])} against {version_name(watch['against'])}: "
+                       f"{watch['outcome']}"
                        f" after {watch['requests']} live requests" + (f" ({watch['reason']})" if watch["reason"] else ""))
             rows = [{"signal": name, **test} for name, test in watch["signals"].items()]
             if rows:

@@ -255,8 +255,8 @@ class Gateway:
         """One caller's thumb or score on a logged answer (a later one replaces theirs): a KTO
         training example, so anonymous callers may give it only with `gateway.anonymous_feedback`."""
         if user_id is None and not self.cfg.gateway.anonymous_feedback:
-            raise HTTPProblem(401, "feedback needs the API key of a known user ('Authorization: Bearer <key>'; an admin makes one "
-                                   "with `alignloop user add NAME --role app`)", "authentication_error")
+            raise HTTPProblem(401, "feedback needs the API key of a known user ('Authorization: Bearer <key>'; an "
+                                   "admin makes one with `alignloop user add NAME --role app`)", "authentication_error")
         if (req.thumbs is None) == (req.score is None):
             raise HTTPProblem(400, "give exactly one of 'thumbs' ('up' or 'down') and 'score' (0 to 1)")
         response_id = self.store.response_id(req.id, req.choice)

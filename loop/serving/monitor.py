@@ -174,7 +174,8 @@ class Monitor:
         watched = [s for s in SIGNALS if len(baseline[s]) >= c.min_baseline]
         for s in SIGNALS:
             if s not in watched:
-                w.unwatched[s] = f"{len(baseline[s])} baseline observations of {name(previous)}, fewer than {c.min_baseline}"
+                w.unwatched[s] = (f"{len(baseline[s])} baseline observations of {name(previous)}, "
+                                  f"fewer than {c.min_baseline}")
                 continue
             p0 = baseline_rate(sum(baseline[s]), len(baseline[s]), c.rate_floor)
             w.tests[s] = SPRT.for_baseline(p0, c.min_regression, c.alpha / len(watched), c.beta)
@@ -211,8 +212,8 @@ class Monitor:
 
     def _roll_back(self, w: Watch) -> None:
         try:
-            self.versions.promote(w.previous, actor="monitor", reason=f"automatic rollback of {name(w.version)}: {w.reason}",
-                                  expect_serving=w.version)
+            self.versions.promote(w.previous, actor="monitor", expect_serving=w.version,
+                                  reason=f"automatic rollback of {name(w.version)}: {w.reason}")
         except StaleServing as e:  # a person promoted something else meanwhile: theirs to watch
             w.outcome = "superseded"
             self.log(f"not rolling back {name(w.version)}: {e}")
