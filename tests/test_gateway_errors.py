@@ -120,3 +120,8 @@ def test_an_engine_refusal_keeps_its_message_in_the_gateways_shape():
         assert p.status == 400 and p.message and p.code is None
     assert (engine_refusal(400, vllm).message, engine_refusal(400, vllm).param) == ("bad top_k", "top_k")
     assert "not json" in engine_refusal(400, b"<html>not json</html>").message
+    assert engine_refusal(400, vllm).type == "invalid_request_error"  # OpenAI's type, not vLLM's class name
+    tools = (b'{"error": {"message": "\\"auto\\" tool choice requires --enable-auto-tool-choice and '
+             b'--tool-call-parser to be set", "type": "BadRequestError", "param": null, "code": 400}}')
+    p = engine_refusal(400, tools)  # advice for whoever starts vLLM, not for the caller
+    assert "--tool-call-parser" not in p.message and "does not call tools" in p.message and p.param == "tools"

@@ -213,16 +213,24 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+NO_TOOL_PARSER = "--enable-auto-tool-choice"  # in vLLM's refusal of `tools` when it runs without a parser
+
+
 def engine_refusal(status: int, body: bytes) -> HTTPProblem:
-    """The engine's own 4xx answer in the gateway's shape: vLLM's `code` is the status as a number,
-    where OpenAI's (and this schema's) is a string or null, so it is dropped; the rest is kept."""
+    """The engine's own 4xx answer in the gateway's shape, as OpenAI types it (`invalid_request_error`,
+    not vLLM's `BadRequestError`): vLLM's `code` is the status as a number, where OpenAI's (and this
+    schema's) is a string or null, so it is dropped; the message and param are kept, but for advice
+    only the engine's operator could follow, which is said as what it means to the caller."""
     try:
         data = json.loads(body)
         err = data.get("error", data)
-        message, type_, param = str(err["message"]), str(err.get("type") or "invalid_request_error"), err.get("param")
+        message, param = str(err["message"]), err.get("param")
     except (ValueError, KeyError, TypeError, AttributeError):
         return HTTPProblem(status, f"the engine refused the request: {body[:300]!r}")
-    return HTTPProblem(status, message, type_, param if isinstance(param, str) else None)
+    if NO_TOOL_PARSER in message:
+        message, param = ("this server does not call tools: its engine runs without a tool-call parser for "
+                          "this model (send the conversation without 'tools', or ask the operator)"), "tools"
+    return HTTPProblem(status, message, "invalid_request_error", param if isinstance(param, str) else None)
 
 
 def validation_message(err: ValidationError) -> tuple[str, str | None]:
