@@ -74,15 +74,24 @@ if os.environ.get(ROLE_ENV):  # loaded by schemathesis, in its own process, as i
                 f"{case.method} {case.path} answered {response.status_code} to a caller with "
                 f"{'no token' if _ROLE == 'anonymous' else f'a {_ROLE} token'}")
 
-    _HELLO = [{"role": "user", "content": "How often should I water basil?"}]
-    _ROLES = {"system", "user", "assistant", "developer", "tool"}
+    from pydantic import TypeAdapter, ValidationError
 
-    def _roles_valid(messages) -> bool:
-        """Whether a generated chat keeps to the schema's roles: only such a chat may be swapped for a
-        valid one. Swapping a chat whose role is outside the enum (a case generated to be refused) made
-        it valid, and schemathesis then reported the gateway for accepting it."""
-        return isinstance(messages, list) and bool(messages) and all(
-            isinstance(m, dict) and m.get("role") in _ROLES for m in messages)
+    from loop.serving.protocol import Message
+
+    _HELLO = [{"role": "user", "content": "How often should I water basil?"}]
+    _CHAT = TypeAdapter(list[Message])  # the model the schema's messages are made from
+
+    def _chat_valid(messages) -> bool:
+        """Whether a generated chat is a valid one: only such a chat may be swapped for another valid
+        one. Swapping a chat generated to be refused (a role outside the enum; then a tool_call_id
+        that is a number) made the case valid, and schemathesis reported the gateway for accepting it."""
+        if not (isinstance(messages, list) and messages):
+            return False
+        try:
+            _CHAT.validate_python(messages)
+        except ValidationError:
+            return False
+        return True
 
     @schemathesis.hook
     def flatmap_body(context, body):
@@ -92,7 +101,7 @@ if os.environ.get(ROLE_ENV):  # loaded by schemathesis, in its own process, as i
         if not (context.operation.path.startswith("/v1/") and isinstance(body, dict)):
             return st.just(body)
         models = [body["model"], "alignloop", "base"] if isinstance(body.get("model"), str) else [body.get("model")]
-        chats = [body.get("messages"), _HELLO, _HELLO] if _roles_valid(body.get("messages")) else [body.get("messages")]
+        chats = [body.get("messages"), _HELLO, _HELLO] if _chat_valid(body.get("messages")) else [body.get("messages")]
         return st.tuples(st.sampled_from(models), st.sampled_from(chats)).map(
             lambda mc: {**body, **({"model": mc[0]} if "model" in body else {}),
                         **({"messages": mc[1]} if "messages" in body else {})})
