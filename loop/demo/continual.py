@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from loop.client import GatewayClient
+from loop.client import GatewayClient, version_name
 from loop.config import Config
 from loop.demo import corpus as demo_corpus
 from loop.demo import judge
@@ -68,7 +68,7 @@ def win_rate(client: GatewayClient, model: str, against: str, cache: Answers,
 def standing(client: GatewayClient) -> tuple[str, int, int]:
     """(the version that serves, by name; human labels given; pairs made), from one status call."""
     status = client.call("GET", "/api/status")
-    name = "base" if not status["serving"] else f"v{status['serving']}"
+    name = version_name(status["serving"] or 0)
     return name, status["counts"]["labels"], status["counts"]["pairs"]
 
 
@@ -106,7 +106,7 @@ def candidate_grades(client: GatewayClient, candidate_id: int | None, before: st
     candidate that wins here is one the gate held back; a promoted one that loses, one it let through."""
     if not candidate_id:
         return {"candidate": None, "candidate_good": None, "candidate_over_before": None}
-    name = f"v{candidate_id}"
+    name = version_name(candidate_id)
     return {"candidate": name, "candidate_good": good_share(client, name, cache),
             "candidate_over_before": win_rate(client, name, before, cache)}
 
